@@ -1,0 +1,109 @@
+"""The FastAPI application: lifespan (load model, registry, engine), routers, and JSON error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.api.routes import generate, health, prefixes
+from service.api.state import ServiceState
+from service.batch import ModelRunner, verify_prefix_support
+from service.engine import PerTaskBatchingEngine
+from service.errors import ServiceError
+from service.model_loader import LoadedModel, load_base_model
+from service.registry import PrefixRegistry
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def build_state(settings: Settings, loaded: LoadedModel) -> ServiceState:
+    """Wire registry and engine around a loaded model. Blocking: loads every stored prefix."""
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    verify_prefix_support(runner, loaded.geometry)
+    registry = PrefixRegistry(
+        settings.prefix_dir,
+        loaded.geometry,
+        device=loaded.device,
+        dtype=loaded.dtype,
+        served_model_name=loaded.name,
+        max_virtual_tokens=settings.max_virtual_tokens,
+        max_prefix_bytes=settings.max_prefix_bytes,
+        max_config_bytes=settings.max_config_bytes,
+    )
+    registry.load_all()
+    engine = PerTaskBatchingEngine(
+        runner, window_s=settings.batch_window_ms / 1000.0, max_batch_size=settings.max_batch_size
+    )
+    return ServiceState(settings=settings, model=loaded, registry=registry, engine=engine)
+
+
+def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
+    """Build the app. `loaded` injects an already-loaded model (tests); otherwise the lifespan loads one."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = loaded or await asyncio.to_thread(load_base_model, settings)
+        state = await asyncio.to_thread(build_state, settings, model)
+        state.engine.start()
+        app.state.service = state
+        logger.info(
+            "serving %s on %s (%s) with %d prefixes", model.name, model.device, model.dtype, len(state.registry)
+        )
+        try:
+            yield
+        finally:
+            state.engine.stop()
+
+    app = FastAPI(
+        title="prefix-serve",
+        version=__version__,
+        description="Serve many Prefix-Tuning (PEFT) tasks from one frozen language model.",
+        lifespan=lifespan,
+    )
+    app.include_router(health.router)
+    app.include_router(generate.router)
+    app.include_router(prefixes.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content=exc.to_json())
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg')}")
+        return JSONResponse(
+            status_code=422,
+            content={
+                "error": "; ".join(problems) or "invalid request",
+                "type": "validation_error",
+                "detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()],
+            },
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status_code, content={"error": str(exc.detail), "type": "http_error"}, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(status_code=500, content={"error": "internal server error", "type": "internal_error"})

@@ -1,0 +1,81 @@
+"""Prefix management: upload (PEFT adapter files), list, show, delete. Prefixes enter the service only here."""
+
+from __future__ import annotations
+
+from typing import Annotated, BinaryIO
+
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
+
+from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixUploadResponse
+from service.api.state import ServiceState, get_state
+from service.errors import InvalidPrefixError, PayloadTooLargeError
+from service.registry import PrefixRecord
+
+router = APIRouter(prefix="/prefixes", tags=["prefixes"])
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+def _info(record: PrefixRecord) -> PrefixInfo:
+    return PrefixInfo(
+        task_id=record.task_id,
+        num_virtual_tokens=record.num_virtual_tokens,
+        bytes=record.bytes,
+        sha256=record.sha256,
+        created_at=record.created_at,
+        base_model_name_or_path=record.base_model_name_or_path,
+    )
+
+
+def _read_capped(stream: BinaryIO, field: str, cap: int) -> bytes:
+    """Read an uploaded file but never more than cap + 1 bytes, so an oversized upload is refused cheaply."""
+    data = stream.read(cap + 1)
+    if len(data) > cap:
+        raise PayloadTooLargeError(f"{field}: larger than the {cap}-byte limit", field=field, limit=cap)
+    if not data:
+        raise InvalidPrefixError(field, "a non-empty file", "0 bytes")
+    return data
+
+
+@router.post(
+    "",
+    response_model=PrefixUploadResponse,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": PrefixUploadResponse, "description": "Replaced an existing prefix"},
+        409: {"model": ErrorResponse, "description": "Task exists and replace is false"},
+        413: {"model": ErrorResponse, "description": "A file is over its size cap"},
+        422: {"model": ErrorResponse, "description": "The adapter does not fit the served model"},
+    },
+)
+def upload_prefix(
+    state: State,
+    response: Response,
+    task_id: Annotated[str, Form(description="Task id the prefix is served under.")],
+    adapter_config: Annotated[UploadFile, File(description="PEFT adapter_config.json")],
+    adapter_model: Annotated[UploadFile, File(description="PEFT adapter_model.safetensors")],
+    replace: Annotated[bool, Form(description="Overwrite an existing prefix of this task.")] = False,
+) -> PrefixUploadResponse:
+    settings = state.settings
+    config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
+    weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
+    record, created, warnings = state.registry.put(task_id, config_bytes, weights_bytes, replace=replace)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return PrefixUploadResponse(**_info(record).model_dump(), warnings=warnings)
+
+
+@router.get("", response_model=PrefixList)
+def list_prefixes(state: State) -> PrefixList:
+    return PrefixList(prefixes=[_info(r) for r in state.registry.list()])
+
+
+@router.get("/{task_id}", response_model=PrefixInfo, responses={404: {"model": ErrorResponse}})
+def get_prefix(task_id: str, state: State) -> PrefixInfo:
+    return _info(state.registry.record(task_id))
+
+
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"model": ErrorResponse}})
+def delete_prefix(task_id: str, state: State) -> Response:
+    state.registry.delete(task_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,90 @@
+"""Pydantic request/response schemas of the HTTP API (TGI-style /generate, PEFT-native /prefixes)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.requests import SamplingParams
+
+TASK_ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+StopSequence = Annotated[str, Field(min_length=1, max_length=256)]
+
+FinishReasonLiteral = Literal["length", "eos_token", "stop_sequence", "cancelled"]
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(default=None, ge=1, description="Defaults to the server's setting.")
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    stop: list[StopSequence] = Field(default_factory=list, max_length=16, description="Stop when any of these is generated.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    def to_sampling(self, default_max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens or default_max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            stop=tuple(self.stop),
+            seed=self.seed,
+        )
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(pattern=TASK_ID_REGEX, description="Which task's prefix to generate with.")
+    inputs: str = Field(min_length=1, description="The prompt.")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class GenerateDetails(BaseModel):
+    finish_reason: FinishReasonLiteral
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None = None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: GenerateDetails
+
+
+class PrefixInfo(BaseModel):
+    task_id: str
+    num_virtual_tokens: int
+    bytes: int
+    sha256: str
+    created_at: str
+    base_model_name_or_path: str | None = None
+
+
+class PrefixUploadResponse(PrefixInfo):
+    warnings: list[str] = Field(default_factory=list)
+
+
+class PrefixList(BaseModel):
+    prefixes: list[PrefixInfo]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model: str
+    device: str
+    dtype: str
+    prefixes: int
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    type: str

@@ -1,0 +1,332 @@
+"""A batch of rows decoding together, as a value: build (prefill), step, filter, concatenate.
+
+Layout of every row's KV sequence (and of the 2-D attention mask over it):
+
+    [ masked pad | task prefix (V_i) | masked pad | prompt | generated ... ]
+
+Prefixes of different lengths are left-padded to the longest with masked slots; prompts are left-padded likewise.
+Each row's positions are `cumsum(mask) - 1`, so the real tokens of row i sit at positions V_i, V_i+1, ... exactly
+as PEFT trains and generates them, whatever the padding. Masked slots are ignored by attention (and by ALiBi,
+which bloom computes from the same mask), so rows of different tasks can share a forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from service.errors import UnsupportedModelError
+from service.geometry import PrefixGeometry
+from service.prefix import TaskPrefix
+from service.requests import FinishReason, GenerationRequest, GenerationResult
+from service.sampler import RowSampler
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """The frozen model plus what is needed to call its forward the same way for every batch."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.dtype = model.dtype
+        forward_params = inspect.signature(model.forward).parameters
+        # transformers 5.24 renamed `past_key_values` to `cache`; support both spellings.
+        self.cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        self.accepts_position_ids = "position_ids" in forward_params
+        self.accepts_logits_to_keep = "logits_to_keep" in forward_params
+        self.pad_token_id = int(
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        )
+        self.eos_token_ids = self._eos_token_ids(model, tokenizer)
+
+    @staticmethod
+    def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+        ids: set[int] = set()
+        config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for value in (config_eos, tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """One forward pass that appends to `cache` in place; returns float32 logits of the last position."""
+        kwargs: dict[str, object] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            self.cache_arg: cache,
+            "use_cache": True,
+        }
+        if self.accepts_position_ids:
+            kwargs["position_ids"] = position_ids
+        if self.accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        output = self.model(**kwargs)
+        return output.logits[:, -1, :].float()
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+@dataclass
+class Row:
+    """Decode state of one request."""
+
+    request: GenerationRequest
+    sampler: RowSampler
+    generated: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_text: str | None = None  # the text cut at the end of the matched stop sequence
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def history(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.request.prompt_ids + self.generated], dtype=torch.long, device=device)
+
+    def result(self, runner: ModelRunner) -> GenerationResult:
+        assert self.finish_reason is not None
+        text = self.stop_text if self.stop_text is not None else runner.decode(self.generated)
+        return GenerationResult(
+            token_ids=list(self.generated),
+            text=text,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.request.prompt_ids),
+            seed=self.sampler.seed,
+        )
+
+
+class DecodeBatch:
+    """Rows with their KV cache, attention mask and next positions. Every row always has one pending token."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        rows: list[Row],
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        next_positions: torch.Tensor,
+        next_tokens: torch.Tensor,
+    ) -> None:
+        self.runner = runner
+        self.rows = rows
+        self.cache = cache
+        self.attention_mask = attention_mask  # (B, T) over everything in the cache
+        self.next_positions = next_positions  # (B,) position of the token to feed next
+        self.next_tokens = next_tokens  # (B,) token to feed next (the last one sampled)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV slots held, padding included: the batch's memory footprint in tokens."""
+        return int(self.attention_mask.numel())
+
+    # -- building -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def prefill(cls, runner: ModelRunner, requests: Sequence[GenerationRequest]) -> DecodeBatch:
+        """Build a fresh cache from the rows' prefixes, run the prompts through the model and pick each row's first
+        token. A fresh cache every time: the model mutates it, so one must never be shared between batches."""
+        if not requests:
+            raise ValueError("prefill needs at least one request")
+        device = runner.device
+        batch_size = len(requests)
+        prefix_lengths = [r.prefix.num_virtual_tokens if r.prefix is not None else 0 for r in requests]
+        prompt_lengths = [len(r.prompt_ids) for r in requests]
+        max_prefix, max_prompt = max(prefix_lengths), max(prompt_lengths)
+
+        input_ids = torch.full((batch_size, max_prompt), runner.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch_size, max_prefix + max_prompt), dtype=torch.long)
+        for i, request in enumerate(requests):
+            input_ids[i, max_prompt - prompt_lengths[i] :] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            mask[i, max_prefix - prefix_lengths[i] : max_prefix] = 1
+            mask[i, max_prefix + max_prompt - prompt_lengths[i] :] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+        cache = cls._prefix_cache(runner, requests, max_prefix)
+        logits = runner.forward(input_ids, mask, positions[:, max_prefix:], cache)
+        rows = [Row(request=r, sampler=RowSampler(r.params, device)) for r in requests]
+        batch = cls(runner, rows, cache, mask, positions[:, -1] + 1, torch.zeros(batch_size, dtype=torch.long))
+        batch._accept(logits)
+        return batch
+
+    @staticmethod
+    def _prefix_cache(runner: ModelRunner, requests: Sequence[GenerationRequest], max_prefix: int) -> DynamicCache:
+        if max_prefix == 0:
+            return DynamicCache()
+        padded = []
+        for request in requests:
+            if request.prefix is None:
+                padded.append(None)
+                continue
+            kv = request.prefix.kv  # (L, 2, H, V, D)
+            padded.append(F.pad(kv, (0, 0, max_prefix - kv.shape[3], 0)))
+        template = next(p for p in padded if p is not None)
+        stacked = torch.stack([p if p is not None else torch.zeros_like(template) for p in padded])  # (B, L, 2, H, V, D)
+        stacked = stacked.to(device=runner.device, dtype=runner.dtype)
+        return DynamicCache([(stacked[:, layer, 0], stacked[:, layer, 1]) for layer in range(stacked.shape[1])])
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Feed every unfinished row its pending token and pick the next one."""
+        ones = torch.ones((len(self.rows), 1), dtype=self.attention_mask.dtype, device=self.attention_mask.device)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        logits = self.runner.forward(
+            self.next_tokens.unsqueeze(1), self.attention_mask, self.next_positions.unsqueeze(1), self.cache
+        )
+        self.next_positions = self.next_positions + 1
+        self._accept(logits)
+
+    def _accept(self, logits: torch.Tensor) -> None:
+        """Choose a token for each row from its logits, record it, and mark rows that are now finished."""
+        chosen = logits.argmax(dim=-1)
+        device = self.runner.device
+        for i, row in enumerate(self.rows):
+            if row.finished:
+                continue
+            token = int(chosen[i]) if row.sampler.is_plain_greedy else row.sampler.select(row.history(device), logits[i : i + 1])
+            chosen[i] = token
+            row.generated.append(token)
+            self._check_finished(row, token)
+        self.next_tokens = chosen.to(device)
+
+    def _check_finished(self, row: Row, token: int) -> None:
+        params = row.request.params
+        if token in self.runner.eos_token_ids:
+            row.finish_reason = FinishReason.EOS_TOKEN
+            return
+        if params.stop:
+            text = self.runner.decode(row.generated)
+            ends = [text.find(s) + len(s) for s in params.stop if s in text]
+            if ends:
+                row.stop_text = text[: min(ends)]
+                row.finish_reason = FinishReason.STOP_SEQUENCE
+                return
+        if len(row.generated) >= params.max_new_tokens:
+            row.finish_reason = FinishReason.LENGTH
+
+    # -- batch algebra --------------------------------------------------------------------------------------------
+
+    def pop_finished(self) -> list[Row]:
+        """Remove finished rows (freeing their cache) and return them."""
+        done = [row for row in self.rows if row.finished]
+        if done:
+            self.filter([i for i, row in enumerate(self.rows) if not row.finished])
+        return done
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only rows `keep`, and drop leading KV columns no remaining row attends to."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = DynamicCache()
+            self.attention_mask = self.attention_mask[:0]
+            self.next_positions = self.next_positions[:0]
+            self.next_tokens = self.next_tokens[:0]
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        self.next_positions = self.next_positions.index_select(0, index)
+        self.next_tokens = self.next_tokens.index_select(0, index)
+        first_used = int(self.attention_mask.any(dim=0).long().argmax())
+        self.attention_mask = self.attention_mask[:, first_used:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first_used:]
+            layer.values = layer.values.index_select(0, index)[:, :, first_used:]
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[DecodeBatch]) -> DecodeBatch:
+        """Merge batches into one, left-padding shorter KV sequences with masked slots."""
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            raise ValueError("nothing to concatenate")
+        if len(batches) == 1:
+            return batches[0]
+        runner = batches[0].runner
+        width = max(b.attention_mask.shape[1] for b in batches)
+
+        def pad_left(t: torch.Tensor, seq_dim_from_end: int) -> torch.Tensor:
+            missing = width - t.shape[-seq_dim_from_end]
+            return F.pad(t, (0, 0) * (seq_dim_from_end - 1) + (missing, 0)) if missing else t
+
+        mask = torch.cat([pad_left(b.attention_mask, 1) for b in batches])
+        cache = DynamicCache(
+            [
+                (
+                    torch.cat([pad_left(b.cache.layers[i].keys, 2) for b in batches]),
+                    torch.cat([pad_left(b.cache.layers[i].values, 2) for b in batches]),
+                )
+                for i in range(len(batches[0].cache.layers))
+            ]
+        )
+        return cls(
+            runner,
+            [row for b in batches for row in b.rows],
+            cache,
+            mask,
+            torch.cat([b.next_positions for b in batches]),
+            torch.cat([b.next_tokens for b in batches]),
+        )
+
+
+def generate(runner: ModelRunner, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    """Run requests as one static batch to completion (rows leave the batch as they finish)."""
+    batch = DecodeBatch.prefill(runner, requests)
+    results: dict[int, GenerationResult] = {}
+    order = {id(r): i for i, r in enumerate(requests)}
+    while True:
+        for row in batch.pop_finished():
+            results[order[id(row.request)]] = row.result(runner)
+        if not len(batch):
+            break
+        batch.step()
+    return [results[i] for i in range(len(requests))]
+
+
+def verify_prefix_support(runner: ModelRunner, geometry: PrefixGeometry) -> None:
+    """Start-up check that the model really attends to a prefix of `geometry`'s shape.
+
+    A model whose forward silently ignores the cache it is given (or expects other KV shapes) would serve base-model
+    output under every task; refuse to start instead.
+    """
+    generator = torch.Generator().manual_seed(0)
+    shape = (geometry.num_layers, 2, geometry.num_kv_heads, 2, geometry.head_dim)
+    prompt = [1, 2, 3]
+    input_ids = torch.tensor([prompt], device=runner.device)
+    mask = torch.ones((1, 2 + len(prompt)), dtype=torch.long, device=runner.device)
+    positions = torch.arange(2, 2 + len(prompt), device=runner.device).unsqueeze(0)
+    outputs = []
+    for _ in range(2):
+        kv = torch.randn(shape, generator=generator)
+        request = GenerationRequest(prompt_ids=prompt, prefix=TaskPrefix("self-check", kv, ""))
+        cache = DecodeBatch._prefix_cache(runner, [request], 2)
+        try:
+            outputs.append(runner.forward(input_ids, mask, positions, cache))
+        except Exception as exc:  # shapes the model rejects surface as assorted errors deep in attention code
+            raise UnsupportedModelError(
+                f"{geometry.model_type}: a forward pass with a prefix of shape {shape} failed: {exc}"
+            ) from exc
+        if cache.get_seq_length() != mask.shape[1]:
+            raise UnsupportedModelError(
+                f"{geometry.model_type}: the model kept {cache.get_seq_length()} KV slots, "
+                f"not prefix + prompt = {mask.shape[1]}"
+            )
+    if torch.allclose(outputs[0], outputs[1]):
+        raise UnsupportedModelError(f"{geometry.model_type}: the model's output ignores the prefix KV")

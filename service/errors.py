@@ -1,0 +1,89 @@
+"""Errors the service raises on purpose. Each carries the HTTP status and a message that names the problem."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base class: an error a client should see as JSON `{"error": message, "type": code, ...details}`."""
+
+    status_code: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.message, "type": self.code, **self.details}
+
+
+class UnsupportedModelError(ServiceError):
+    """The base model cannot carry PEFT prefixes faithfully (raised at start-up, not per request)."""
+
+    status_code = 500
+    code = "unsupported_model"
+
+
+class InvalidPrefixError(ServiceError):
+    """An uploaded adapter does not fit the served model. Names the field, what was expected, what came."""
+
+    status_code = 422
+    code = "invalid_prefix"
+
+    def __init__(self, field: str, expected: Any, got: Any, message: str | None = None) -> None:
+        text = message or f"{field}: expected {expected}, got {got}"
+        super().__init__(text, field=field, expected=_jsonable(expected), got=_jsonable(got))
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class InvalidTaskIdError(ServiceError):
+    status_code = 422
+    code = "invalid_task_id"
+
+
+class TaskNotFoundError(ServiceError):
+    status_code = 404
+    code = "task_not_found"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task '{task_id}' has no prefix; upload one with POST /prefixes", task_id=task_id)
+
+
+class TaskExistsError(ServiceError):
+    status_code = 409
+    code = "task_exists"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task '{task_id}' already has a prefix; send replace=true to overwrite it", task_id=task_id)
+
+
+class RequestTooLongError(ServiceError):
+    """Prompt + prefix + new tokens would not fit the model's context."""
+
+    status_code = 422
+    code = "context_length_exceeded"
+
+
+class InvalidRequestError(ServiceError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class OverloadedError(ServiceError):
+    status_code = 503
+    code = "overloaded"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)

@@ -1,0 +1,294 @@
+"""Parse and validate one uploaded PEFT PREFIX_TUNING adapter (adapter_config.json + adapter_model.safetensors).
+
+What PEFT 0.21.2 `save_pretrained` writes for a prefix adapter (checked against its sources and real saves):
+- `adapter_config.json` with `peft_type: "PREFIX_TUNING"`, `task_type`, `num_virtual_tokens`, `num_layers`,
+  `num_attention_heads` (the KV-head count under GQA), `token_dim` (kv_heads * head_dim under GQA),
+  `num_transformer_submodules` (1 for decoder-only), `prefix_projection`, `encoder_hidden_size`,
+  `base_model_name_or_path` (null for a model built from a config), `inference_mode`, `peft_version`, ...
+- `adapter_model.safetensors` with exactly one tensor named `prompt_embeddings` (no adapter-name prefix: prompt
+  learning methods store their state without it), shape (V, num_layers * 2 * token_dim), float32, metadata
+  {"format": "pt"}. With `prefix_projection=True` the tensor is already the output of the MLP.
+
+Everything here works on untrusted bytes: the weights are parsed only by `safetensors` (never pickle), and any
+failure becomes a 4xx error that names the field, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from service.errors import InvalidPrefixError, PayloadTooLargeError
+from service.geometry import PrefixGeometry
+
+logger = logging.getLogger(__name__)
+
+EXPECTED_PEFT_TYPE = "PREFIX_TUNING"
+EXPECTED_TASK_TYPE = "CAUSAL_LM"
+WEIGHTS_TENSOR_NAME = "prompt_embeddings"
+_ACCEPTED_DTYPES: dict[torch.dtype, str] = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
+
+
+@dataclass(frozen=True)
+class ValidatedAdapter:
+    config: dict[str, Any]  # the parsed adapter_config.json
+    prompt_embeddings: torch.Tensor  # (V, L*2*token_dim), float32, CPU
+    num_virtual_tokens: int
+    warnings: list[str]  # e.g. base_model_name_or_path differs from the served model
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        value = self.config.get("base_model_name_or_path")
+        return value if isinstance(value, str) and value else None
+
+
+def validate_adapter(
+    config_bytes: bytes,
+    weights_bytes: bytes,
+    geometry: PrefixGeometry,
+    *,
+    served_model_name: str,
+    max_virtual_tokens: int,
+    max_prefix_bytes: int,
+    max_config_bytes: int,
+) -> ValidatedAdapter:
+    """Check an adapter against the served model's geometry; return its prompt embeddings as float32 on CPU.
+
+    Raises PayloadTooLargeError (413) for the size caps and InvalidPrefixError (422) for everything else.
+    """
+    # Size caps first: cheapest check, and nothing is parsed from an oversized upload.
+    if len(config_bytes) > max_config_bytes:
+        raise PayloadTooLargeError(
+            f"adapter_config.json is {len(config_bytes)} bytes; the limit is {max_config_bytes}",
+            field="adapter_config",
+            limit=max_config_bytes,
+            got=len(config_bytes),
+        )
+    if len(weights_bytes) > max_prefix_bytes:
+        raise PayloadTooLargeError(
+            f"adapter_model.safetensors is {len(weights_bytes)} bytes; the limit is {max_prefix_bytes}",
+            field="adapter_model",
+            limit=max_prefix_bytes,
+            got=len(weights_bytes),
+        )
+
+    config = _parse_config(config_bytes)
+    num_virtual_tokens = _check_config(config, geometry, max_virtual_tokens=max_virtual_tokens)
+    prompt_embeddings = _parse_weights(weights_bytes, geometry, num_virtual_tokens)
+    warnings = _base_model_warnings(config, served_model_name)
+    for text in warnings:
+        logger.info("adapter warning: %s", text)
+    return ValidatedAdapter(
+        config=config,
+        prompt_embeddings=prompt_embeddings,
+        num_virtual_tokens=num_virtual_tokens,
+        warnings=warnings,
+    )
+
+
+def _parse_config(config_bytes: bytes) -> dict[str, Any]:
+    try:
+        # utf-8-sig: tolerate a BOM some editors write; anything else that is not UTF-8 is rejected.
+        text = config_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidPrefixError("adapter_config", "UTF-8 encoded JSON", f"undecodable bytes ({exc.reason})") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        got = f"invalid JSON ({exc.msg} at line {exc.lineno})"
+        raise InvalidPrefixError("adapter_config", "a JSON object", got) from None
+    except RecursionError:  # deeply nested arrays within the size cap
+        raise InvalidPrefixError("adapter_config", "a JSON object", "JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit conversion limit
+        raise InvalidPrefixError("adapter_config", "a JSON object", f"invalid JSON ({str(exc)[:100]})") from None
+    if not isinstance(config, dict):
+        raise InvalidPrefixError("adapter_config", "a JSON object", f"a JSON {_json_type(config)}")
+    return config
+
+
+def _check_config(config: dict[str, Any], geometry: PrefixGeometry, *, max_virtual_tokens: int) -> int:
+    """Validate the fields that decide the prefix's shape; return num_virtual_tokens."""
+    peft_type = config.get("peft_type")
+    if peft_type != EXPECTED_PEFT_TYPE:
+        raise InvalidPrefixError("peft_type", EXPECTED_PEFT_TYPE, _show(peft_type))
+    task_type = config.get("task_type")
+    if task_type != EXPECTED_TASK_TYPE:
+        raise InvalidPrefixError("task_type", EXPECTED_TASK_TYPE, _show(task_type))
+
+    # The prefix occupies V cache slots; at least one position must remain for a real token.
+    cap = min(max_virtual_tokens, geometry.max_positions - 1)
+    num_virtual_tokens = _int_field(config, "num_virtual_tokens", f"an integer in [1, {cap}]")
+    if not 1 <= num_virtual_tokens <= cap:
+        raise InvalidPrefixError("num_virtual_tokens", f"an integer in [1, {cap}]", num_virtual_tokens)
+
+    num_layers = _int_field(config, "num_layers", geometry.num_layers)
+    if num_layers != geometry.num_layers:
+        raise InvalidPrefixError("num_layers", geometry.num_layers, num_layers)
+    # Under GQA PEFT stores the KV-head count here, not the query-head count.
+    num_heads = _int_field(config, "num_attention_heads", geometry.num_kv_heads)
+    if num_heads != geometry.num_kv_heads:
+        raise InvalidPrefixError(
+            "num_attention_heads",
+            geometry.num_kv_heads,
+            num_heads,
+            message=(
+                f"num_attention_heads: expected {geometry.num_kv_heads} (the served model's key/value heads), "
+                f"got {num_heads}"
+            ),
+        )
+    token_dim = _int_field(config, "token_dim", geometry.token_dim)
+    if token_dim != geometry.token_dim:
+        raise InvalidPrefixError(
+            "token_dim",
+            geometry.token_dim,
+            token_dim,
+            message=(
+                f"token_dim: expected {geometry.token_dim} (= {geometry.num_kv_heads} kv heads x "
+                f"{geometry.head_dim} head_dim), got {token_dim}"
+            ),
+        )
+    # Implied by the two checks above; kept so a geometry that is itself inconsistent cannot slip through.
+    if token_dim % num_heads or token_dim // num_heads != geometry.head_dim:
+        raise InvalidPrefixError("token_dim", f"{geometry.head_dim} x num_attention_heads", token_dim)
+
+    submodules = config.get("num_transformer_submodules")
+    if submodules is not None and (not _is_int(submodules) or submodules != 1):
+        raise InvalidPrefixError("num_transformer_submodules", "1 (decoder-only) or null", _show(submodules))
+
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise InvalidPrefixError("base_model_name_or_path", "a string or null", _json_type(base))
+    return num_virtual_tokens
+
+
+def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, num_virtual_tokens: int) -> torch.Tensor:
+    if not weights_bytes:
+        raise InvalidPrefixError("adapter_model", "a non-empty safetensors file", "0 bytes")
+    try:
+        # safetensors validates the header length, offsets and buffer size itself; it never unpickles.
+        tensors = load_safetensors(weights_bytes)
+    except Exception as exc:  # noqa: BLE001 - untrusted input: any parser failure is the client's 4xx
+        got = _describe_unparseable(weights_bytes, exc)
+        raise InvalidPrefixError("adapter_model", "a safetensors file", got) from None
+
+    names = sorted(tensors)
+    if names != [WEIGHTS_TENSOR_NAME]:
+        expected = f"exactly one tensor named '{WEIGHTS_TENSOR_NAME}'"
+        got = f"tensors {[n[:100] for n in names[:10]]}" + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
+        message = None
+        if WEIGHTS_TENSOR_NAME in tensors:
+            # PEFT adds e.g. base_model.model.embed_tokens.weight / base_model.lm_head.weight when the vocabulary was
+            # resized during training (or save_embedding_layers=True). The served model's weights are fixed.
+            message = (
+                f"adapter_model: expected {expected}, got {got}; the extra tensors (saved by PEFT when the "
+                "vocabulary was resized or save_embedding_layers=True) would change the base model, which this "
+                "server cannot do per task"
+            )
+        raise InvalidPrefixError("adapter_model", expected, got, message=message)
+    tensor = tensors[WEIGHTS_TENSOR_NAME]
+
+    if tensor.dtype not in _ACCEPTED_DTYPES:
+        raise InvalidPrefixError(
+            "prompt_embeddings.dtype", "one of " + "/".join(_ACCEPTED_DTYPES.values()), str(tensor.dtype)
+        )
+    expected_shape = [num_virtual_tokens, geometry.numbers_per_virtual_token]
+    if list(tensor.shape) != expected_shape:
+        raise InvalidPrefixError(
+            "prompt_embeddings.shape",
+            expected_shape,
+            list(tensor.shape),
+            message=(
+                f"prompt_embeddings.shape: expected {expected_shape} (num_virtual_tokens x num_layers*2*token_dim "
+                f"= {num_virtual_tokens} x {geometry.num_layers}*2*{geometry.token_dim}), got {list(tensor.shape)}"
+            ),
+        )
+
+    # Check after the cast: a float64 value beyond float32's range becomes inf here and is caught too.
+    tensor = tensor.to(device="cpu", dtype=torch.float32).contiguous()
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InvalidPrefixError("prompt_embeddings", "finite values", f"{bad} NaN/inf value(s) (as float32)")
+    return tensor
+
+
+def _describe_unparseable(data: bytes, exc: Exception) -> str:
+    # Name the common mistake (adapter_model.bin renamed) from its magic bytes; nothing is deserialised.
+    if data.startswith(b"PK\x03\x04"):
+        return "a zip archive, likely a torch.save checkpoint (adapter_model.bin); only safetensors is accepted"
+    if data[:1] == b"\x80" and data[1:2] in {bytes([n]) for n in range(2, 6)}:
+        return "a Python pickle (torch.save legacy format); only safetensors is accepted"
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return f"unparseable data ({reason})"
+
+
+def _base_model_warnings(config: dict[str, Any], served_model_name: str) -> list[str]:
+    base = config.get("base_model_name_or_path")
+    if not base:
+        return []  # PEFT writes null for models built from a config; the geometry checks are the real guard
+    if _model_key(base) == _model_key(served_model_name):
+        return []
+    return [
+        f"adapter was trained for base model '{base}' but this server runs '{served_model_name}'; "
+        "the shapes fit, but the prefix may not behave as trained"
+    ]
+
+
+def _model_key(name: str) -> str:
+    """Loose model identity: last path component (Hub id or local path), case-insensitive."""
+    stripped = name.strip().replace("\\", "/").rstrip("/")
+    return stripped.rsplit("/", 1)[-1].lower()
+
+
+def _int_field(config: dict[str, Any], field: str, expected: Any) -> int:
+    value = config.get(field)
+    if not _is_int(value):
+        raise InvalidPrefixError(field, expected, _show(value))
+    return int(value)
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass in Python; JSON true must not pass as 1. 5.0 is not accepted either: PEFT writes ints.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> Any:
+    """A client-supplied value, safe to echo in an error: short scalars as they are, anything else described.
+
+    Non-finite floats (JSON NaN/Infinity, which Python's json accepts) become strings: a JSON response cannot
+    carry them.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 10**18 else "a very large integer"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= 100 else value[:100] + "..."
+    return f"a JSON {_json_type(value)}"
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"

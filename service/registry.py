@@ -1,0 +1,374 @@
+"""The task -> prefix registry: validated PEFT prefixes on disk, device-resident KV tensors in memory.
+
+On-disk layout, one folder per task under `root`:
+
+    root/<task_id>/adapter_config.json       the uploaded config, verbatim
+    root/<task_id>/adapter_model.safetensors the uploaded weights, verbatim
+    root/<task_id>/metadata.json             sha256 + size of the safetensors bytes, created_at, num_virtual_tokens
+
+Crash safety: an upload is validated completely before anything touches disk, written into a dot-named temp
+folder (fsynced), then renamed into place. A replace renames the old folder aside (`.old-...`), renames the new one
+in, fsyncs the parent, then deletes the old one. A delete renames aside (`.del-...`) before removing. Names starting
+with "." are never tasks; `load_all` deletes them, except that an `.old-` folder whose task folder is missing (a
+crash between the two renames of a replace) is renamed back, so a crash never loses the previous prefix.
+
+Concurrency: mutations are serialised by a lock. Readers (`get`, the engine's hot path) take no lock: the in-memory
+state is an immutable snapshot dict whose reference is swapped whole under the lock (copy-on-write), and each
+TaskPrefix is immutable, so a batch that already holds a prefix keeps it after a replace or delete.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+from service.errors import InvalidPrefixError, InvalidTaskIdError, ServiceError, TaskExistsError, TaskNotFoundError
+from service.geometry import PrefixGeometry
+from service.prefix import TaskPrefix, prompt_embeddings_to_kv
+from service.prefix_format import ValidatedAdapter, validate_adapter
+
+logger = logging.getLogger(__name__)
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+METADATA_FILE = "metadata.json"
+METADATA_VERSION = 1
+
+_TMP_PREFIX = ".tmp-"  # a write in progress
+_OLD_PREFIX = ".old-"  # the previous version during a replace
+_DEL_PREFIX = ".del-"  # a task being deleted
+
+
+@dataclass(frozen=True)
+class PrefixRecord:
+    """What GET /prefixes shows about one task."""
+
+    task_id: str
+    num_virtual_tokens: int
+    bytes: int  # size of the stored safetensors file
+    sha256: str  # of the stored safetensors file
+    created_at: str  # ISO-8601 UTC
+    base_model_name_or_path: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def validate_task_id(task_id: str) -> str:
+    """Return task_id if it matches TASK_ID_PATTERN, else raise InvalidTaskIdError (422).
+
+    The pattern is also what keeps task ids safe as folder names: no separators, no leading dot, ASCII only.
+    """
+    # fullmatch, not match: "$" alone would accept a trailing newline.
+    if not isinstance(task_id, str) or _TASK_ID_RE.fullmatch(task_id) is None:
+        shown = task_id if isinstance(task_id, str) and len(task_id) <= 100 else repr(task_id)[:100]
+        raise InvalidTaskIdError(
+            f"invalid task id {shown!r}: must match {TASK_ID_PATTERN} "
+            "(1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit)",
+            task_id=shown,
+            pattern=TASK_ID_PATTERN,
+        )
+    return task_id
+
+
+@dataclass(frozen=True)
+class _Entry:
+    prefix: TaskPrefix
+    record: PrefixRecord
+
+
+class PrefixRegistry:
+    def __init__(
+        self,
+        root: Path,
+        geometry: PrefixGeometry,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        served_model_name: str,
+        max_virtual_tokens: int,
+        max_prefix_bytes: int,
+        max_config_bytes: int,
+    ) -> None:
+        self.root = Path(root)
+        self.geometry = geometry
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.served_model_name = served_model_name
+        self.max_virtual_tokens = max_virtual_tokens
+        self.max_prefix_bytes = max_prefix_bytes
+        self.max_config_bytes = max_config_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._entries: Mapping[str, _Entry] = MappingProxyType({})
+        self._writing: set[str] = set()  # temp folders of puts in progress: load_all must not sweep them
+
+    # ------------------------------------------------------------------ reading (lock-free snapshots)
+
+    def get(self, task_id: str) -> TaskPrefix:
+        """The task's device-resident prefix; TaskNotFoundError if there is none."""
+        return self._entry(task_id).prefix
+
+    def record(self, task_id: str) -> PrefixRecord:
+        return self._entry(task_id).record
+
+    def list(self) -> builtins.list[PrefixRecord]:
+        entries = self._entries
+        return [entries[task_id].record for task_id in sorted(entries)]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, task_id: object) -> bool:
+        # An id that fails the pattern cannot be registered: answer False rather than raise from an `in` test.
+        return isinstance(task_id, str) and _TASK_ID_RE.fullmatch(task_id) is not None and task_id in self._entries
+
+    def _entry(self, task_id: str) -> _Entry:
+        validate_task_id(task_id)
+        entry = self._entries.get(task_id)
+        if entry is None:
+            raise TaskNotFoundError(task_id)
+        return entry
+
+    # ------------------------------------------------------------------ loading
+
+    def load_all(self) -> None:
+        """Load every stored task. Leftovers of interrupted writes are cleaned up; an unreadable or invalid task
+        is logged and skipped (it stays on disk for inspection), never fatal."""
+        with self._lock:
+            self._recover_leftovers()
+            entries: dict[str, _Entry] = {}
+            for path in sorted(self.root.iterdir()):
+                name = path.name
+                if name.startswith(".") or not path.is_dir():
+                    continue
+                if _TASK_ID_RE.fullmatch(name) is None:
+                    logger.warning("prefix store: skipping %s: folder name is not a valid task id", path)
+                    continue
+                try:
+                    entries[name] = self._load_task(name, path)
+                except Exception as exc:  # noqa: BLE001 - one bad task (or a device OOM) must not stop start-up
+                    logger.warning("prefix store: skipping task %r at %s: %s", name, path, _describe(exc))
+            self._entries = MappingProxyType(entries)
+        logger.info("prefix store: loaded %d task prefix(es) from %s", len(entries), self.root)
+
+    def _load_task(self, task_id: str, path: Path) -> _Entry:
+        config_bytes = (path / CONFIG_FILE).read_bytes()
+        weights_bytes = (path / WEIGHTS_FILE).read_bytes()
+        metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{METADATA_FILE} is not a JSON object")
+        digest = hashlib.sha256(weights_bytes).hexdigest()
+        if metadata.get("sha256") != digest or metadata.get("bytes") != len(weights_bytes):
+            raise ValueError(f"{WEIGHTS_FILE} does not match the sha256/size recorded in {METADATA_FILE} (corrupt?)")
+        validated = self._validate(config_bytes, weights_bytes)
+        for text in validated.warnings:
+            logger.warning("prefix store: task %r: %s", task_id, text)
+        created_at = metadata.get("created_at")
+        if not isinstance(created_at, str):
+            raise ValueError(f"{METADATA_FILE} lacks created_at")
+        return self._make_entry(task_id, validated, digest, len(weights_bytes), created_at)
+
+    def _recover_leftovers(self) -> None:
+        """Undo or finish what a crash interrupted. Caller holds the lock."""
+        for path in sorted(self.root.iterdir()):
+            name = path.name
+            if not name.startswith(".") or not path.is_dir() or name in self._writing:
+                continue
+            if name.startswith(_OLD_PREFIX):
+                task_id = _task_id_from_aside_name(name[len(_OLD_PREFIX) :])
+                target = self.root / task_id if task_id else None
+                # Crash between "old aside" and "new in": the replace never committed, so the old version stands.
+                if target is not None and not target.exists():
+                    logger.warning("prefix store: restoring %s to %s (interrupted replace)", path, target)
+                    try:
+                        os.rename(path, target)
+                        _fsync_dir(self.root)
+                    except OSError as exc:
+                        logger.warning("prefix store: could not restore %s: %s", path, exc)
+                    continue
+            logger.warning("prefix store: removing leftover %s from an interrupted write or delete", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ writing
+
+    def put(
+        self, task_id: str, config_bytes: bytes, weights_bytes: bytes, *, replace: bool = False
+    ) -> tuple[PrefixRecord, bool, builtins.list[str]]:
+        """Validate and store a task's adapter. Returns (record, created, warnings); created is False when an
+        existing prefix was replaced. TaskExistsError (409) if the task exists and replace is False."""
+        validate_task_id(task_id)
+        if not replace and task_id in self._entries:  # fail fast; re-checked under the lock
+            raise TaskExistsError(task_id)
+
+        # Everything that can reject the upload happens before the disk is touched.
+        validated = self._validate(config_bytes, weights_bytes)
+        digest = hashlib.sha256(weights_bytes).hexdigest()
+        created_at = _utc_now()
+        entry = self._make_entry(task_id, validated, digest, len(weights_bytes), created_at)
+        metadata = {
+            "format_version": METADATA_VERSION,
+            "sha256": digest,
+            "bytes": len(weights_bytes),
+            "created_at": created_at,
+            "num_virtual_tokens": validated.num_virtual_tokens,
+        }
+
+        tmp = self.root / f"{_TMP_PREFIX}{task_id}-{uuid.uuid4().hex}"
+        aside: Path | None = None
+        existed = False
+        with self._lock:
+            self._writing.add(tmp.name)
+        try:
+            tmp.mkdir()
+            _write_durably(tmp / CONFIG_FILE, config_bytes)
+            _write_durably(tmp / WEIGHTS_FILE, weights_bytes)
+            _write_durably(tmp / METADATA_FILE, json.dumps(metadata, indent=2).encode("utf-8"))
+            _fsync_dir(tmp)
+
+            with self._lock:
+                existed = task_id in self._entries
+                target = self.root / task_id
+                if existed and not replace:
+                    raise TaskExistsError(task_id)
+                if target.exists():
+                    if not existed:
+                        # A folder load_all skipped as unreadable: the task is absent as far as clients can see.
+                        logger.warning("prefix store: overwriting unloadable stored folder %s", target)
+                    aside = self.root / f"{_OLD_PREFIX}{task_id}-{uuid.uuid4().hex}"
+                    os.rename(target, aside)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    if aside is not None:  # roll back: the old version stays current
+                        os.rename(aside, target)
+                        aside = None
+                    raise
+                _fsync_dir(self.root)  # the commit point
+                self._entries = MappingProxyType({**self._entries, task_id: entry})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            with self._lock:
+                self._writing.discard(tmp.name)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+
+        logger.info(
+            "prefix store: %s task %r (V=%d, %d bytes, sha256 %s)",
+            "replaced" if existed else "added",
+            task_id,
+            validated.num_virtual_tokens,
+            len(weights_bytes),
+            digest[:12],
+        )
+        return entry.record, not existed, list(validated.warnings)
+
+    def delete(self, task_id: str) -> None:
+        """Remove a task's prefix from memory and disk. TaskNotFoundError if absent."""
+        validate_task_id(task_id)
+        with self._lock:
+            if task_id not in self._entries:
+                raise TaskNotFoundError(task_id)
+            target = self.root / task_id
+            aside = self.root / f"{_DEL_PREFIX}{task_id}-{uuid.uuid4().hex}"
+            if target.exists():
+                os.rename(target, aside)  # the commit point; rmtree below may be slow or interrupted
+                _fsync_dir(self.root)
+            else:
+                logger.warning("prefix store: task %r was already gone from %s", task_id, self.root)
+            self._entries = MappingProxyType({k: v for k, v in self._entries.items() if k != task_id})
+        shutil.rmtree(aside, ignore_errors=True)
+        logger.info("prefix store: deleted task %r", task_id)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _validate(self, config_bytes: bytes, weights_bytes: bytes) -> ValidatedAdapter:
+        return validate_adapter(
+            config_bytes,
+            weights_bytes,
+            self.geometry,
+            served_model_name=self.served_model_name,
+            max_virtual_tokens=self.max_virtual_tokens,
+            max_prefix_bytes=self.max_prefix_bytes,
+            max_config_bytes=self.max_config_bytes,
+        )
+
+    def _make_entry(
+        self, task_id: str, validated: ValidatedAdapter, digest: str, nbytes: int, created_at: str
+    ) -> _Entry:
+        kv = prompt_embeddings_to_kv(validated.prompt_embeddings, self.geometry, dtype=self.dtype, device=self.device)
+        # Finite in float32 is not enough: a value beyond float16's range (65504) becomes inf in the model dtype.
+        if not bool(torch.isfinite(kv).all()):
+            raise InvalidPrefixError(
+                "prompt_embeddings",
+                f"values representable in the served model's dtype ({str(self.dtype).removeprefix('torch.')})",
+                "values that overflow to inf",
+            )
+        prefix = TaskPrefix(task_id=task_id, kv=kv, sha256=digest)
+        record = PrefixRecord(
+            task_id=task_id,
+            num_virtual_tokens=validated.num_virtual_tokens,
+            bytes=nbytes,
+            sha256=digest,
+            created_at=created_at,
+            base_model_name_or_path=validated.base_model_name_or_path,
+        )
+        return _Entry(prefix=prefix, record=record)
+
+
+def _task_id_from_aside_name(rest: str) -> str | None:
+    """`<task_id>-<32 hex>` -> task_id, or None when the name is not one this module wrote."""
+    task_id, sep, suffix = rest.rpartition("-")
+    if not sep or len(suffix) != 32 or _TASK_ID_RE.fullmatch(task_id) is None:
+        return None
+    return task_id
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames/creations inside `path` durable. Not all platforms can open a directory; skip there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ServiceError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"

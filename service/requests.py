@@ -1,0 +1,51 @@
+"""Engine-level request and result values: what the HTTP layer hands the scheduler and gets back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from service.prefix import TaskPrefix
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt for one task. `prefix` is resolved from the registry when the request is accepted, so a later
+    replace or delete of the task never changes a request already in flight."""
+
+    prompt_ids: list[int]
+    prefix: TaskPrefix | None  # None = the bare base model (used by benchmarks)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+    @property
+    def task_id(self) -> str | None:
+        return self.prefix.task_id if self.prefix is not None else None
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    seed: int | None = None

@@ -1,0 +1,48 @@
+"""All runtime configuration in one place: environment variables (PREFIX_SERVE_*) overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "prefix-serve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFIX_SERVE_", extra="ignore")
+
+    # Base model
+    model: str | None = Field(
+        default=None,
+        description="Local Hugging Face model directory or .gguf file; empty = the embedded SmolLM2-135M-Instruct.",
+    )
+    device: DeviceChoice = "auto"
+    dtype: DtypeChoice = "auto"
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where converted models are cached.")
+
+    # Prefix store
+    prefix_dir: Path = Field(default=Path("prefixes"), description="On-disk prefix store, one folder per task.")
+    max_virtual_tokens: int = Field(default=256, ge=1, description="Largest accepted num_virtual_tokens (V).")
+    max_prefix_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Size cap of an uploaded safetensors.")
+    max_config_bytes: int = Field(default=64 * 1024, ge=1, description="Size cap of an uploaded adapter_config.json.")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Batching
+    batch_window_ms: float = Field(default=5.0, ge=0, description="How long a batch waits for same-task requests.")
+    max_batch_size: int = Field(default=16, ge=1, description="Most requests run in one forward pass.")
+
+    # Request limits
+    default_max_new_tokens: int = Field(default=20, ge=1)
+    max_new_tokens_limit: int = Field(default=2048, ge=1)

