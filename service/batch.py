@@ -90,6 +90,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_text: str | None = None  # the text cut at the end of the matched stop sequence
+    emitted: int = 0  # generated tokens already streamed to the caller
 
     @property
     def finished(self) -> bool:

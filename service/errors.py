@@ -77,8 +77,17 @@ class InvalidRequestError(ServiceError):
 
 
 class OverloadedError(ServiceError):
-    status_code = 503
+    """The bounded queue is full: come back later (429 with Retry-After)."""
+
+    status_code = 429
     code = "overloaded"
+
+
+class DeadlineExceededError(ServiceError):
+    """The request ran past the server's per-request deadline."""
+
+    status_code = 504
+    code = "deadline_exceeded"
 
 
 def _jsonable(value: Any) -> Any:

@@ -39,9 +39,18 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    # Batching
-    batch_window_ms: float = Field(default=5.0, ge=0, description="How long a batch waits for same-task requests.")
-    max_batch_size: int = Field(default=16, ge=1, description="Most requests run in one forward pass.")
+    # Batching and engine limits
+    batching: Literal["mixed", "per-task"] = Field(
+        default="mixed", description="mixed: continuous batching across tasks; per-task: one task per static batch."
+    )
+    batch_window_ms: float = Field(default=5.0, ge=0, description="per-task: how long a batch waits for its task.")
+    max_running_rows: int = Field(default=32, ge=1, description="Most requests decoding at once.")
+    max_prefill_rows: int = Field(default=16, ge=1, description="Most requests admitted in one prefill.")
+    max_kv_tokens: int = Field(
+        default=32768, ge=1, description="KV budget: sum of prefix + prompt + max_new_tokens over running requests."
+    )
+    max_waiting: int = Field(default=256, ge=1, description="Bounded queue; beyond it requests get 429.")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="Per-request deadline, queueing included.")
 
     # Request limits
     default_max_new_tokens: int = Field(default=20, ge=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +29,7 @@ def loaded() -> LoadedModel:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(prefix_dir=tmp_path / "store", batch_window_ms=20, max_batch_size=8, max_prefix_bytes=1 << 20)
+    return Settings(prefix_dir=tmp_path / "store", max_running_rows=8, max_prefix_bytes=1 << 20)
 
 
 @pytest.fixture
@@ -196,23 +197,26 @@ def test_upload_for_another_base_model_warns(client: TestClient, loaded: LoadedM
     assert any("other-model" in w for w in response.json()["warnings"])
 
 
+@pytest.mark.parametrize("batching", ["mixed", "per-task"])
 def test_concurrent_same_task_requests_are_batched_and_exact(
-    client: TestClient, loaded: LoadedModel, tmp_path: Path
+    settings: Settings, loaded: LoadedModel, tmp_path: Path, batching: str
 ) -> None:
+    settings.batching = batching
+    settings.batch_window_ms = 50
     adapter_dir, peft_model = adapter(loaded, tmp_path, "a", v=6, seed=7)
-    upload(client, "t", adapter_dir)
     prompts = ["t5 t6 t7 t8 t9", "t11", "t20 t21 t22", "t30 t31", "t40 t41 t42 t43", "t50"]
-    engine = client.app.state.service.engine
-    before = engine.batches_run
+    with TestClient(create_app(settings, loaded)) as client:
+        upload(client, "t", adapter_dir)
 
-    def call(prompt: str) -> str:
-        body = {"task_id": "t", "inputs": prompt, "parameters": {"max_new_tokens": 5}}
-        return client.post("/generate", json=body).json()["generated_text"]
+        def call(prompt: str) -> str:
+            body = {"task_id": "t", "inputs": prompt, "parameters": {"max_new_tokens": 5}}
+            return client.post("/generate", json=body).json()["generated_text"]
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        texts = list(pool.map(call, prompts))
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            texts = list(pool.map(call, prompts))
+        stats = client.app.state.service.engine.stats
     assert texts == [expected_text(loaded, peft_model, p, 5) for p in prompts]
-    assert engine.batches_run - before < len(prompts), "same-task requests inside the window share a batch"
+    assert stats.max_batch_rows_seen > 1, "concurrent requests share a forward pass"
 
 
 def test_stop_sequence_ends_generation(client: TestClient, loaded: LoadedModel, tmp_path: Path) -> None:
@@ -276,3 +280,89 @@ def test_upload_cli_posts_adapter_dir(loaded: LoadedModel, tmp_path: Path, monke
         assert cli.main(["upload", str(adapter_dir), "--task-id", "cli-task", "--url", "http://svc", "--replace"]) == 0
         assert client.get("/prefixes/cli-task").status_code == 200
     assert cli.main(["upload", str(tmp_path / "missing"), "--task-id", "x"]) == 2
+
+
+def sse_events(response) -> list[dict]:
+    return [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_generate_stream_sends_one_event_per_token(client: TestClient, loaded: LoadedModel, tmp_path: Path) -> None:
+    upload(client, "t", adapter(loaded, tmp_path, "a", v=5, seed=12)[0])
+    body = {"task_id": "t", "inputs": "t5 t6 t7", "parameters": {"max_new_tokens": 7}}
+    whole = client.post("/generate", json=body).json()
+    with client.stream("POST", "/generate_stream", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert len(events) == whole["details"]["generated_tokens"]
+    assert all(e["token"]["text"] is not None for e in events)
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == whole["generated_text"]
+    assert events[-1]["details"] == whole["details"]
+    assert "".join(e["token"]["text"] for e in events).strip() == whole["generated_text"]
+
+
+def test_generate_stream_errors_are_json_before_streaming(client: TestClient) -> None:
+    response = client.post("/generate_stream", json={"task_id": "missing", "inputs": "t5"})
+    assert_error(response, 404, "missing")
+    assert_error(client.post("/generate_stream", json={"task_id": "missing", "inputs": ""}), 422, "inputs")
+
+
+def test_full_queue_answers_429_with_retry_after(client: TestClient, loaded: LoadedModel, tmp_path: Path) -> None:
+    from service.engine import EngineLimits
+
+    upload(client, "t", adapter(loaded, tmp_path, "a", v=2, seed=13)[0])
+    client.app.state.service.engine.limits = EngineLimits(max_waiting=0)
+    for route in ("/generate", "/generate_stream"):
+        response = client.post(route, json={"task_id": "t", "inputs": "t5"})
+        assert_error(response, 429, "queue is full")
+        assert int(response.headers["retry-after"]) >= 1
+
+
+def test_client_disconnect_cancels_the_streaming_row(settings: Settings, loaded: LoadedModel, tmp_path: Path) -> None:
+    """Through a real uvicorn server on loopback: closing the connection mid-stream retires the row."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(settings, loaded)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        engine = app.state.service.engine
+        engine.runner.forward = _slowed(engine.runner.forward)  # keep the row alive long enough to disconnect
+        base = f"http://127.0.0.1:{port}"
+        config, weights = read_adapter(adapter(loaded, tmp_path, "a", v=3, seed=14)[0])
+        httpx.post(f"{base}/prefixes", data={"task_id": "t"},
+                   files={"adapter_config": ("c.json", config), "adapter_model": ("m.safetensors", weights)})
+        body = {"task_id": "t", "inputs": "t5 t6", "parameters": {"max_new_tokens": 80}}
+        with httpx.stream("POST", f"{base}/generate_stream", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+        deadline = time.monotonic() + 10
+        while engine.stats.cancelled < 1:
+            assert time.monotonic() < deadline, "the row kept decoding after the client left"
+            time.sleep(0.02)
+        assert engine.stats.finished == 1 and engine.stats.running_rows == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _slowed(forward):
+    import time
+
+    def slow(*args):
+        time.sleep(0.02)
+        return forward(*args)
+
+    return slow

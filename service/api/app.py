@@ -16,13 +16,24 @@ from service import __version__
 from service.api.routes import generate, health, prefixes
 from service.api.state import ServiceState
 from service.batch import ModelRunner, verify_prefix_support
-from service.engine import PerTaskBatchingEngine
+from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import ServiceError
 from service.model_loader import LoadedModel, load_base_model
 from service.registry import PrefixRegistry
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def engine_limits(settings: Settings) -> EngineLimits:
+    return EngineLimits(
+        max_running_rows=settings.max_running_rows,
+        max_kv_tokens=settings.max_kv_tokens,
+        max_waiting=settings.max_waiting,
+        max_prefill_rows=settings.max_prefill_rows,
+        per_task_window_s=settings.batch_window_ms / 1000.0,
+        request_timeout_s=settings.request_timeout_s,
+    )
 
 
 def build_state(settings: Settings, loaded: LoadedModel) -> ServiceState:
@@ -40,9 +51,7 @@ def build_state(settings: Settings, loaded: LoadedModel) -> ServiceState:
         max_config_bytes=settings.max_config_bytes,
     )
     registry.load_all()
-    engine = PerTaskBatchingEngine(
-        runner, window_s=settings.batch_window_ms / 1000.0, max_batch_size=settings.max_batch_size
-    )
+    engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
     return ServiceState(settings=settings, model=loaded, registry=registry, engine=engine)
 
 
@@ -80,7 +89,9 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content=exc.to_json())
+        retry_after = exc.details.get("retry_after_s")
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse(status_code=exc.status_code, content=exc.to_json(), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -60,6 +60,18 @@ class GenerateResponse(BaseModel):
     details: GenerateDetails
 
 
+class StreamToken(BaseModel):
+    id: int
+    text: str
+    special: bool
+
+
+class StreamEvent(BaseModel):
+    token: StreamToken | None
+    generated_text: str | None = None
+    details: GenerateDetails | None = None
+
+
 class PrefixInfo(BaseModel):
     task_id: str
     num_virtual_tokens: int

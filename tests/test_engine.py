@@ -1,0 +1,271 @@
+"""The continuous mixed-task engine: exactness under any batching, limits, cancellation, streaming, seeds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.batch import DecodeBatch, ModelRunner, generate
+from service.engine import ContinuousBatchingEngine, EngineLimits, FinalEvent, TokenEvent
+from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError
+from service.geometry import geometry_from_config
+from service.prefix import TaskPrefix
+from service.registry import PrefixRegistry
+from service.requests import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+from tests.helpers import make_peft_prefix_model, read_adapter, save_adapter, tiny_llama, tiny_tokenizer
+
+TASKS = {"alpha": 4, "beta": 9, "gamma": 2, "delta": 6}  # task -> num_virtual_tokens
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelRunner, dict[str, TaskPrefix]]:
+    tmp = tmp_path_factory.mktemp("engine")
+    model = tiny_llama(seed=0, initializer_range=0.5, max_position_embeddings=512)
+    registry = PrefixRegistry(
+        tmp / "store", geometry_from_config(model.config), device=torch.device("cpu"), dtype=torch.float32,
+        served_model_name="tiny", max_virtual_tokens=64, max_prefix_bytes=1 << 24, max_config_bytes=1 << 16,
+    )
+    for seed, (task, v) in enumerate(TASKS.items()):
+        save_adapter(make_peft_prefix_model(model, num_virtual_tokens=v, seed=seed), tmp / task)
+        registry.put(task, *read_adapter(tmp / task))
+    return ModelRunner(model, tiny_tokenizer(128)), {t: registry.get(t) for t in TASKS}
+
+
+def request(prefixes: dict[str, TaskPrefix], task: str | None, prompt: list[int], **params: Any) -> GenerationRequest:
+    params.setdefault("max_new_tokens", 8)
+    return GenerationRequest(prompt, prefixes[task] if task else None, SamplingParams(**params))
+
+
+def alone(runner: ModelRunner, req: GenerationRequest) -> GenerationResult:
+    return generate(runner, [GenerationRequest(req.prompt_ids, req.prefix, req.params)])[0]
+
+
+def run_engine(engine: ContinuousBatchingEngine, coro_factory) -> Any:
+    async def main() -> Any:
+        engine.start()
+        try:
+            return await coro_factory()
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
+
+
+def test_join_mid_flight_of_other_tasks_long_generations_is_exact(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner, policy="mixed")
+    long_ones = [request(prefixes, t, [10 + i, 11, 12, 13], max_new_tokens=60) for i, t in enumerate(["beta", "gamma", "delta"])]
+    probe = request(prefixes, "alpha", [40, 41, 42], max_new_tokens=10)
+
+    async def scenario() -> tuple[list[GenerationResult], GenerationResult]:
+        running = [asyncio.create_task(engine.generate(r)) for r in long_ones]
+        while engine.stats.steps < 5:  # the long generations are decoding
+            await asyncio.sleep(0.001)
+        probe_result = await engine.generate(probe)
+        return await asyncio.gather(*running), probe_result
+
+    long_results, probe_result = run_engine(engine, scenario)
+    assert probe_result.token_ids == alone(runner, probe).token_ids
+    assert engine.stats.max_batch_rows_seen == 4, "the probe joined the running batch"
+    for req, result in zip(long_ones, long_results):
+        assert result.token_ids == alone(runner, req).token_ids
+
+
+def test_per_task_policy_batches_one_task_and_is_exact(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner, policy="per-task", limits=EngineLimits(per_task_window_s=0.05))
+    reqs = [request(prefixes, t, [5 + i, 6, 7 + i]) for i, t in enumerate(["alpha", "beta", "alpha", "beta", "alpha"])]
+
+    async def scenario() -> list[GenerationResult]:
+        return await asyncio.gather(*(engine.generate(r) for r in reqs))
+
+    results = run_engine(engine, scenario)
+    assert [r.token_ids for r in results] == [alone(runner, r).token_ids for r in reqs]
+    assert engine.stats.batches_started == 2, "one static batch per task"
+    assert engine.stats.max_batch_rows_seen == 3
+
+
+def test_fifty_concurrent_mixed_requests_none_lost_or_duplicated(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner, policy="mixed", limits=EngineLimits(max_running_rows=12, max_prefill_rows=5))
+    tasks = list(TASKS) + [None]
+    reqs = [
+        request(prefixes, tasks[i % len(tasks)], [3 + (i * 7) % 120, 3 + (i * 11) % 120, 3 + i], max_new_tokens=2 + i % 9)
+        for i in range(50)
+    ]
+
+    async def scenario() -> list[GenerationResult]:
+        async def staggered(i: int, r: GenerationRequest) -> GenerationResult:
+            await asyncio.sleep(0.002 * (i % 7))
+            return await engine.generate(r)
+
+        return await asyncio.gather(*(staggered(i, r) for i, r in enumerate(reqs)))
+
+    results = run_engine(engine, scenario)
+    assert len(results) == 50
+    expected = [r.token_ids for r in generate(runner, [GenerationRequest(q.prompt_ids, q.prefix, q.params) for q in reqs])]
+    assert [r.token_ids for r in results] == expected
+    assert engine.stats.finished == 50
+    assert engine.stats.running_rows == 0 and engine._batch is None, "finished rows free their cache"
+
+
+def test_finished_rows_leave_the_cache(setup) -> None:
+    runner, prefixes = setup
+    batch = DecodeBatch.prefill(
+        runner,
+        [request(prefixes, "beta", [5, 6, 7, 8, 9, 10], max_new_tokens=1), request(prefixes, "gamma", [5], max_new_tokens=5)],
+    )
+    width_before = batch.attention_mask.shape[1]
+    finished = batch.pop_finished()
+    assert len(finished) == 1 and len(batch) == 1
+    keys = batch.cache.layers[0].keys
+    assert keys.shape[0] == 1, "the finished row's KV is gone"
+    assert keys.shape[2] == batch.attention_mask.shape[1] < width_before, "columns only it used are dropped"
+    assert batch.attention_mask[:, 0].all(), "no leading padding is kept"
+
+
+def test_full_queue_is_refused_with_retry_after(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_waiting=2))  # not started: nothing drains
+
+    async def scenario() -> None:
+        engine.stream(request(prefixes, "alpha", [5]))
+        engine.stream(request(prefixes, "alpha", [6]))
+        with pytest.raises(OverloadedError) as info:
+            engine.stream(request(prefixes, "alpha", [7]))
+        assert info.value.status_code == 429 and info.value.details["retry_after_s"] >= 1
+
+    asyncio.run(scenario())
+
+
+def test_request_over_the_kv_budget_is_refused(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_kv_tokens=20))
+
+    async def scenario() -> None:
+        with pytest.raises(RequestTooLongError, match="KV budget"):
+            engine.stream(request(prefixes, "beta", [5, 6, 7], max_new_tokens=10))  # 9 + 3 + 10 > 20
+
+    asyncio.run(scenario())
+
+
+def test_kv_budget_bounds_running_rows(setup) -> None:
+    runner, prefixes = setup
+    # Each request reserves 2 + 3 + 10 = 15 KV tokens: a budget of 40 runs at most two at once.
+    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_kv_tokens=40))
+    reqs = [request(prefixes, "gamma", [5, 6, 7 + i], max_new_tokens=10) for i in range(5)]
+
+    async def scenario() -> list[GenerationResult]:
+        return await asyncio.gather(*(engine.generate(r) for r in reqs))
+
+    results = run_engine(engine, scenario)
+    assert engine.stats.max_batch_rows_seen == 2
+    assert [r.token_ids for r in results] == [alone(runner, r).token_ids for r in reqs]
+
+
+def test_disconnected_stream_cancels_its_row(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner)
+
+    async def scenario() -> None:
+        events = engine.stream(request(prefixes, "alpha", [5, 6], max_new_tokens=400))
+        seen = 0
+        async for event in events:
+            seen += 1
+            if seen == 3:
+                break
+        await events.aclose()  # what the server does when the client goes away
+        for _ in range(500):
+            if engine.stats.cancelled == 1 and engine.stats.running_rows == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the row was not retired")
+
+    run_engine(engine, scenario)
+    assert engine.stats.steps < 300, "decoding stopped long before max_new_tokens"
+
+
+def test_deadline_fails_the_request(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(request_timeout_s=0.05))
+
+    async def scenario() -> None:
+        with pytest.raises(DeadlineExceededError):
+            await engine.generate(request(prefixes, "alpha", [5, 6], max_new_tokens=400))
+
+    slow_forward = runner.forward
+
+    def forward(*args: Any) -> torch.Tensor:
+        time.sleep(0.01)  # make 400 tokens take far longer than the deadline
+        return slow_forward(*args)
+
+    runner.forward = forward  # type: ignore[method-assign]
+    try:
+        run_engine(engine, scenario)
+    finally:
+        del runner.forward
+
+
+def test_stream_events_add_up_to_the_final_text(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner)
+    req = request(prefixes, "delta", [8, 9, 10], max_new_tokens=12)
+
+    async def scenario() -> list:
+        return [event async for event in engine.stream(req)]
+
+    events = run_engine(engine, scenario)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    final = events[-1]
+    assert isinstance(final, FinalEvent)
+    assert [t.token_id for t in tokens] == final.result.token_ids
+    assert [t.index for t in tokens] == list(range(len(tokens)))
+    assert "".join(t.text for t in tokens).strip() == final.result.text
+    assert final.result.token_ids == alone(runner, req).token_ids
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(setup) -> None:
+    runner, prefixes = setup
+    sampled = request(prefixes, "alpha", [5, 6, 7], max_new_tokens=16, do_sample=True, temperature=1.3, top_k=40,
+                      top_p=0.9, repetition_penalty=1.2, seed=77)
+    busy = [request(prefixes, t, [20 + i, 21], max_new_tokens=30, do_sample=i % 2 == 0, seed=i)
+            for i, t in enumerate(["beta", "gamma", "delta", "beta"])]
+
+    engine_alone = ContinuousBatchingEngine(runner)
+    lone = run_engine(engine_alone, lambda: engine_alone.generate(sampled))
+
+    engine = ContinuousBatchingEngine(runner)
+
+    async def crowded() -> GenerationResult:
+        others = [asyncio.create_task(engine.generate(r)) for r in busy]
+        while engine.stats.steps < 3:
+            await asyncio.sleep(0.001)
+        rows_when_joined = 0
+        async for event in engine.stream(sampled):
+            rows_when_joined = rows_when_joined or engine.stats.running_rows
+            if isinstance(event, FinalEvent):
+                result = event.result
+        await asyncio.gather(*others)
+        assert rows_when_joined >= 2, "the sampled request shared its batch with others"
+        return result
+
+    in_batch = run_engine(engine, crowded)
+    assert in_batch.token_ids == lone.token_ids
+    assert in_batch.seed == 77
+
+
+def test_unseeded_sampling_reports_the_seed_it_used(setup) -> None:
+    runner, prefixes = setup
+    engine = ContinuousBatchingEngine(runner)
+    req = request(prefixes, "alpha", [5, 6], max_new_tokens=10, do_sample=True)
+    first = run_engine(engine, lambda: engine.generate(req))
+    assert first.seed is not None
+    replay = request(prefixes, "alpha", [5, 6], max_new_tokens=10, do_sample=True, seed=first.seed)
+    engine2 = ContinuousBatchingEngine(runner)
+    assert run_engine(engine2, lambda: engine2.generate(replay)).token_ids == first.token_ids
+    assert first.finish_reason in (FinishReason.LENGTH, FinishReason.EOS_TOKEN)
