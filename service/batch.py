@@ -198,20 +198,20 @@ class DecodeBatch:
 
     def _accept(self, logits: torch.Tensor) -> None:
         """Choose a token for each row from its logits, record it, and mark rows that are now finished."""
-        chosen = logits.argmax(dim=-1)
         device = self.runner.device
+        chosen = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
         for i, row in enumerate(self.rows):
             if row.finished:
                 continue
-            token = int(chosen[i]) if row.sampler.is_plain_greedy else row.sampler.select(row.history(device), logits[i : i + 1])
-            chosen[i] = token
-            row.generated.append(token)
-            self._check_finished(row, token)
-        self.next_tokens = chosen.to(device)
+            if not row.sampler.is_plain_greedy:
+                chosen[i] = row.sampler.select(row.history(device), logits[i : i + 1])
+            row.generated.append(chosen[i])
+            self._check_finished(row, chosen[i])
+        self.next_tokens = torch.tensor(chosen, dtype=torch.long, device=device)
 
     def _check_finished(self, row: Row, token: int) -> None:
         params = row.request.params
-        if token in self.runner.eos_token_ids:
+        if token in self.runner.eos_token_ids and not params.ignore_eos:
             row.finish_reason = FinishReason.EOS_TOKEN
             return
         if params.stop:

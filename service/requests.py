@@ -25,6 +25,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
 
 @dataclass
@@ -49,3 +50,5 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
     seed: int | None = None
+    queue_s: float = 0.0  # accepted -> admitted into a batch
+    ttft_s: float = 0.0  # accepted -> first token

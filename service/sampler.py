@@ -50,4 +50,8 @@ class RowSampler:
         if not self.do_sample:
             return int(scores.argmax(dim=-1).item())
         probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # Extreme but valid parameters (temperature 1e-300, a penalty near 0) overflow the scores; sampling at a
+            # temperature tending to 0 is greedy, so take that limit instead of failing the batch.
+            return int(logits.argmax(dim=-1).item())
         return int(torch.multinomial(probs, num_samples=1, generator=self.generator).item())

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import save as save_safetensors
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from service.bench.workload import synthetic_tokenizer
 
 # GQA: 4 query heads, 2 KV heads, head_dim 8 -> PEFT token_dim 16, prompt_embeddings width 2 * 2 * 16 = 64.
 TINY_LLAMA_KWARGS: dict[str, Any] = dict(
@@ -128,15 +129,5 @@ def pickle_bytes(obj: Any) -> bytes:
 
 
 def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
-    """A real fast tokenizer for tiny models: words "t3".."t{n-1}" map to ids 3..n-1; <pad>=0, <s>=1, </s>=2.
-
-    Text in tests reads as token ids ("t5 t6 t7" -> [5, 6, 7]) and decodes back with single spaces.
-    """
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"t{i}": i for i in range(3, vocab_size)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
-    )
+    """A real fast tokenizer for tiny models: "t5 t6 t7" <-> [5, 6, 7]; <pad>=0, <s>=1, </s>=2."""
+    return synthetic_tokenizer(vocab_size)

@@ -1,0 +1,65 @@
+"""Benchmark outputs: a markdown table, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [
+    ("system", "system"),
+    ("concurrency", "clients"),
+    ("requests", "requests"),
+    ("tokens_per_s", "tok/s"),
+    ("requests_per_s", "req/s"),
+    ("latency_p50_s", "p50 latency s"),
+    ("latency_p95_s", "p95 latency s"),
+    ("ttft_p50_s", "p50 TTFT s"),
+    ("ttft_p95_s", "p95 TTFT s"),
+    ("mean_batch_rows", "mean batch rows"),
+]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def ratios_table(ratios: dict[str, float | None]) -> str:
+    lines = ["| ratio (tokens/s) | value |", "|---|---|"]
+    lines += [f"| {name} | {'n/a' if value is None else f'{value:.2f}x'} |" for name, value in ratios.items()]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Throughput and p95 latency against concurrency, one line per system (a single point for one-off runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render straight to a file
+    import matplotlib.pyplot as plt
+
+    systems = sorted({r["system"] for r in rows}, key=[r["system"] for r in rows].index)
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system in systems:
+        points = sorted((r for r in rows if r["system"] == system), key=lambda r: r["concurrency"])
+        x = [p["concurrency"] for p in points]
+        throughput.plot(x, [p["tokens_per_s"] for p in points], marker="o", label=system)
+        latency.plot(x, [p["latency_p95_s"] for p in points], marker="o", label=system)
+    concurrencies = sorted({r["concurrency"] for r in rows})
+    for axis, label in ((throughput, "generated tokens / s"), (latency, "p95 latency (s)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+    throughput.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

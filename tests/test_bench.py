@@ -1,0 +1,66 @@
+"""The benchmark: its PEFT baseline is exact, its workload is seeded, and one command writes table, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from service import cli
+from service.bench.peft_baseline import load_peft_model, peft_generate
+from service.bench.workload import make_workload
+from tests.helpers import make_peft_prefix_model, save_adapter, tiny_llama, tiny_tokenizer
+from tests.test_parity import peft_greedy
+
+
+def test_patched_peft_generate_equals_peft_forward(tmp_path: Path) -> None:
+    """transformers 5.24 renamed the cache argument PEFT 0.21 injects its prefix through; the bench's shim makes
+    PeftModel.generate honour the prefix again, token for token, for every adapter switched to by set_adapter."""
+    model = tiny_llama(seed=0, initializer_range=0.5)
+    references = {}
+    for i, v in enumerate([4, 7]):
+        references[f"task{i}"] = make_peft_prefix_model(model, num_virtual_tokens=v, seed=i)
+        save_adapter(references[f"task{i}"], tmp_path / f"task{i}")
+    peft_model = load_peft_model(model, {t: tmp_path / t for t in references})
+    for task, reference in references.items():
+        for prompt in ([5, 6, 7, 8], [9, 10]):
+            assert peft_generate(peft_model, task, prompt, 8) == peft_greedy(reference, prompt, 8)
+    assert len(peft_generate(peft_model, "task0", [5, 6], 12, ignore_eos=True)) == 12
+
+
+def test_workload_is_seeded_and_in_range() -> None:
+    tokenizer = tiny_tokenizer(128)
+    first = make_workload(tokenizer, num_requests=20, num_tasks=3, prompt_tokens=(5, 9), new_tokens=(2, 4), seed=7)
+    again = make_workload(tokenizer, num_requests=20, num_tasks=3, prompt_tokens=(5, 9), new_tokens=(2, 4), seed=7)
+    assert first == again
+    assert {w.task_id for w in first} == {"bench-task-0", "bench-task-1", "bench-task-2"}
+    assert all(5 <= len(w.prompt_ids) <= 9 and 2 <= w.max_new_tokens <= 4 for w in first)
+
+
+def test_bench_command_writes_table_json_and_plot(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+    }))
+    out = tmp_path / "out"
+    code = cli.main([
+        "bench", "--random-init", str(config), "--device", "cpu", "--clients", "4", "--concurrency", "1,4",
+        "--tasks", "2", "--prompt-tokens", "4-6", "--new-tokens", "3-5", "--virtual-tokens", "3", "--out", str(out),
+    ])
+    assert code == 0
+    payload = json.loads((out / "bench.json").read_text())
+    systems = {(r["system"], r["concurrency"]) for r in payload["rows"]}
+    assert {("per-task", 1), ("mixed", 1), ("no-prefix", 1), ("peft", 4), ("mixed", 4)} <= systems
+    for row in payload["rows"]:
+        assert row["tokens_per_s"] > 0 and row["latency_p95_s"] >= row["latency_p50_s"] > 0
+        expected_tokens = sum(r["generated_tokens"] for r in payload["runs"] if r["system"] == row["system"]
+                              and r["concurrency"] == row["concurrency"])
+        assert row["generated_tokens"] == expected_tokens
+    assert all(value is not None for value in payload["ratios"].values())
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| mixed | 4 |" in (out / "bench.md").read_text()
+    assert "mixed / peft @ 4" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_systems(tmp_path: Path) -> None:
+    assert cli.main(["bench", "--systems", "mixed,vllm", "--out", str(tmp_path)]) == 2
