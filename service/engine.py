@@ -110,6 +110,8 @@ class _Handle:
         self.deadline = self.enqueued_at + timeout_s
         self.cancelled = False  # set from the caller's side when it goes away
         self.emitted_text = ""
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
 
     @property
     def reserved_kv_tokens(self) -> int:
@@ -141,6 +143,7 @@ class ContinuousBatchingEngine(Engine):
         self._accepted = 0  # inbox + waiting, counted at submission so the bound holds across threads
         self._accepted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.on_pass: Callable[[int], None] | None = None  # called with the row count of every forward pass
 
     # -- caller side (event loop) -----------------------------------------------------------------------------------
 
@@ -311,7 +314,9 @@ class ContinuousBatchingEngine(Engine):
         self.stats.prefills += 1
         if self.policy == "per-task":
             self.stats.batches_started += 1
+        now = time.monotonic()
         for handle in admitted:
+            handle.admitted_at = now
             self._handles[id(handle.request)] = handle
         self._batch = new_batch if self._batch is None else DecodeBatch.concatenate([self._batch, new_batch])
         self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(self._batch))
@@ -322,6 +327,8 @@ class ContinuousBatchingEngine(Engine):
             return
         now = time.monotonic()
         self.stats.rows_stepped += len(batch)
+        if self.on_pass is not None:
+            self.on_pass(len(batch))
         for row in batch.rows:
             handle = self._handles[id(row.request)]
             if not row.finished:
@@ -336,7 +343,10 @@ class ContinuousBatchingEngine(Engine):
             if row.finish_reason is FinishReason.CANCELLED:
                 self.stats.cancelled += 1
             else:
-                handle.send(FinalEvent(row.result(self.runner)))
+                result = row.result(self.runner)
+                result.queue_s = (handle.admitted_at or now) - handle.enqueued_at
+                result.ttft_s = (handle.first_token_at or now) - handle.enqueued_at
+                handle.send(FinalEvent(result))
             self.stats.finished += 1
         if not len(batch):
             self._batch = None
@@ -345,6 +355,8 @@ class ContinuousBatchingEngine(Engine):
     def _emit_tokens(self, row: Row, handle: _Handle) -> None:
         """Send the tokens this row gained since the last emission (one per step, except at its end)."""
         sent = row.emitted
+        if handle.first_token_at is None and row.generated:
+            handle.first_token_at = time.monotonic()
         if handle.cancelled or sent >= len(row.generated):
             return
         for index in range(sent, len(row.generated)):

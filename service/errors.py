@@ -71,6 +71,23 @@ class RequestTooLongError(ServiceError):
     code = "context_length_exceeded"
 
 
+class UnauthorizedError(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class ForbiddenError(ServiceError):
+    status_code = 403
+    code = "forbidden"
+
+
+class PrefixLimitError(ServiceError):
+    """The store holds as many prefixes as it may."""
+
+    status_code = 409
+    code = "prefix_limit_reached"
+
+
 class InvalidRequestError(ServiceError):
     status_code = 422
     code = "invalid_request"

@@ -12,9 +12,11 @@ in, fsyncs the parent, then deletes the old one. A delete renames aside (`.del-.
 with "." are never tasks; `load_all` deletes them, except that an `.old-` folder whose task folder is missing (a
 crash between the two renames of a replace) is renamed back, so a crash never loses the previous prefix.
 
-Concurrency: mutations are serialised by a lock. Readers (`get`, the engine's hot path) take no lock: the in-memory
-state is an immutable snapshot dict whose reference is swapped whole under the lock (copy-on-write), and each
-TaskPrefix is immutable, so a batch that already holds a prefix keeps it after a replace or delete.
+Concurrency: mutations are serialised by a lock. Listing readers take no lock: the records are an immutable
+snapshot dict whose reference is swapped whole under the lock (copy-on-write). `get` takes the lock, since it may
+move a prefix between memory tiers (`TieredPrefixCache`: device LRU within a byte budget, then host, then disk
+only). Each TaskPrefix is immutable, so a batch that already holds a prefix keeps it after a replace, a delete or
+an eviction.
 """
 
 from __future__ import annotations
@@ -36,9 +38,18 @@ from typing import Any, Mapping
 
 import torch
 
-from service.errors import InvalidPrefixError, InvalidTaskIdError, ServiceError, TaskExistsError, TaskNotFoundError
+from service.errors import (
+    InvalidPrefixError,
+    InvalidTaskIdError,
+    PrefixLimitError,
+    ServiceError,
+    TaskExistsError,
+    TaskNotFoundError,
+)
 from service.geometry import PrefixGeometry
+from service.metrics import Metrics
 from service.prefix import TaskPrefix, prompt_embeddings_to_kv
+from service.prefix_cache import TieredPrefixCache, Tier
 from service.prefix_format import ValidatedAdapter, validate_adapter
 
 logger = logging.getLogger(__name__)
@@ -88,12 +99,6 @@ def validate_task_id(task_id: str) -> str:
     return task_id
 
 
-@dataclass(frozen=True)
-class _Entry:
-    prefix: TaskPrefix
-    record: PrefixRecord
-
-
 class PrefixRegistry:
     def __init__(
         self,
@@ -106,6 +111,10 @@ class PrefixRegistry:
         max_virtual_tokens: int,
         max_prefix_bytes: int,
         max_config_bytes: int,
+        max_prefixes: int | None = None,
+        device_budget_bytes: int = 0,
+        host_budget_bytes: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.root = Path(root)
         self.geometry = geometry
@@ -115,23 +124,41 @@ class PrefixRegistry:
         self.max_virtual_tokens = max_virtual_tokens
         self.max_prefix_bytes = max_prefix_bytes
         self.max_config_bytes = max_config_bytes
+        self.max_prefixes = max_prefixes
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._entries: Mapping[str, _Entry] = MappingProxyType({})
+        self._entries: Mapping[str, PrefixRecord] = MappingProxyType({})
+        self._cache = TieredPrefixCache(
+            self.device, device_budget_bytes=device_budget_bytes, host_budget_bytes=host_budget_bytes, metrics=metrics
+        )
         self._writing: set[str] = set()  # temp folders of puts in progress: load_all must not sweep them
 
     # ------------------------------------------------------------------ reading (lock-free snapshots)
 
     def get(self, task_id: str) -> TaskPrefix:
-        """The task's device-resident prefix; TaskNotFoundError if there is none."""
-        return self._entry(task_id).prefix
+        """The task's prefix on the device (brought back from host memory or disk if it was evicted);
+        TaskNotFoundError if there is none."""
+        validate_task_id(task_id)
+        with self._lock:
+            if task_id not in self._entries:
+                raise TaskNotFoundError(task_id)
+            return self._cache.get(task_id, lambda: self._load_task(task_id, self.root / task_id)[0])
 
     def record(self, task_id: str) -> PrefixRecord:
-        return self._entry(task_id).record
+        return self._entry(task_id)
+
+    def tier(self, task_id: str) -> Tier:
+        """Where the task's KV lives now: device, host or disk."""
+        self._entry(task_id)
+        return self._cache.tier(task_id)
+
+    @property
+    def cache(self) -> TieredPrefixCache:
+        return self._cache
 
     def list(self) -> builtins.list[PrefixRecord]:
         entries = self._entries
-        return [entries[task_id].record for task_id in sorted(entries)]
+        return [entries[task_id] for task_id in sorted(entries)]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -140,7 +167,7 @@ class PrefixRegistry:
         # An id that fails the pattern cannot be registered: answer False rather than raise from an `in` test.
         return isinstance(task_id, str) and _TASK_ID_RE.fullmatch(task_id) is not None and task_id in self._entries
 
-    def _entry(self, task_id: str) -> _Entry:
+    def _entry(self, task_id: str) -> PrefixRecord:
         validate_task_id(task_id)
         entry = self._entries.get(task_id)
         if entry is None:
@@ -154,7 +181,7 @@ class PrefixRegistry:
         is logged and skipped (it stays on disk for inspection), never fatal."""
         with self._lock:
             self._recover_leftovers()
-            entries: dict[str, _Entry] = {}
+            entries: dict[str, PrefixRecord] = {}
             for path in sorted(self.root.iterdir()):
                 name = path.name
                 if name.startswith(".") or not path.is_dir():
@@ -163,13 +190,14 @@ class PrefixRegistry:
                     logger.warning("prefix store: skipping %s: folder name is not a valid task id", path)
                     continue
                 try:
-                    entries[name] = self._load_task(name, path)
+                    prefix, entries[name] = self._load_task(name, path)
+                    self._cache.put(prefix)
                 except Exception as exc:  # noqa: BLE001 - one bad task (or a device OOM) must not stop start-up
                     logger.warning("prefix store: skipping task %r at %s: %s", name, path, _describe(exc))
             self._entries = MappingProxyType(entries)
         logger.info("prefix store: loaded %d task prefix(es) from %s", len(entries), self.root)
 
-    def _load_task(self, task_id: str, path: Path) -> _Entry:
+    def _load_task(self, task_id: str, path: Path) -> tuple[TaskPrefix, PrefixRecord]:
         config_bytes = (path / CONFIG_FILE).read_bytes()
         weights_bytes = (path / WEIGHTS_FILE).read_bytes()
         metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
@@ -217,12 +245,13 @@ class PrefixRegistry:
         validate_task_id(task_id)
         if not replace and task_id in self._entries:  # fail fast; re-checked under the lock
             raise TaskExistsError(task_id)
+        self._check_capacity(task_id)
 
         # Everything that can reject the upload happens before the disk is touched.
         validated = self._validate(config_bytes, weights_bytes)
         digest = hashlib.sha256(weights_bytes).hexdigest()
         created_at = _utc_now()
-        entry = self._make_entry(task_id, validated, digest, len(weights_bytes), created_at)
+        prefix, record = self._make_entry(task_id, validated, digest, len(weights_bytes), created_at)
         metadata = {
             "format_version": METADATA_VERSION,
             "sha256": digest,
@@ -248,6 +277,7 @@ class PrefixRegistry:
                 target = self.root / task_id
                 if existed and not replace:
                     raise TaskExistsError(task_id)
+                self._check_capacity(task_id)
                 if target.exists():
                     if not existed:
                         # A folder load_all skipped as unreadable: the task is absent as far as clients can see.
@@ -262,7 +292,14 @@ class PrefixRegistry:
                         aside = None
                     raise
                 _fsync_dir(self.root)  # the commit point
-                self._entries = MappingProxyType({**self._entries, task_id: entry})
+                if aside is not None:
+                    # Still under the lock: once committed, the old version must not look like an interrupted
+                    # replace (`.old-`), or a crash before its removal would restore it over a later delete.
+                    retired = self.root / f"{_DEL_PREFIX}{task_id}-{uuid.uuid4().hex}"
+                    os.rename(aside, retired)
+                    aside = retired
+                self._entries = MappingProxyType({**self._entries, task_id: record})
+                self._cache.put(prefix)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -280,7 +317,7 @@ class PrefixRegistry:
             len(weights_bytes),
             digest[:12],
         )
-        return entry.record, not existed, list(validated.warnings)
+        return record, not existed, list(validated.warnings)
 
     def delete(self, task_id: str) -> None:
         """Remove a task's prefix from memory and disk. TaskNotFoundError if absent."""
@@ -296,10 +333,18 @@ class PrefixRegistry:
             else:
                 logger.warning("prefix store: task %r was already gone from %s", task_id, self.root)
             self._entries = MappingProxyType({k: v for k, v in self._entries.items() if k != task_id})
+            self._cache.drop(task_id)
         shutil.rmtree(aside, ignore_errors=True)
         logger.info("prefix store: deleted task %r", task_id)
 
     # ------------------------------------------------------------------ helpers
+
+    def _check_capacity(self, task_id: str) -> None:
+        if self.max_prefixes is not None and task_id not in self._entries and len(self._entries) >= self.max_prefixes:
+            raise PrefixLimitError(
+                f"the store already holds {len(self._entries)} prefixes, its limit; delete one first",
+                limit=self.max_prefixes,
+            )
 
     def _validate(self, config_bytes: bytes, weights_bytes: bytes) -> ValidatedAdapter:
         return validate_adapter(
@@ -314,7 +359,7 @@ class PrefixRegistry:
 
     def _make_entry(
         self, task_id: str, validated: ValidatedAdapter, digest: str, nbytes: int, created_at: str
-    ) -> _Entry:
+    ) -> tuple[TaskPrefix, PrefixRecord]:
         kv = prompt_embeddings_to_kv(validated.prompt_embeddings, self.geometry, dtype=self.dtype, device=self.device)
         # Finite in float32 is not enough: a value beyond float16's range (65504) becomes inf in the model dtype.
         if not bool(torch.isfinite(kv).all()):
@@ -332,7 +377,7 @@ class PrefixRegistry:
             created_at=created_at,
             base_model_name_or_path=validated.base_model_name_or_path,
         )
-        return _Entry(prefix=prefix, record=record)
+        return prefix, record
 
 
 def _task_id_from_aside_name(rest: str) -> str | None:

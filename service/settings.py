@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
@@ -34,10 +37,26 @@ class Settings(BaseSettings):
     max_prefix_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Size cap of an uploaded safetensors.")
     max_config_bytes: int = Field(default=64 * 1024, ge=1, description="Size cap of an uploaded adapter_config.json.")
 
+    max_prefixes: int = Field(default=1000, ge=1, description="Most prefixes the store holds.")
+    prefix_device_budget_bytes: int = Field(
+        default=0, ge=0, description="Prefix KV bytes kept on the device (0 = no limit); LRU beyond it moves to host."
+    )
+    prefix_host_budget_bytes: int = Field(
+        default=0, ge=0, description="Prefix KV bytes kept in host memory (0 = no limit); LRU beyond it: disk only."
+    )
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    max_body_bytes: int = Field(default=80 * 1024 * 1024, ge=1, description="Cap on any request body.")
+
+    # Auth: keys as comma-separated lists or JSON arrays; a file holds lines `generate:KEY` / `admin:KEY`.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Keys with the generate scope.")
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Keys with admin scope.")
+    api_keys_file: Path | None = None
+    allow_unauthenticated: bool = Field(default=False, description="Allow binding beyond loopback without keys.")
 
     # Batching and engine limits
     batching: Literal["mixed", "per-task"] = Field(
@@ -55,3 +74,16 @@ class Settings(BaseSettings):
     # Request limits
     default_max_new_tokens: int = Field(default=20, ge=1)
     max_new_tokens_limit: int = Field(default=2048, ge=1)
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_stop_sequences: int = Field(default=16, ge=0)
+    max_stop_sequence_chars: int = Field(default=256, ge=1)
+
+    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [k.strip() for k in text.split(",") if k.strip()]
+        return value

@@ -13,18 +13,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.model_loader import LoadedModel, wrap_model
+from service.model_loader import LoadedModel
 from service.settings import Settings
-from tests.helpers import edit_config, make_peft_prefix_model, read_adapter, save_adapter, tiny_llama, tiny_tokenizer
+from tests.helpers import edit_config, make_peft_prefix_model, read_adapter, save_adapter
+from tests.conftest import TINY_MAX_POSITIONS as MAX_POSITIONS
 from tests.test_parity import peft_greedy
-
-MAX_POSITIONS = 96
-
-
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    model = tiny_llama(seed=0, initializer_range=0.5, max_position_embeddings=MAX_POSITIONS)
-    return wrap_model(model, tiny_tokenizer(128), "tiny-llama")
 
 
 @pytest.fixture

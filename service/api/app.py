@@ -7,17 +7,20 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api.routes import generate, health, prefixes
+from service.api.auth import ApiKeys, require
+from service.api.middleware import RequestContextMiddleware
+from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes
 from service.api.state import ServiceState
 from service.batch import ModelRunner, verify_prefix_support
 from service.engine import ContinuousBatchingEngine, EngineLimits
-from service.errors import ServiceError
+from service.errors import ServiceError, UnauthorizedError
+from service.metrics import Metrics
 from service.model_loader import LoadedModel, load_base_model
 from service.registry import PrefixRegistry
 from service.settings import Settings
@@ -36,7 +39,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
     )
 
 
-def build_state(settings: Settings, loaded: LoadedModel) -> ServiceState:
+def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> ServiceState:
     """Wire registry and engine around a loaded model. Blocking: loads every stored prefix."""
     runner = ModelRunner(loaded.model, loaded.tokenizer)
     verify_prefix_support(runner, loaded.geometry)
@@ -49,20 +52,30 @@ def build_state(settings: Settings, loaded: LoadedModel) -> ServiceState:
         max_virtual_tokens=settings.max_virtual_tokens,
         max_prefix_bytes=settings.max_prefix_bytes,
         max_config_bytes=settings.max_config_bytes,
+        max_prefixes=settings.max_prefixes,
+        device_budget_bytes=settings.prefix_device_budget_bytes,
+        host_budget_bytes=settings.prefix_host_budget_bytes,
+        metrics=metrics,
     )
     registry.load_all()
     engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
-    return ServiceState(settings=settings, model=loaded, registry=registry, engine=engine)
+    engine.on_pass = metrics.batch_size.observe
+    metrics.bind_gauges(lambda: engine.stats.waiting, lambda: engine.stats.running_rows)
+    return ServiceState(
+        settings=settings, model=loaded, registry=registry, engine=engine, metrics=metrics,
+        api_keys=ApiKeys.from_settings(settings),
+    )
 
 
 def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
     """Build the app. `loaded` injects an already-loaded model (tests); otherwise the lifespan loads one."""
     settings = settings or Settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = loaded or await asyncio.to_thread(load_base_model, settings)
-        state = await asyncio.to_thread(build_state, settings, model)
+        state = await asyncio.to_thread(build_state, settings, model, metrics)
         state.engine.start()
         app.state.service = state
         logger.info(
@@ -80,9 +93,12 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         lifespan=lifespan,
     )
     app.include_router(health.router)
-    app.include_router(generate.router)
+    app.include_router(metrics_route.router)
+    app.include_router(generate.router, dependencies=[Depends(require("generate"))])
     app.include_router(prefixes.router)
+    app.include_router(openai.router, dependencies=[Depends(require("generate"))])
     _install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
 
 
@@ -91,6 +107,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         retry_after = exc.details.get("retry_after_s")
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        if isinstance(exc, UnauthorizedError):
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(status_code=exc.status_code, content=exc.to_json(), headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -110,6 +128,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (bad UTF-8, broken multipart): bad input
+            return JSONResponse(status_code=422, content={"error": f"body: {exc.detail}", "type": "validation_error"})
         return JSONResponse(
             status_code=exc.status_code, content={"error": str(exc.detail), "type": "http_error"}, headers=exc.headers
         )

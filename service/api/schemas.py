@@ -10,7 +10,7 @@ from service.requests import SamplingParams
 
 TASK_ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
-StopSequence = Annotated[str, Field(min_length=1, max_length=256)]
+StopSequence = Annotated[str, Field(min_length=1)]
 
 FinishReasonLiteral = Literal["length", "eos_token", "stop_sequence", "cancelled"]
 
@@ -24,7 +24,9 @@ class GenerateParameters(BaseModel):
     top_k: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
-    stop: list[StopSequence] = Field(default_factory=list, max_length=16, description="Stop when any of these is generated.")
+    stop: list[StopSequence] = Field(
+        default_factory=list, description="Stop when any of these is generated (count and length are limited)."
+    )
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
     def to_sampling(self, default_max_new_tokens: int) -> SamplingParams:
@@ -81,12 +83,16 @@ class PrefixInfo(BaseModel):
     base_model_name_or_path: str | None = None
 
 
+class PrefixState(PrefixInfo):
+    tier: Literal["device", "host", "disk"] = Field(description="Where the prefix's KV lives now.")
+
+
 class PrefixUploadResponse(PrefixInfo):
     warnings: list[str] = Field(default_factory=list)
 
 
 class PrefixList(BaseModel):
-    prefixes: list[PrefixInfo]
+    prefixes: list[PrefixState]
 
 
 class HealthResponse(BaseModel):

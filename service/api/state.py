@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from service.engine import Engine
+from service.metrics import Metrics
 from service.model_loader import LoadedModel
 from service.registry import PrefixRegistry
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.api.auth import ApiKeys
 
 
 @dataclass
@@ -18,6 +23,8 @@ class ServiceState:
     model: LoadedModel
     registry: PrefixRegistry
     engine: Engine
+    metrics: Metrics
+    api_keys: ApiKeys
 
 
 def get_state(request: Request) -> ServiceState:

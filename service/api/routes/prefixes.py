@@ -6,14 +6,17 @@ from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
 
-from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixUploadResponse
+from service.api.auth import require
+from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixState, PrefixUploadResponse
 from service.api.state import ServiceState, get_state
-from service.errors import InvalidPrefixError, PayloadTooLargeError
+from service.errors import InvalidPrefixError, PayloadTooLargeError, ServiceError
 from service.registry import PrefixRecord
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"])
 
 State = Annotated[ServiceState, Depends(get_state)]
+ADMIN = [Depends(require("admin"))]  # upload, replace, delete
+READ = [Depends(require("generate"))]
 
 
 def _info(record: PrefixRecord) -> PrefixInfo:
@@ -47,6 +50,7 @@ def _read_capped(stream: BinaryIO, field: str, cap: int) -> bytes:
         413: {"model": ErrorResponse, "description": "A file is over its size cap"},
         422: {"model": ErrorResponse, "description": "The adapter does not fit the served model"},
     },
+    dependencies=ADMIN,
 )
 def upload_prefix(
     state: State,
@@ -57,25 +61,36 @@ def upload_prefix(
     replace: Annotated[bool, Form(description="Overwrite an existing prefix of this task.")] = False,
 ) -> PrefixUploadResponse:
     settings = state.settings
-    config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
-    weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
-    record, created, warnings = state.registry.put(task_id, config_bytes, weights_bytes, replace=replace)
+    try:
+        config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
+        weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
+        record, created, warnings = state.registry.put(task_id, config_bytes, weights_bytes, replace=replace)
+    except ServiceError as exc:
+        state.metrics.uploads.labels(exc.code).inc()
+        raise
+    state.metrics.uploads.labels("created" if created else "replaced").inc()
     if not created:
         response.status_code = status.HTTP_200_OK
     return PrefixUploadResponse(**_info(record).model_dump(), warnings=warnings)
 
 
-@router.get("", response_model=PrefixList)
+def _state(state: ServiceState, record: PrefixRecord) -> PrefixState:
+    return PrefixState(**_info(record).model_dump(), tier=state.registry.tier(record.task_id))
+
+
+@router.get("", response_model=PrefixList, dependencies=READ)
 def list_prefixes(state: State) -> PrefixList:
-    return PrefixList(prefixes=[_info(r) for r in state.registry.list()])
+    return PrefixList(prefixes=[_state(state, r) for r in state.registry.list()])
 
 
-@router.get("/{task_id}", response_model=PrefixInfo, responses={404: {"model": ErrorResponse}})
-def get_prefix(task_id: str, state: State) -> PrefixInfo:
-    return _info(state.registry.record(task_id))
+@router.get("/{task_id}", response_model=PrefixState, responses={404: {"model": ErrorResponse}}, dependencies=READ)
+def get_prefix(task_id: str, state: State) -> PrefixState:
+    return _state(state, state.registry.record(task_id))
 
 
-@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"model": ErrorResponse}})
+@router.delete(
+    "/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"model": ErrorResponse}}, dependencies=ADMIN
+)
 def delete_prefix(task_id: str, state: State) -> Response:
     state.registry.delete(task_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

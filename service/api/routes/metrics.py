@@ -1,0 +1,23 @@
+"""GET /metrics: Prometheus text format."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+
+from service.api.state import ServiceState, get_state
+from service.metrics import PROMETHEUS_CONTENT_TYPE
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+def metrics(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
+    registry = state.registry
+    tiers = {"device": 0, "host": 0, "disk": 0}
+    for record in registry.list():
+        tiers[registry.tier(record.task_id)] += 1
+    for tier, count in tiers.items():
+        state.metrics.prefixes.labels(tier).set(count)
+    return Response(state.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)

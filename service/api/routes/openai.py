@@ -1,0 +1,406 @@
+"""OpenAI-compatible endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+
+`model` names what to generate with: a stored task id (its prefix rides along as KV, the base model stays frozen) or
+the base model's own name (no prefix). A task whose id equals the base model's name shadows the base model.
+
+Semantics, where OpenAI's and TGI's differ:
+  - temperature 0 is greedy; an absent temperature means 1.0 (OpenAI's default), i.e. sampling;
+  - a matched stop sequence is not part of the returned text (TGI's /generate keeps it);
+  - finish_reason is "stop" (EOS or a stop sequence) or "length";
+  - usage.prompt_tokens counts the prompt's tokens, not the prefix's virtual tokens;
+  - n, best_of, echo, logprobs, penalties, logit_bias, tools... are declared but only their neutral values are
+    accepted: anything else is a 422 naming the parameter, never silently ignored.
+Errors keep the project's JSON shape `{"error": message, "type": code, ...}` (the official clients raise their usual
+exception classes from the status code: 404 NotFoundError, 422 UnprocessableEntityError, 429 RateLimitError).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from service.api.openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    OpenAIFinishReason,
+    Usage,
+    SamplingFields,
+)
+from service.api.routes.generate import checked_request
+from service.api.schemas import ErrorResponse
+from service.api.sse import event_stream, sse
+from service.api.state import ServiceState, get_state
+from service.engine import TokenEvent
+from service.errors import InvalidRequestError, ServiceError
+from service.prefix import TaskPrefix
+from service.requests import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+OWNER = "prefix-serve"
+_STARTED = int(time.time())  # the base model's `created`
+
+_ERRORS: dict[int | str, dict] = {
+    404: {"model": ErrorResponse, "description": "Unknown model (task id)"},
+    422: {"model": ErrorResponse, "description": "Bad or unsupported parameters, or prompt too long"},
+    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds"},
+    504: {"model": ErrorResponse, "description": "The request ran past the server's deadline"},
+}
+
+
+class ModelNotFoundError(ServiceError):
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str, base: str) -> None:
+        super().__init__(
+            f"model '{model}' does not exist: use a task id from GET /v1/models (upload one with POST /prefixes) "
+            f"or the base model '{base}'",
+            model=model,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(state: State) -> ModelList:
+    """The base model (parent null) and every stored task (parent = the base model)."""
+    base = state.model.name
+    tasks = [_task_card(record.task_id, record.created_at, base) for record in state.registry.list()]
+    cards = [] if base in state.registry else [_base_card(base)]
+    return ModelList(data=cards + tasks)
+
+
+@router.get("/models/{model:path}", response_model=ModelCard, responses={404: _ERRORS[404]})
+def retrieve_model(model: str, state: State) -> ModelCard:
+    base = state.model.name
+    if model in state.registry:
+        return _task_card(model, state.registry.record(model).created_at, base)
+    if model == base:
+        return _base_card(base)
+    raise ModelNotFoundError(model, base)
+
+
+def _base_card(base: str) -> ModelCard:
+    return ModelCard(id=base, created=_STARTED, owned_by=OWNER, parent=None, root=base)
+
+
+def _task_card(task_id: str, created_at: str, base: str) -> ModelCard:
+    return ModelCard(id=task_id, created=_unix(created_at), owned_by=OWNER, parent=base, root=base)
+
+
+def _unix(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return _STARTED
+
+
+# ------------------------------------------------------------------------------------------------ completions
+
+
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+)
+async def completions(body: CompletionRequest, http: Request, state: State) -> Any:
+    _reject_unsupported(body, _completion_unsupported(body))
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidRequestError(
+                f"prompt: exactly one prompt per request is supported, got a list of {len(prompt)}", field="prompt"
+            )
+        prompt = prompt[0]
+    prefix = _resolve_model(state, body.model)
+    params = _sampling(body, body.max_tokens, state.settings.default_max_new_tokens)
+    prompt_ids = list(state.model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    request = _engine_request(state, prefix, prompt_ids, params, "prompt", "max_tokens", completion_id)
+    http.state.task_id = body.model  # a served model (task or base): safe as a metrics label
+    created = int(time.time())
+
+    if body.stream:
+        def chunk(text: str, finish: OpenAIFinishReason | None) -> str:
+            choice = CompletionChoice(text=text, finish_reason=finish)
+            return sse(CompletionResponse(id=completion_id, created=created, model=body.model, choices=[choice]))
+
+        def usage_chunk(usage: Usage) -> str:
+            empty = CompletionResponse(id=completion_id, created=created, model=body.model, choices=[], usage=usage)
+            return sse(empty)
+
+        return _stream(state, request, body, first=None, chunk=chunk, usage_chunk=usage_chunk)
+
+    result = await state.engine.generate(request)
+    state.metrics.observe_generation(body.model, result)
+    return CompletionResponse(
+        id=completion_id,
+        created=created,
+        model=body.model,
+        choices=[CompletionChoice(text=_strip_stop(result, params.stop), finish_reason=_finish(result))],
+        usage=_usage(result),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ chat
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+)
+async def chat_completions(body: ChatCompletionRequest, http: Request, state: State) -> Any:
+    _reject_unsupported(body, _chat_unsupported(body))
+    if body.max_tokens is not None and body.max_completion_tokens not in (None, body.max_tokens):
+        raise InvalidRequestError(
+            "max_tokens and max_completion_tokens disagree; send one of them", field="max_completion_tokens"
+        )
+    max_tokens, max_field = (
+        (body.max_completion_tokens, "max_completion_tokens")
+        if body.max_completion_tokens is not None
+        else (body.max_tokens, "max_tokens")
+    )
+    prefix = _resolve_model(state, body.model)
+    params = _sampling(body, max_tokens, state.settings.default_max_new_tokens)
+    prompt_ids = _render_chat(state, body)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request = _engine_request(state, prefix, prompt_ids, params, "messages", max_field, completion_id)
+    http.state.task_id = body.model
+    created = int(time.time())
+
+    if body.stream:
+        def chunk(text: str | None, finish: OpenAIFinishReason | None) -> str:
+            if text is None:  # the opening chunk
+                delta = {"role": "assistant", "content": ""}
+            else:
+                delta = {"content": text} if text else {}
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+            return sse(ChatCompletionChunk(id=completion_id, created=created, model=body.model, choices=[choice]))
+
+        def usage_chunk(usage: Usage) -> str:
+            empty = ChatCompletionChunk(id=completion_id, created=created, model=body.model, choices=[], usage=usage)
+            return sse(empty)
+
+        return _stream(state, request, body, first=chunk(None, None), chunk=chunk, usage_chunk=usage_chunk)
+
+    result = await state.engine.generate(request)
+    state.metrics.observe_generation(body.model, result)
+    message = AssistantMessage(content=_strip_stop(result, params.stop))
+    return ChatCompletionResponse(
+        id=completion_id,
+        created=created,
+        model=body.model,
+        choices=[ChatChoice(message=message, finish_reason=_finish(result))],
+        usage=_usage(result),
+    )
+
+
+def _render_chat(state: ServiceState, body: ChatCompletionRequest) -> list[int]:
+    tokenizer = state.model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError(
+            f"the base model '{state.model.name}' has no chat template, so /v1/chat/completions cannot format "
+            "messages; use /v1/completions with a prompt you format yourself",
+            field="messages",
+        )
+    messages = []
+    for message in body.messages:
+        item = {"role": message.role, "content": message.text()}
+        if message.name is not None:
+            item["name"] = message.name
+        messages.append(item)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError (e.g. raise_exception("roles must alternate"))
+        raise InvalidRequestError(f"messages: the chat template rejected them: {exc}", field="messages") from exc
+    # The template writes any BOS itself: tokenising with special tokens again would double it (as transformers does).
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------ shared
+
+
+def _completion_unsupported(body: CompletionRequest) -> list[str]:
+    problems = []
+    if body.echo:
+        problems.append("echo=true (only false is supported)")
+    if body.logprobs is not None:
+        problems.append(f"logprobs={body.logprobs} (log-probabilities are not returned; omit it)")
+    if body.best_of not in (None, 1):
+        problems.append(f"best_of={body.best_of} (only 1 is supported)")
+    if body.suffix is not None:
+        problems.append("suffix (insertion is not supported; omit it)")
+    return problems
+
+
+def _chat_unsupported(body: ChatCompletionRequest) -> list[str]:
+    problems = []
+    if body.logprobs:
+        problems.append("logprobs=true (log-probabilities are not returned)")
+    if body.top_logprobs not in (None, 0):
+        problems.append(f"top_logprobs={body.top_logprobs} (log-probabilities are not returned)")
+    if body.tools:
+        problems.append("tools (tool calling is not supported)")
+    if body.tool_choice not in (None, "none"):
+        problems.append(f"tool_choice={json.dumps(body.tool_choice)} (tool calling is not supported)")
+    if body.response_format not in (None, {"type": "text"}):
+        shown = json.dumps(body.response_format)
+        problems.append(f'response_format={shown} (only {{"type": "text"}} is supported)')
+    return problems
+
+
+def _reject_unsupported(body: SamplingFields, extra: list[str]) -> None:
+    """One 422 naming every unsupported parameter the request set to a non-neutral value."""
+    problems = []
+    if body.n not in (None, 1):
+        problems.append(f"n={body.n} (only n=1 is supported)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value not in (None, 0):
+            problems.append(f"{name}={value} (not supported; send 0 or omit it, or use repetition_penalty)")
+    if body.logit_bias:
+        problems.append("logit_bias (not supported; omit it)")
+    if body.stream_options is not None and not body.stream:
+        problems.append("stream_options (only allowed with stream=true)")
+    problems += extra
+    if problems:
+        fields = [p.split("=")[0].split(" ")[0] for p in problems]
+        raise InvalidRequestError("unsupported parameters: " + "; ".join(problems), field=fields[0], fields=fields)
+
+
+def _resolve_model(state: ServiceState, model: str) -> TaskPrefix | None:
+    """The task's prefix now (a later replace or delete won't touch this request), or None for the base model."""
+    if model in state.registry:
+        return state.registry.get(model)  # a delete in between answers TaskNotFoundError: 404 as well
+    if model == state.model.name:
+        return None
+    raise ModelNotFoundError(model, state.model.name)
+
+
+def _sampling(body: SamplingFields, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
+    temperature = 1.0 if body.temperature is None else body.temperature
+    do_sample = temperature > 0.0
+    return SamplingParams(
+        max_new_tokens=max_tokens or default_max_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else 1.0,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
+        stop=body.stop_sequences(),
+        seed=body.seed,
+    )
+
+
+def _engine_request(
+    state: ServiceState,
+    prefix: TaskPrefix | None,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    prompt_field: str,
+    max_field: str,
+    request_id: str,
+) -> GenerationRequest:
+    """Every server limit /generate applies, its errors naming the fields this API's clients sent."""
+    request = checked_request(state, prompt_ids, prefix, params, prompt_field=prompt_field, max_field=max_field)
+    request.request_id = request_id
+    return request
+
+
+def _finish(result: GenerationResult) -> OpenAIFinishReason:
+    return "length" if result.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def _usage(result: GenerationResult) -> Usage:
+    completion = len(result.token_ids)
+    prompt = result.prompt_tokens
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _strip_stop(result: GenerationResult, stop: tuple[str, ...]) -> str:
+    """The engine cuts the text at the end of the first stop sequence; OpenAI returns it without that sequence."""
+    text = result.text
+    if result.finish_reason is FinishReason.STOP_SEQUENCE:
+        matched = [s for s in stop if text.endswith(s)]
+        if matched:
+            return text[: len(text) - max(len(s) for s in matched)]
+    return text
+
+
+def _held_back(text: str, stop: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` might be the start of a stop sequence (not safe to stream yet)."""
+    hold = 0
+    for s in stop:
+        for k in range(min(len(s), len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+def _stream(
+    state: ServiceState,
+    request: GenerationRequest,
+    body: SamplingFields,
+    *,
+    first: str | None,
+    chunk: Callable[[str, OpenAIFinishReason | None], str],
+    usage_chunk: Callable[[Usage], str],
+) -> StreamingResponse:
+    """SSE: an optional opening chunk, a chunk per token that adds text, a last chunk with the finish reason, a usage
+    chunk if asked for, then `data: [DONE]`. Text that could be the start of a stop sequence is held back until it
+    is clear it is not one. A client that disconnects cancels its row (closing the engine iterator does that)."""
+    events = state.engine.stream(request, with_text=True)  # raises (429 etc.) before the response starts
+    stop = request.params.stop
+    model = body.model
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def chunks() -> AsyncIterator[str]:
+        text = ""  # everything the engine has sent so far
+        sent = 0  # characters of `text` already streamed
+        if first is not None:
+            yield first
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                text += event.text
+                safe = len(text) - _held_back(text, stop)
+                if safe > sent:
+                    yield chunk(text[sent:safe], None)
+                    sent = safe
+                continue
+            result = event.result
+            state.metrics.observe_generation(model, result)
+            final = _strip_stop(result, stop)
+            if len(final) > sent and final.startswith(text[:sent]):
+                yield chunk(final[sent:], None)
+            yield chunk("", _finish(result))
+            if include_usage:
+                yield usage_chunk(_usage(result))
+            yield "data: [DONE]\n\n"
+
+    return event_stream(chunks(), events)
+
+

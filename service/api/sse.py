@@ -1,0 +1,40 @@
+"""Server-sent events shared by /generate_stream and the OpenAI routes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, AsyncGenerator, AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from service.errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    """One `data:` event."""
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def event_stream(chunks: AsyncIterator[str], engine_events: AsyncGenerator[Any, None]) -> StreamingResponse:
+    """Stream `chunks`. The status line is already sent when generation fails midway (e.g. the deadline), so the
+    failure becomes a last `data: {"error": ...}` event. Closing the engine's iterator at the end, or when the
+    client goes away, retires the row."""
+
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except ServiceError as exc:
+            yield sse(exc.to_json())
+        except Exception:  # noqa: BLE001 - a failed decode step: tell the client instead of cutting the stream
+            logger.exception("streaming failed")
+            yield sse({"error": "internal server error", "type": "internal_error"})
+        finally:
+            await engine_events.aclose()
+
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

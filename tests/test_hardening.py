@@ -1,0 +1,181 @@
+"""Auth, limits, prefix memory tiers, metrics and request-id logging, as a client and an operator see them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service import cli
+from service.api.app import create_app
+from service.api.auth import ApiKeys, exposure_problem, is_loopback
+from service.logging_setup import JsonFormatter
+from service.model_loader import LoadedModel
+from service.settings import Settings
+from tests.test_api import adapter, assert_error, upload
+
+GENERATE_KEY, ADMIN_KEY = "gen-key-123", "admin-key-456"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def secured(tmp_path: Path, loaded: LoadedModel) -> Iterator[TestClient]:
+    settings = Settings(prefix_dir=tmp_path / "store", api_keys=[GENERATE_KEY], admin_api_keys=[ADMIN_KEY])
+    with TestClient(create_app(settings, loaded)) as client:
+        yield client
+
+
+def test_keys_are_required_and_scoped(secured: TestClient, loaded: LoadedModel, tmp_path: Path) -> None:
+    body = {"task_id": "t", "inputs": "t5 t6", "parameters": {"max_new_tokens": 3}}
+    missing = secured.post("/generate", json=body)
+    assert_error(missing, 401, "API key")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert_error(secured.post("/generate", json=body, headers=bearer("wrong")), 401, "invalid")
+    assert_error(secured.post("/generate", json=body, headers={"Authorization": "Basic abc"}), 401)
+
+    adapter_dir = adapter(loaded, tmp_path, "a", v=3, seed=1)[0]
+    files = {"adapter_config": ("c.json", (adapter_dir / "adapter_config.json").read_bytes()),
+             "adapter_model": ("m.safetensors", (adapter_dir / "adapter_model.safetensors").read_bytes())}
+    forbidden = secured.post("/prefixes", data={"task_id": "t"}, files=files, headers=bearer(GENERATE_KEY))
+    assert_error(forbidden, 403, "admin")
+    assert secured.post("/prefixes", data={"task_id": "t"}, files=files, headers=bearer(ADMIN_KEY)).status_code == 201
+
+    assert secured.post("/generate", json=body, headers=bearer(GENERATE_KEY)).status_code == 200
+    assert secured.post("/generate", json=body, headers=bearer(ADMIN_KEY)).status_code == 200, "admin implies generate"
+    assert secured.get("/prefixes", headers=bearer(GENERATE_KEY)).status_code == 200
+    assert_error(secured.get("/prefixes"), 401)
+    assert_error(secured.delete("/prefixes/t", headers=bearer(GENERATE_KEY)), 403)
+    assert secured.delete("/prefixes/t", headers=bearer(ADMIN_KEY)).status_code == 204
+    assert secured.get("/health").status_code == 200 and secured.get("/metrics").status_code == 200
+
+
+def test_key_file_and_env_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nadmin:root-key\ngenerate:reader\nbare-reader\n\n")
+    monkeypatch.setenv("PREFIX_SERVE_API_KEYS", "one, two")
+    keys = ApiKeys.from_settings(Settings(api_keys_file=key_file))
+    assert keys.scopes_for("root-key") == {"admin", "generate"}
+    assert keys.scopes_for("reader") == keys.scopes_for("bare-reader") == keys.scopes_for("two") == {"generate"}
+    assert keys.scopes_for("nope") == frozenset() and keys.scopes_for("") == frozenset()
+    key_file.write_text("owner:x\n")
+    with pytest.raises(ValueError, match="keys:1"):
+        ApiKeys.from_settings(Settings(api_keys_file=key_file))
+
+
+def test_refuses_to_expose_an_unauthenticated_server() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+    assert exposure_problem(Settings(host="127.0.0.1")) is None
+    assert "refusing to bind 0.0.0.0" in exposure_problem(Settings(host="0.0.0.0"))
+    assert exposure_problem(Settings(host="0.0.0.0", api_keys=["k"])) is None
+    assert exposure_problem(Settings(host="0.0.0.0", allow_unauthenticated=True)) is None
+    # The CLI stops before loading any model.
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+
+
+@pytest.fixture
+def limited(tmp_path: Path, loaded: LoadedModel) -> Iterator[TestClient]:
+    settings = Settings(
+        prefix_dir=tmp_path / "store", max_prompt_tokens=10, max_stop_sequences=2, max_stop_sequence_chars=5,
+        max_prefixes=2, max_body_bytes=200_000,
+    )
+    with TestClient(create_app(settings, loaded)) as client:
+        yield client
+
+
+def test_request_limits_answer_4xx(limited: TestClient, loaded: LoadedModel, tmp_path: Path) -> None:
+    adapter_dir = adapter(loaded, tmp_path, "a", v=3, seed=2)[0]
+    assert upload(limited, "one", adapter_dir).status_code == 201
+    assert upload(limited, "two", adapter_dir).status_code == 201
+    assert_error(upload(limited, "three", adapter_dir), 409, "limit")
+    assert upload(limited, "two", adapter_dir, replace=True).status_code == 200, "replacing needs no new slot"
+
+    def gen(inputs: str = "t5", **parameters) -> object:
+        return limited.post("/generate", json={"task_id": "one", "inputs": inputs, "parameters": parameters})
+
+    assert_error(gen(" ".join(["t5"] * 11)), 422, "11 tokens", "10")
+    assert gen(" ".join(["t5"] * 10), max_new_tokens=2).status_code == 200
+    assert_error(gen(stop=["a", "b", "c"]), 422, "stop", "2")
+    assert_error(gen(stop=["toolong"]), 422, "stop", "5")
+    big = limited.post("/generate", content=b"x" * 200_001, headers={"content-type": "application/json"})
+    assert_error(big, 413, "200000")
+
+
+def test_memory_tiers_evict_and_return_transparently(tmp_path: Path, loaded: LoadedModel) -> None:
+    one_prefix = 2 * 2 * 2 * 4 * 8 * 4  # L * 2 * H_kv * V * D * float32 bytes for V=4 on the tiny llama
+    settings = Settings(prefix_dir=tmp_path / "store", prefix_device_budget_bytes=one_prefix,
+                        prefix_host_budget_bytes=one_prefix)
+    with TestClient(create_app(settings, loaded)) as client:
+        expected = {}
+        for i, task in enumerate(["a", "b", "c"]):
+            upload(client, task, adapter(loaded, tmp_path, task, v=4, seed=10 + i)[0])
+        tiers = {p["task_id"]: p["tier"] for p in client.get("/prefixes").json()["prefixes"]}
+        assert tiers == {"c": "device", "b": "host", "a": "disk"}
+        # b: host -> device (c -> host); c: host -> device (b -> host); a: disk -> device (c -> host, b -> disk); a: hit
+        for task in ["b", "c", "a", "a"]:
+            out = client.post("/generate", json={"task_id": task, "inputs": "t7 t8", "parameters": {"max_new_tokens": 5}})
+            assert out.status_code == 200
+            expected.setdefault(task, out.json()["generated_text"])
+            assert out.json()["generated_text"] == expected[task], "an evicted prefix comes back unchanged"
+            assert client.get(f"/prefixes/{task}").json()["tier"] == "device"
+        registry = client.app.state.service.registry
+        stats = registry.cache.stats
+        assert (stats.hits, stats.misses_from_host, stats.misses_from_disk) == (1, 2, 1)
+        assert (stats.evictions_to_host, stats.evictions_to_disk) == (5, 2)  # 2 + 1 of them during the uploads
+        assert registry.cache.bytes_by_tier() == {"device": one_prefix, "host": one_prefix}
+        metrics = client.get("/metrics").text
+        assert 'prefix_serve_prefix_cache_misses_total{source="disk"}' in metrics
+        assert 'prefix_serve_prefix_cache_evictions_total{to="host"}' in metrics
+        assert 'prefix_serve_prefixes{tier="device"} 1.0' in metrics
+        assert 'prefix_serve_prefixes{tier="disk"} 1.0' in metrics
+
+
+def test_metrics_cover_requests_batches_and_uploads(client_with_task) -> None:
+    client = client_with_task
+    for _ in range(2):
+        client.post("/generate", json={"task_id": "t", "inputs": "t5 t6", "parameters": {"max_new_tokens": 4}})
+    client.post("/generate", json={"task_id": "missing", "inputs": "t5"})
+    text = client.get("/metrics").text
+    assert 'prefix_serve_requests_total{route="/generate",status="200",task="t"} 2.0' in text
+    assert 'prefix_serve_requests_total{route="/generate",status="404",task=""} 1.0' in text
+    assert 'prefix_serve_uploads_total{result="created"} 1.0' in text
+    assert "prefix_serve_generated_tokens_total" in text and 'task="t"' in text
+    for name in ("prefix_serve_batch_size_count", "prefix_serve_time_to_first_token_seconds_count",
+                 "prefix_serve_queue_duration_seconds_count", "prefix_serve_request_duration_seconds_count",
+                 "prefix_serve_queue_size", "prefix_serve_running_rows", "prefix_serve_prefix_cache_hits_total"):
+        assert name in text, name
+
+
+@pytest.fixture
+def client_with_task(tmp_path: Path, loaded: LoadedModel) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(prefix_dir=tmp_path / "store"), loaded)) as client:
+        upload(client, "t", adapter(loaded, tmp_path, "a", v=3, seed=3)[0])
+        yield client
+
+
+def test_request_id_is_returned_and_logged_without_the_prompt(client_with_task, caplog) -> None:
+    client = client_with_task
+    secret = "t99 t98 t97 t96"
+    with caplog.at_level(logging.DEBUG):
+        response = client.post("/generate", json={"task_id": "t", "inputs": secret}, headers={"X-Request-ID": "abc-1"})
+    assert response.headers["x-request-id"] == "abc-1"
+    generated = client.post("/generate", json={"task_id": "t", "inputs": "t5"})
+    assert len(generated.headers["x-request-id"]) == 32, "a fresh id when the client sends none"
+    weird = client.post("/generate", json={"task_id": "t", "inputs": "t5"}, headers={"X-Request-ID": "a b/c"})
+    assert weird.headers["x-request-id"] != "a b/c"
+    access = [r for r in caplog.records if r.name == "service.access"]
+    assert any(getattr(r, "route", None) == "/generate" and r.status == 200 for r in access)
+    formatter = JsonFormatter()
+    for record in caplog.records:
+        line = formatter.format(record)
+        assert secret not in line
+        json.loads(line)
+    tagged = [json.loads(formatter.format(r)) for r in access]
+    assert any(line.get("request_id") == "abc-1" for line in tagged)
