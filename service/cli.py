@@ -1,27 +1,23 @@
-"""`prefix-serve` command line: serve, upload."""
+"""`prefix-serve` command line: serve, upload, train, bench (and the example-task commands)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
 
+from service.bench.cli import register as register_bench
+from service.logging_setup import configure_logging
 from service.settings import Settings
+from service.training.cli import register as register_training
 
 logger = logging.getLogger("service.cli")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _settings_from_args(args: argparse.Namespace, names: Sequence[str]) -> Settings:
@@ -35,17 +31,25 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.api.app import create_app
 
+    from service.api.auth import exposure_problem
+
     settings = _settings_from_args(
-        args, ["model", "prefix_dir", "host", "port", "device", "dtype", "cache_dir", "log_level"]
+        args,
+        ["model", "prefix_dir", "host", "port", "device", "dtype", "cache_dir", "log_level", "log_format",
+         "batching", "allow_unauthenticated"],
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    problem = exposure_problem(settings)
+    if problem:
+        logger.error(problem)
+        return 2
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0
 
 
 def _upload(args: argparse.Namespace) -> int:
-    configure_logging("warning")
+    configure_logging("warning", "text")
     adapter_dir = Path(args.adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     weights_path = adapter_dir / "adapter_model.safetensors"
@@ -53,10 +57,13 @@ def _upload(args: argparse.Namespace) -> int:
         if not path.is_file():
             print(f"error: {path} not found (expected a PEFT adapter directory)", file=sys.stderr)
             return 2
+    api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with config_path.open("rb") as config_file, weights_path.open("rb") as weights_file:
         try:
             response = httpx.post(
                 args.url.rstrip("/") + "/prefixes",
+                headers=headers,
                 data={"task_id": args.task_id, "replace": "true" if args.replace else "false"},
                 files={
                     "adapter_config": ("adapter_config.json", config_file, "application/json"),
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--cache-dir", type=Path, help="Model cache (default ~/.cache/prefix-serve).")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["json", "text"], help="Log lines as JSON (default) or text.")
+    serve.add_argument("--batching", choices=["mixed", "per-task"], help="Engine policy (default mixed).")
+    serve.add_argument(
+        "--allow-unauthenticated", action="store_true", default=None,
+        help="Allow binding a non-loopback address with no API keys configured.",
+    )
     serve.set_defaults(func=_serve)
 
     upload = sub.add_parser("upload", help="Upload a PEFT prefix-tuning adapter directory to a running server.")
@@ -96,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--task-id", required=True)
     upload.add_argument("--url", default="http://127.0.0.1:8000")
     upload.add_argument("--replace", action="store_true", help="Overwrite the task's existing prefix.")
+    upload.add_argument("--api-key", help="An admin API key (default: $PREFIX_SERVE_API_KEY).")
     upload.set_defaults(func=_upload)
+    register_training(sub)
+    register_bench(sub)
     return parser
 
 

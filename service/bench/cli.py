@@ -27,6 +27,7 @@ from service.bench.peft_baseline import load_peft_model
 from service.bench.report import markdown_table, plot, ratios_table, write_json
 from service.bench.run import run_engine_system, run_peft_system
 from service.bench.workload import make_workload, synthetic_tokenizer, write_random_prefixes
+from service.logging_setup import configure_logging
 from service.model_loader import LoadedModel, load_base_model, resolve_device, resolve_dtype, wrap_model
 from service.registry import PrefixRegistry
 from service.settings import Settings
@@ -80,6 +81,7 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 
 def main(args: argparse.Namespace) -> int:
+    configure_logging("info", "text")  # one progress line per finished run
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:

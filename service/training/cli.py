@@ -1,0 +1,376 @@
+"""`prefix-serve train`, `prefix-serve eval` and `prefix-serve examples {make-data,train,eval}`.
+
+Only argparse and the standard library are imported at module level: `prefix-serve serve` imports this module to
+build its parser and should start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.model_loader import LoadedModel
+    from service.training.report import TaskReport
+
+logger = logging.getLogger("service.training.cli")
+
+_EXIT_BAD_INPUT = 2
+_EXIT_FAILED = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the training subcommands to `prefix-serve`'s subparsers."""
+    from service.training.data import DEFAULT_TEMPLATE
+
+    train = sub.add_parser(
+        "train",
+        help="Train a prefix-tuning adapter on a JSONL file.",
+        description=(
+            "Train a PEFT prefix (prefix_projection=True) on a frozen base model and save an adapter directory that "
+            'POST /prefixes accepts. Data: JSONL lines {"prompt", "completion"} or {"text", "label"} '
+            "(turned into a prompt by --template). Clients send the prompt text verbatim as /generate `inputs`; "
+            "no chat template is applied."
+        ),
+    )
+    train.add_argument("--data", type=Path, required=True, help="Training JSONL file.")
+    train.add_argument("--task-id", required=True, help="Task id the prefix will be served under.")
+    train.add_argument("--out", type=Path, required=True, help="Output adapter directory.")
+    train.add_argument("--eval-data", type=Path, help="Held-out JSONL for periodic loss and exact-match accuracy.")
+    train.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help=f'Prompt for {{"text", "label"}} records (default {DEFAULT_TEMPLATE!r}).',
+    )
+    train.add_argument("--num-virtual-tokens", type=int, default=20, help="Prefix length V (default 20).")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="Optimizer steps (default 100).")
+    length.add_argument("--epochs", type=float, help="Passes over the training data (instead of --steps).")
+    train.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate (default 1e-3).")
+    train.add_argument("--batch-size", type=int, default=8, help="Examples per step (default 8).")
+    train.add_argument("--warmup-steps", type=int, help="Linear warmup steps (default 5%% of the steps).")
+    train.add_argument("--eval-every", type=int, default=50, help="Steps between evaluations; 0 = at the end only.")
+    train.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the batch order.")
+    train.add_argument("--upload", metavar="URL", help="After training, upload the adapter to this server.")
+    train.add_argument("--replace", action="store_true", help="With --upload: overwrite the task's existing prefix.")
+    train.add_argument("--api-key", help="With --upload: an admin API key (default: $PREFIX_SERVE_API_KEY).")
+    train.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    _model_args(train, dtype_default="float32")
+    train.set_defaults(func=_guarded(_train))
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="Exact-match accuracy of a prefix on a JSONL file, against the zero-shot base model.",
+        description="Greedy-decode every example with and without the prefix and compare with its completion.",
+    )
+    evaluate.add_argument("--data", type=Path, required=True, help="JSONL file (same formats as train).")
+    evaluate.add_argument("--task-id", help="Task to evaluate (its prefix in --prefix-dir, or the name for --adapter).")
+    evaluate.add_argument("--adapter", type=Path, help="Evaluate this saved adapter directory instead.")
+    evaluate.add_argument("--prefix-dir", type=Path, help="Prefix store (default ./prefixes).")
+    evaluate.add_argument("--template", default=DEFAULT_TEMPLATE, help='Prompt for {"text", "label"} records.')
+    evaluate.add_argument("--json", type=Path, help="Also write the results here.")
+    evaluate.add_argument("--no-zero-shot", action="store_true", help="Skip the zero-shot baseline.")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="Prompts per decode batch (default 16).")
+    _model_args(evaluate, dtype_default=None)
+    evaluate.set_defaults(func=_guarded(_eval))
+
+    examples = sub.add_parser("examples", help="The shipped example tasks: generate data, train, evaluate.")
+    ex_sub = examples.add_subparsers(dest="examples_command", required=True)
+
+    make_data = ex_sub.add_parser("make-data", help="Write each example task's train/held-out JSONL into DIR.")
+    make_data.add_argument("dir", type=Path)
+    make_data.add_argument("--tasks", nargs="+", help="Only these tasks (default: all).")
+    make_data.set_defaults(func=_guarded(_examples_make_data))
+
+    ex_train = ex_sub.add_parser("train", help="Train every example task and store the prefixes in --prefix-dir.")
+    ex_train.add_argument(
+        "--prefix-dir", type=Path, default=Path("prefixes"), help="Prefix store (default ./prefixes)."
+    )
+    ex_train.add_argument("--tasks", nargs="+", help="Only these tasks (default: all).")
+    ex_train.add_argument("--steps", type=int, default=100, help="Steps per task (default 100).")
+    ex_train.add_argument("--lr", type=float, default=1e-3)
+    ex_train.add_argument("--batch-size", type=int, default=8)
+    ex_train.add_argument("--num-virtual-tokens", type=int, default=20)
+    ex_train.add_argument("--seed", type=int, default=0)
+    ex_train.add_argument("--eval-every", type=int, default=25)
+    ex_train.add_argument("--eval-limit", type=int, default=48, help="Held-out examples used while training.")
+    ex_train.add_argument("--no-progress", action="store_true")
+    _model_args(ex_train, dtype_default="float32")
+    ex_train.set_defaults(func=_guarded(_examples_train))
+
+    ex_eval = ex_sub.add_parser("eval", help="Held-out exact match per example task: zero-shot vs prefix.")
+    ex_eval.add_argument("--prefix-dir", type=Path, default=Path("prefixes"), help="Prefix store (default ./prefixes).")
+    ex_eval.add_argument("--tasks", nargs="+", help="Only these tasks (default: all).")
+    ex_eval.add_argument("--json", type=Path, default=Path("examples-eval.json"), help="Results file.")
+    ex_eval.add_argument("--limit", type=int, help="Only the first N held-out examples per task.")
+    ex_eval.add_argument("--batch-size", type=int, default=16)
+    _model_args(ex_eval, dtype_default=None)
+    ex_eval.set_defaults(func=_guarded(_examples_eval))
+
+
+def _model_args(parser: argparse.ArgumentParser, *, dtype_default: str | None) -> None:
+    group = parser.add_argument_group("base model")
+    group.add_argument("--model", help="Local HF model directory or .gguf file (default: embedded SmolLM2-135M).")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    dtype_help = "float32 by default: the prefix is trained in full precision" if dtype_default else "as serve"
+    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=dtype_default or "auto",
+                       help=dtype_help)  # fmt: skip
+    group.add_argument("--cache-dir", type=Path, help="Model cache (default ~/.cache/prefix-serve).")
+    group.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice). On a busy shared machine 1 can be "
+        "several times faster: threads waiting for each other's core cost more than they gain.",
+    )
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Error handling shared by the commands
+
+
+def _guarded(
+    handler: Callable[[argparse.Namespace], int]
+) -> Callable[[argparse.Namespace], int]:
+    """Turn the expected failures into one clear line on stderr and an exit code; let bugs raise."""
+
+    def run(args: argparse.Namespace) -> int:
+        from service.errors import ServiceError
+        from service.logging_setup import configure_logging
+        from service.training.errors import DataError, TrainingDivergedError
+
+        configure_logging(getattr(args, "log_level", "info"), "text")  # a person reads these, not a log shipper
+        try:
+            return handler(args)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return _EXIT_BAD_INPUT
+        except TrainingDivergedError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return _EXIT_FAILED
+        except ServiceError as exc:  # invalid task id, unsupported model, prefix that does not fit
+            print(f"error: {exc.message}", file=sys.stderr)
+            return _EXIT_BAD_INPUT
+        except (FileNotFoundError, ValueError) as exc:  # model path, bad numbers (lr, steps, ...), unknown task
+            logger.debug("failed", exc_info=True)  # --log-level debug shows where
+            print(f"error: {exc}", file=sys.stderr)
+            return _EXIT_BAD_INPUT
+
+    return run
+
+
+def _load_model(args: argparse.Namespace) -> LoadedModel:
+    import torch
+
+    from service.model_loader import load_base_model
+    from service.settings import Settings
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    overrides: dict[str, Any] = {"model": args.model, "device": args.device, "dtype": args.dtype}
+    if args.cache_dir is not None:
+        overrides["cache_dir"] = args.cache_dir
+    return load_base_model(Settings(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train
+
+
+def _train(args: argparse.Namespace) -> int:
+    from service.registry import validate_task_id
+    from service.training.data import load_examples, validate_template
+    from service.training.trainer import TrainConfig, save_adapter, train_prefix
+
+    validate_task_id(args.task_id)  # before minutes of training, not at upload time
+    validate_template(args.template)
+    config = TrainConfig(
+        num_virtual_tokens=args.num_virtual_tokens,
+        steps=args.steps,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    config.validate()
+    train_examples = load_examples(args.data, args.template)
+    eval_examples = load_examples(args.eval_data, args.template) if args.eval_data else []
+
+    loaded = _load_model(args)
+    result = train_prefix(loaded, train_examples, config, eval_examples=eval_examples, task_id=args.task_id)
+    out = save_adapter(result, args.out, loaded)
+
+    weights = out / "adapter_model.safetensors"
+    print(f"saved the prefix of task '{args.task_id}' to {out} (V={config.num_virtual_tokens}, "
+          f"{weights.stat().st_size:,} bytes): {result.total_steps} steps in {result.seconds:.1f} s, "
+          f"final loss {result.losses[-1]:.4f}")  # fmt: skip
+    if result.evals:
+        last = result.evals[-1]
+        em = last.exact_match
+        print(f"held-out: loss {last.eval_loss:.4f}, exact match {em['correct']}/{em['total']} "
+              f"({100 * em['accuracy']:.1f}%)")  # fmt: skip
+    example = train_examples[0].prompt
+    print(f"prompt it with the training prompt verbatim, e.g. "
+          f"POST /generate {json.dumps({'task_id': args.task_id, 'inputs': example})}")  # fmt: skip
+
+    if args.upload:
+        return _upload(out, args)
+    return 0
+
+
+def _upload(adapter_dir: Path, args: argparse.Namespace) -> int:
+    """Run `prefix-serve upload` itself, parsed by its own parser, so both behave (and report) identically and
+    any option it gains keeps its default here."""
+    from service.cli import build_parser
+
+    argv = ["upload", str(adapter_dir), "--task-id", args.task_id, "--url", args.upload]
+    if args.replace:
+        argv.append("--replace")
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    upload_args = build_parser().parse_args(argv)
+    return int(upload_args.func(upload_args))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from service.batch import ModelRunner
+    from service.settings import Settings
+    from service.training.data import load_examples
+    from service.training.evaluate import open_registry, prefix_from_adapter_dir
+    from service.training.report import compare, markdown_table
+
+    if args.adapter is None and args.task_id is None:
+        raise ValueError("give --task-id (a task in --prefix-dir) or --adapter DIR")
+    examples = load_examples(args.data, args.template)
+    loaded = _load_model(args)
+    if args.adapter is not None:
+        task_id = args.task_id or "adapter"
+        prefix = prefix_from_adapter_dir(args.adapter, task_id, loaded)
+    else:
+        task_id = args.task_id
+        prefix = open_registry(args.prefix_dir or Settings().prefix_dir, loaded).get(task_id)
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    report = compare(runner, task_id, examples, prefix, zero_shot=not args.no_zero_shot, batch_size=args.batch_size)
+    print(markdown_table([report]))
+    if args.json:
+        _write_json(args.json, {"model": loaded.name, "data": str(args.data), "tasks": [report.to_json()]})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# examples
+
+
+def _selected_tasks(names: list[str] | None) -> list[Any]:
+    from service.training.examples import EXAMPLE_TASKS, get_task
+
+    return [get_task(n) for n in names] if names else list(EXAMPLE_TASKS.values())
+
+
+def _examples_make_data(args: argparse.Namespace) -> int:
+    from service.training.data import write_examples
+
+    for task in _selected_tasks(args.tasks):
+        for split in ("train", "heldout"):
+            path = args.dir / task.task_id / f"{split}.jsonl"
+            count = write_examples(path, task.records(split))
+            print(f"wrote {count} examples to {path}")
+        template = f" --template {json.dumps(task.template)}" if task.template else ""
+        print(f"  train it: prefix-serve train --data {args.dir / task.task_id / 'train.jsonl'} "
+              f"--eval-data {args.dir / task.task_id / 'heldout.jsonl'}{template} "
+              f"--task-id {task.task_id} --out adapters/{task.task_id}")  # fmt: skip
+    return 0
+
+
+def _examples_train(args: argparse.Namespace) -> int:
+    from service.training.evaluate import open_registry
+    from service.training.trainer import TrainConfig, save_adapter, train_prefix
+
+    tasks = _selected_tasks(args.tasks)
+    loaded = _load_model(args)
+    registry = open_registry(args.prefix_dir, loaded)
+    rows = []
+    for task in tasks:
+        config = TrainConfig(
+            num_virtual_tokens=args.num_virtual_tokens,
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            eval_every=args.eval_every,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        heldout = task.examples("heldout")[: args.eval_limit] if args.eval_limit else []
+        result = train_prefix(loaded, task.examples("train"), config, eval_examples=heldout, task_id=task.task_id)
+        with tempfile.TemporaryDirectory(prefix=f"prefix-serve-{task.task_id}-") as scratch:
+            out = save_adapter(result, Path(scratch), loaded)
+            # Stored through the registry itself, so the folder is exactly what an upload would have written.
+            registry.put(
+                task.task_id,
+                (out / "adapter_config.json").read_bytes(),
+                (out / "adapter_model.safetensors").read_bytes(),
+                replace=True,
+            )
+        em = result.final_exact_match
+        rows.append((task.task_id, result.total_steps, result.seconds, result.losses[-1], em.summary() if em else "-"))
+    print("| task | steps | seconds | final loss | held-out exact match (while training) |")
+    print("|---|---|---|---|---|")
+    for task_id, steps, seconds, loss, em in rows:
+        print(f"| {task_id} | {steps} | {seconds:.0f} | {loss:.4f} | {em} |")
+    print(f"stored in {args.prefix_dir}")
+    return 0
+
+
+def _examples_eval(args: argparse.Namespace) -> int:
+    from service.batch import ModelRunner
+    from service.training.evaluate import open_registry
+    from service.training.report import compare, instructed_items, markdown_table
+
+    tasks = _selected_tasks(args.tasks)
+    loaded = _load_model(args)
+    registry = open_registry(args.prefix_dir, loaded)
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    reports: list[TaskReport] = []
+    for task in tasks:
+        records = task.records("heldout")[: args.limit]
+        examples = task.examples("heldout")[: args.limit]
+        instructed = instructed_items(
+            runner, task.instruction, [task.raw_input(r) for r in records], [e.answer for e in examples]
+        )
+        reports.append(
+            compare(
+                runner,
+                task.task_id,
+                examples,
+                registry.get(task.task_id),
+                instructed=instructed,
+                batch_size=args.batch_size,
+            )
+        )
+    print(markdown_table(reports))
+    _write_json(
+        args.json, {"model": loaded.name, "prefix_dir": str(args.prefix_dir), "tasks": [r.to_json() for r in reports]}
+    )
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,324 @@
+"""The prefix-tuning loop: PEFT `PrefixTuningConfig(prefix_projection=True)` on a frozen base model, AdamW with linear
+warmup and decay, loss on the completion tokens only, periodic held-out loss and exact match, NaN guard.
+
+The base model is never modified: PEFT's prompt-learning wrapper adds a prompt encoder (embedding + the paper's
+reparameterisation MLP) and feeds its output to the model as the key/value cache. The base model stays in eval mode:
+it is not trained, and serving runs it in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from service.batch import ModelRunner
+from service.model_loader import LoadedModel
+from service.prefix_format import validate_adapter
+from service.registry import CONFIG_FILE, WEIGHTS_FILE
+from service.training.data import Example
+from service.training.encoding import EncodedExample, collate, encode_examples
+from service.training.errors import TrainingDivergedError
+from service.training.evaluate import EvalItem, ExactMatch, exact_match, prefix_from_embeddings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 100  # the example tasks peak on held-out data by ~75-100 steps; more only overfits them
+TRAINING_LOG_FILE = "training_log.json"
+
+
+@dataclass
+class TrainConfig:
+    num_virtual_tokens: int = 20
+    steps: int | None = None  # optimizer steps; exclusive with epochs; DEFAULT_STEPS when both are None
+    epochs: float | None = None  # passes over the training examples
+    lr: float = 1e-3  # NOTES: 1e-3 trains SmolLM2 in ~20 steps; 1e-2 and 3e-2 diverge
+    batch_size: int = 8
+    warmup_steps: int | None = None  # None: 5% of the steps, at least 1
+    weight_decay: float = 0.01  # torch AdamW's default
+    max_grad_norm: float = 1.0  # clip: one bad batch early on must not throw the MLP far off
+    seed: int = 0
+    eval_every: int = 50  # steps between held-out evaluations (and once at the end); 0 = only at the end
+    eval_batch_size: int = 16
+    progress: bool = True  # tqdm bar on stderr
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        check(self.steps is None or self.epochs is None, "give steps or epochs, not both")
+        check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        check(
+            self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0),
+            f"epochs must be > 0, got {self.epochs}",
+        )
+        check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(
+            self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
+        )
+        check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+
+    def total_steps(self, num_examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * num_examples / self.batch_size))
+        return DEFAULT_STEPS
+
+    def warmup(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return max(1, round(0.05 * total_steps))
+
+
+@dataclass
+class EvalPoint:
+    step: int
+    train_loss: float
+    eval_loss: float
+    exact_match: dict[str, Any]
+
+
+@dataclass
+class TrainResult:
+    peft_model: PeftModel
+    task_id: str
+    config: TrainConfig
+    total_steps: int
+    losses: list[float] = field(default_factory=list)  # training loss of every step
+    evals: list[EvalPoint] = field(default_factory=list)
+    seconds: float = 0.0
+    trainable_params: int = 0
+    all_params: int = 0
+    final_exact_match: ExactMatch | None = None
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """What `save_pretrained` writes: (V, L*2*token_dim), the MLP already applied."""
+        with torch.no_grad():
+            return self.peft_model.get_prompt_embedding_to_save("default").float()
+
+    def log_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "config": asdict(self.config),
+            "total_steps": self.total_steps,
+            "seconds": round(self.seconds, 1),
+            "trainable_params": self.trainable_params,
+            "all_params": self.all_params,
+            "losses": [round(x, 5) for x in self.losses],
+            "evals": [asdict(e) for e in self.evals],
+        }
+
+
+def train_prefix(
+    loaded: LoadedModel,
+    train_examples: Sequence[Example],
+    config: TrainConfig,
+    *,
+    eval_examples: Sequence[Example] = (),
+    task_id: str = "task",
+) -> TrainResult:
+    """Train a prefix for `loaded`'s (frozen) model. Raises TrainingDivergedError on a NaN/inf loss and
+    DataError (from encoding) on examples that do not fit the context."""
+    config.validate()
+    max_tokens = loaded.geometry.max_positions - config.num_virtual_tokens
+    train_set = encode_examples(train_examples, loaded.tokenizer, max_tokens=max_tokens, source="training data")
+    eval_set = encode_examples(eval_examples, loaded.tokenizer, max_tokens=max_tokens, source="eval data")
+    pad_id = int(loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0)
+    total_steps = config.total_steps(len(train_set))
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT 0.21 passes the prefix as `past_key_values`, renamed `cache` in transformers 5.24; its training
+        # forward still works through the deprecated alias (NOTES), so the warning is noise here.
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        # Raised by PEFT 0.21's get_peft_model calling a transformers API renamed in 5.x; harmless.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        torch.manual_seed(config.seed)  # the prompt encoder's initialisation
+        peft_model = _wrap(loaded, config)
+        trainable, everything = peft_model.get_nb_trainable_parameters()
+        # The seed's print_trainable_parameters line, as a log line (stdout is the CLI's result output).
+        logger.info(
+            "trainable params: %s || all params: %s || trainable%%: %.4f",
+            f"{trainable:,}",
+            f"{everything:,}",
+            100 * trainable / everything,
+        )
+        result = TrainResult(
+            peft_model=peft_model,
+            task_id=task_id,
+            config=config,
+            total_steps=total_steps,
+            trainable_params=trainable,
+            all_params=everything,
+        )
+        started = time.perf_counter()
+        _run(loaded, peft_model, train_set, eval_set, config, result, pad_id)
+        result.seconds = time.perf_counter() - started
+    logger.info("trained %s: %d steps in %.1f s", task_id, total_steps, result.seconds)
+    return result
+
+
+def _wrap(loaded: LoadedModel, config: TrainConfig) -> PeftModel:
+    peft_config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens, prefix_projection=True
+    )
+    peft_model = get_peft_model(loaded.model, peft_config)
+    # PEFT records the model's name_or_path, for the embedded model a path under the user's home; the served name is
+    # what the registry compares against, and keeps local paths out of shared artifacts.
+    peft_model.peft_config["default"].base_model_name_or_path = loaded.name
+    peft_model.prompt_encoder.to(loaded.device)
+    return peft_model
+
+
+def _run(
+    loaded: LoadedModel,
+    peft_model: PeftModel,
+    train_set: list[EncodedExample],
+    eval_set: list[EncodedExample],
+    config: TrainConfig,
+    result: TrainResult,
+    pad_id: int,
+) -> None:
+    encoder = peft_model.prompt_encoder
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = result.total_steps
+    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup(total), total)
+    batches = _batch_stream(train_set, config.batch_size, config.seed)
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    eval_items = [EvalItem(prompt=e.example.prompt, prompt_ids=e.prompt_ids, answer=e.example.answer) for e in eval_set]
+
+    encoder.train()
+    loaded.model.eval()  # frozen: serving runs it in eval mode, so train against exactly that
+    with (
+        logging_redirect_tqdm(),
+        tqdm(
+            total=total, desc=f"train {result.task_id}", unit="step", disable=not config.progress, dynamic_ncols=True
+        ) as bar,
+    ):
+        for step in range(1, total + 1):
+            batch = collate(next(batches), pad_id).to(loaded.device)
+            output = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+            loss = output.loss
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise TrainingDivergedError(
+                    f"training stopped at step {step}/{total}: the loss became {loss_value} "
+                    f"(lr {scheduler.get_last_lr()[0]:.3g} of --lr {config.lr:g}); nothing was saved. "
+                    "Lower --lr (1e-3 suits the embedded SmolLM2), check the data, or train in float32."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            result.losses.append(loss_value)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            bar.update(1)
+
+            due = config.eval_every and step % config.eval_every == 0
+            if eval_set and (due or step == total):
+                point = _evaluate(loaded, peft_model, runner, eval_set, eval_items, config, result, step, pad_id)
+                bar.set_postfix(loss=f"{loss_value:.4f}", em=f"{point.exact_match['accuracy']:.2f}")
+                encoder.train()
+
+
+def _evaluate(
+    loaded: LoadedModel,
+    peft_model: PeftModel,
+    runner: ModelRunner,
+    eval_set: list[EncodedExample],
+    eval_items: list[EvalItem],
+    config: TrainConfig,
+    result: TrainResult,
+    step: int,
+    pad_id: int,
+) -> EvalPoint:
+    peft_model.prompt_encoder.eval()
+    eval_loss = evaluation_loss(peft_model, eval_set, config.eval_batch_size, pad_id, loaded.device)
+    prefix = prefix_from_embeddings(result.task_id, result.prompt_embeddings(), loaded)
+    match = exact_match(runner, eval_items, prefix, batch_size=config.eval_batch_size)
+    recent = result.losses[-min(len(result.losses), 10) :]
+    point = EvalPoint(
+        step=step,
+        train_loss=round(sum(recent) / len(recent), 5),
+        eval_loss=round(eval_loss, 5),
+        exact_match=match.to_json(max_errors=3),
+    )
+    result.evals.append(point)
+    result.final_exact_match = match
+    logger.info(
+        "step %d/%d: train loss %.4f (last %d steps), eval loss %.4f, exact match %s",
+        step,
+        result.total_steps,
+        point.train_loss,
+        len(recent),
+        eval_loss,
+        match.summary(),
+    )
+    return point
+
+
+@torch.no_grad()
+def evaluation_loss(
+    peft_model: PeftModel, items: Sequence[EncodedExample], batch_size: int, pad_id: int, device: torch.device
+) -> float:
+    """Mean per-token loss on the completions (teacher forcing), weighted by target tokens across batches."""
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start : start + batch_size], pad_id).to(device)
+        output = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        tokens = batch.target_tokens
+        total_loss += float(output.loss) * tokens
+        total_tokens += tokens
+    return total_loss / max(total_tokens, 1)
+
+
+def _batch_stream(items: list[EncodedExample], batch_size: int, seed: int) -> Iterator[list[EncodedExample]]:
+    """Endless full batches from seeded reshuffles of the data (a batch may span two passes)."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order.extend(torch.randperm(len(items), generator=generator).tolist())
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield [items[i] for i in chosen]
+
+
+def save_adapter(result: TrainResult, out_dir: Path | str, loaded: LoadedModel) -> Path:
+    """Write the PEFT adapter directory (uploadable as is) plus training_log.json; check it like an upload."""
+    out_dir = Path(out_dir)
+    embeddings = result.prompt_embeddings()
+    if not bool(torch.isfinite(embeddings).all()):
+        raise TrainingDivergedError("the trained prefix holds NaN/inf values; nothing was saved")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # save_embedding_layers=False: the default "auto" looks the base model's name up on the Hub.
+    result.peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    validate_adapter(
+        (out_dir / CONFIG_FILE).read_bytes(),
+        (out_dir / WEIGHTS_FILE).read_bytes(),
+        loaded.geometry,
+        served_model_name=loaded.name,
+        max_virtual_tokens=max(256, result.config.num_virtual_tokens),
+        max_prefix_bytes=1 << 30,
+        max_config_bytes=1 << 20,
+    )
+    (out_dir / TRAINING_LOG_FILE).write_text(json.dumps(result.log_json(), indent=2) + "\n", encoding="utf-8")
+    logger.info("saved adapter to %s", out_dir)
+    return out_dir
