@@ -113,7 +113,7 @@ def _parse_config(config_bytes: bytes) -> dict[str, Any]:
     except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit conversion limit
         raise InvalidPrefixError("adapter_config", "a JSON object", f"invalid JSON ({str(exc)[:100]})") from None
     if not isinstance(config, dict):
-        raise InvalidPrefixError("adapter_config", "a JSON object", f"a JSON {_json_type(config)}")
+        raise InvalidPrefixError("adapter_config", "a JSON object", f"a JSON {json_type(config)}")
     return config
 
 
@@ -168,7 +168,7 @@ def _check_config(config: dict[str, Any], geometry: PrefixGeometry, *, max_virtu
 
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
-        raise InvalidPrefixError("base_model_name_or_path", "a string or null", _json_type(base))
+        raise InvalidPrefixError("base_model_name_or_path", "a string or null", json_type(base))
     return num_virtual_tokens
 
 
@@ -277,10 +277,11 @@ def _show(value: Any) -> Any:
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
         return value if len(value) <= 100 else value[:100] + "..."
-    return f"a JSON {_json_type(value)}"
+    return f"a JSON {json_type(value)}"
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON type name of a parsed value, for error messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.prefix_format import json_type
 from service.training.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _parse_record(line: str, number: int, template: str) -> Example:
     except (RecursionError, ValueError) as exc:
         raise _LineError(f"invalid JSON ({str(exc)[:100] or type(exc).__name__})") from None
     if not isinstance(record, dict):
-        raise _LineError(f"{_FORMATS}, got a JSON {_json_type(record)}")
+        raise _LineError(f"{_FORMATS}, got a JSON {json_type(record)}")
 
     if "prompt" in record or "completion" in record:
         prompt = _string_field(record, "prompt")
@@ -134,7 +135,7 @@ def _parse_record(line: str, number: int, template: str) -> Example:
         elif label is None:
             raise _LineError(f'missing field "label" ({_FORMATS})')
         elif not isinstance(label, str):
-            raise _LineError(f'"label" must be a string or an integer, got a JSON {_json_type(label)}')
+            raise _LineError(f'"label" must be a string or an integer, got a JSON {json_type(label)}')
         if not label.strip():
             raise _LineError('"label" is blank')
         example = apply_template(template, text, label.strip())
@@ -148,7 +149,7 @@ def _string_field(record: dict[str, Any], name: str) -> str:
         raise _LineError(f'missing field "{name}" ({_FORMATS})')
     value = record[name]
     if not isinstance(value, str):
-        raise _LineError(f'"{name}" must be a string, got a JSON {_json_type(value)}')
+        raise _LineError(f'"{name}" must be a string, got a JSON {json_type(value)}')
     if name in ("prompt", "text") and not value.strip():
         raise _LineError(f'"{name}" is blank')
     return value
@@ -157,17 +158,3 @@ def _string_field(record: dict[str, Any], name: str) -> str:
 def _count(problems: list[str]) -> str:
     real = [p for p in problems if p.startswith("line ")]
     return f"{len(real)}{'+' if len(real) < len(problems) else ''}"
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
