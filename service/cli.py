@@ -44,7 +44,10 @@ def _serve(args: argparse.Namespace) -> int:
         logger.error(problem)
         return 2
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+    )
     return 0
 
 

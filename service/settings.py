@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     max_body_bytes: int = Field(default=80 * 1024 * 1024, ge=1, description="Cap on any request body.")
+    keep_alive_timeout_s: float = Field(
+        default=75.0, gt=0,
+        description="Idle keep-alive connections are closed after this long. Longer than the usual proxy/client idle "
+        "timeouts (60 s), so the server never closes a connection a client is about to reuse.",
+    )
 
     # Auth: keys as comma-separated lists or JSON arrays; a file holds lines `generate:KEY` / `admin:KEY`.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Keys with the generate scope.")
