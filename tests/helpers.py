@@ -6,6 +6,10 @@ import copy
 import io
 import json
 import math
+import socket
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +135,50 @@ def pickle_bytes(obj: Any) -> bytes:
 def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     """A real fast tokenizer for tiny models: "t5 t6 t7" <-> [5, 6, 7]; <pad>=0, <s>=1, </s>=2."""
     return synthetic_tokenizer(vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real servers on loopback
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prefix_serve_command() -> list[str]:
+    """The installed `prefix-serve` console script, else `python -m service`."""
+    script = Path(sys.executable).with_name("prefix-serve")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    """The JSON payloads of a server-sent-events body's `data:` lines."""
+    return [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+class ThreadedServer:
+    """The app under a real uvicorn server on a loopback port, in a daemon thread."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

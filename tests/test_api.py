@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.model_loader import LoadedModel
 from service.settings import Settings
-from tests.helpers import edit_config, make_peft_prefix_model, read_adapter, save_adapter
+from tests.helpers import ThreadedServer, edit_config, make_peft_prefix_model, read_adapter, save_adapter, sse_events
 from tests.conftest import TINY_MAX_POSITIONS as MAX_POSITIONS
 from tests.test_parity import peft_greedy
 
@@ -275,10 +274,6 @@ def test_upload_cli_posts_adapter_dir(loaded: LoadedModel, tmp_path: Path, monke
     assert cli.main(["upload", str(tmp_path / "missing"), "--task-id", "x"]) == 2
 
 
-def sse_events(response) -> list[dict]:
-    return [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
-
-
 def test_generate_stream_sends_one_event_per_token(client: TestClient, loaded: LoadedModel, tmp_path: Path) -> None:
     upload(client, "t", adapter(loaded, tmp_path, "a", v=5, seed=12)[0])
     body = {"task_id": "t", "inputs": "t5 t6 t7", "parameters": {"max_new_tokens": 7}}
@@ -286,7 +281,7 @@ def test_generate_stream_sends_one_event_per_token(client: TestClient, loaded: L
     with client.stream("POST", "/generate_stream", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(response)
+        events = sse_events("\n".join(response.iter_lines()))
     assert len(events) == whole["details"]["generated_tokens"]
     assert all(e["token"]["text"] is not None for e in events)
     assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
@@ -314,31 +309,19 @@ def test_full_queue_answers_429_with_retry_after(client: TestClient, loaded: Loa
 
 def test_client_disconnect_cancels_the_streaming_row(settings: Settings, loaded: LoadedModel, tmp_path: Path) -> None:
     """Through a real uvicorn server on loopback: closing the connection mid-stream retires the row."""
-    import socket
-    import threading
     import time
 
     import httpx
-    import uvicorn
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     app = create_app(settings, loaded)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
+    with ThreadedServer(app) as server:
         engine = app.state.service.engine
         engine.runner.forward = _slowed(engine.runner.forward)  # keep the row alive long enough to disconnect
-        base = f"http://127.0.0.1:{port}"
         config, weights = read_adapter(adapter(loaded, tmp_path, "a", v=3, seed=14)[0])
-        httpx.post(f"{base}/prefixes", data={"task_id": "t"},
+        httpx.post(f"{server.url}/prefixes", data={"task_id": "t"},
                    files={"adapter_config": ("c.json", config), "adapter_model": ("m.safetensors", weights)})
         body = {"task_id": "t", "inputs": "t5 t6", "parameters": {"max_new_tokens": 80}}
-        with httpx.stream("POST", f"{base}/generate_stream", json=body, timeout=30) as response:
+        with httpx.stream("POST", f"{server.url}/generate_stream", json=body, timeout=30) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
         deadline = time.monotonic() + 10
@@ -346,9 +329,6 @@ def test_client_disconnect_cancels_the_streaming_row(settings: Settings, loaded:
             assert time.monotonic() < deadline, "the row kept decoding after the client left"
             time.sleep(0.02)
         assert engine.stats.finished == 1 and engine.stats.running_rows == 0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _slowed(forward):

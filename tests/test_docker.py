@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ import httpx
 import pytest
 import torch
 import yaml
+
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER_DIR = REPO / "docker"
@@ -277,12 +278,6 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[float]:
 # The smoke test
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _build_image(timings: dict[str, float], log_dir: Path) -> None:
     """README's build steps: base image and wheelhouse (in parallel: both mostly wait on the network), then the image."""
     started = time.monotonic()
@@ -384,7 +379,7 @@ def test_image_serves_an_uploaded_prefix_and_keeps_it_across_restarts(
     values = {
         "IMAGE": SMOKE_IMAGE,
         "NAME": SMOKE_PREFIX + suffix,
-        "PORT": str(_free_port()),
+        "PORT": str(free_port()),
         "VOLUME": SMOKE_PREFIX + suffix,
         "TASK": "smoke",
         "ADAPTER": str(adapter),

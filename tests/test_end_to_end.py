@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from service.batch import ModelRunner, generate
 from service.model_loader import LoadedModel
 from service.registry import PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
-from tests.helpers import make_peft_prefix_model, read_adapter, save_adapter
+from tests.helpers import free_port, make_peft_prefix_model, prefix_serve_command, read_adapter, save_adapter
 from tests.test_parity import peft_greedy
 
 pytestmark = pytest.mark.slow
@@ -62,27 +60,16 @@ def test_embedded_model_matches_peft_in_a_mixed_batch(embedded_model: LoadedMode
     assert "Paris" in base[0].text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).with_name("prefix-serve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
-
-
 def test_serve_process_answers_with_an_uploaded_prefix(
     embedded_model: LoadedModel, embedded_cache_dir: Path, tmp_path: Path
 ) -> None:
     adapter_dir = tmp_path / "adapter"
     save_adapter(make_peft_prefix_model(embedded_model.model, num_virtual_tokens=8, seed=3), adapter_dir)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("wb")
     server = subprocess.Popen(
-        [*_cli(), "serve", "--port", str(port), "--prefix-dir", str(tmp_path / "store"),
+        [*prefix_serve_command(), "serve", "--port", str(port), "--prefix-dir", str(tmp_path / "store"),
          "--cache-dir", str(embedded_cache_dir), "--device", "cpu"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -101,7 +88,7 @@ def test_serve_process_answers_with_an_uploaded_prefix(
         assert health.json()["model"] == embedded_model.name
 
         uploaded = subprocess.run(
-            [*_cli(), "upload", str(adapter_dir), "--task-id", "e2e", "--url", url], capture_output=True, text=True
+            [*prefix_serve_command(), "upload", str(adapter_dir), "--task-id", "e2e", "--url", url], capture_output=True, text=True
         )
         assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
         response = httpx.post(

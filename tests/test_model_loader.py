@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from service import model_loader
 from service.errors import UnsupportedModelError
@@ -28,6 +28,7 @@ from service.model_loader import (
     resolve_dtype,
     wrap_model,
 )
+from tests.helpers import tiny_llama
 from service.settings import Settings
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -35,12 +36,7 @@ from service.settings import Settings
 
 
 def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)  # left in train mode on purpose: wrap_model must switch it
+    return tiny_llama(seed).train()  # left in train mode on purpose: wrap_model must switch it
 
 
 def _tiny_tokenizer(with_eos: bool = True) -> PreTrainedTokenizerFast:

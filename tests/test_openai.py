@@ -3,8 +3,6 @@ client against a live uvicorn server on loopback, with a tiny random Llama and a
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from typing import Iterator
 
@@ -16,7 +14,7 @@ import torch
 from service.api.app import create_app
 from service.model_loader import LoadedModel, wrap_model
 from service.settings import Settings
-from tests.helpers import make_peft_prefix_model, read_adapter, save_adapter, tiny_llama, tiny_tokenizer
+from tests.helpers import ThreadedServer, make_peft_prefix_model, read_adapter, save_adapter, tiny_llama, tiny_tokenizer
 
 BASE = "tiny-llama"
 TASK = "summarize"
@@ -41,34 +39,18 @@ def loaded() -> LoadedModel:
 @pytest.fixture(scope="module")
 def server(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
     """(base URL, the app) of a live server holding one task prefix."""
-    import uvicorn
-
     tmp = tmp_path_factory.mktemp("openai")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     app = create_app(Settings(prefix_dir=tmp / "store", max_running_rows=8, max_prefix_bytes=1 << 20), loaded)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        base = f"http://127.0.0.1:{port}"
+    with ThreadedServer(app) as live:
         save_adapter(make_peft_prefix_model(loaded.model, num_virtual_tokens=5, seed=21), tmp / "adapter")
         config, weights = read_adapter(tmp / "adapter")
         uploaded = httpx.post(
-            f"{base}/prefixes",
+            f"{live.url}/prefixes",
             data={"task_id": TASK},
             files={"adapter_config": ("c.json", config), "adapter_model": ("m.safetensors", weights)},
         )
         assert uploaded.status_code == 201, uploaded.text
-        yield base, app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        yield live.url, app
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,8 @@ import json
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -46,12 +44,16 @@ from service.api.app import create_app
 from service.model_loader import LoadedModel, wrap_model
 from service.settings import Settings
 from tests.helpers import (
+    ThreadedServer,
     edit_config,
+    free_port,
     make_peft_prefix_model,
     pickle_bytes,
+    prefix_serve_command,
     read_adapter,
     safetensors_bytes,
     save_adapter,
+    sse_events,
     tiny_llama,
     tiny_tokenizer,
 )
@@ -132,16 +134,6 @@ def assert_json_error(response: httpx.Response, status: int) -> dict[str, Any]:
     assert isinstance(body.get("error"), str) and body["error"], body
     assert isinstance(body.get("type"), str) and body["type"], body
     return body
-
-
-def sse_events(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------------------- upload battery
@@ -389,30 +381,6 @@ class Tally:
                 self.problems.append(f"{op}: {problem}")
 
 
-class ThreadedServer:
-    """The app under a real uvicorn server on a loopback port, in a daemon thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "ThreadedServer":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.mark.parametrize("tiers", ["unbounded", "disk_reload"])
 def test_concurrent_upload_replace_delete_generate_on_one_task(loaded: LoadedModel, tmp_path: Path, tiers: str) -> None:
     """`disk_reload`: 1-byte device and host budgets, and a second task generated alongside, so nearly every
@@ -618,11 +586,6 @@ def test_crash_after_replace_and_acknowledged_delete_does_not_resurrect_the_old_
 # -------------------------------------------------------------------------------------------- real server processes
 
 
-def _cli() -> list[str]:
-    script = Path(sys.executable).with_name("prefix-serve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
-
-
 class ServerProcess:
     """`prefix-serve serve --model DIR` as a real process on a loopback port."""
 
@@ -638,7 +601,7 @@ class ServerProcess:
         started = time.monotonic()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*_cli(), "serve", "--model", str(self.model_dir), "--prefix-dir", str(self.store),
+            [*prefix_serve_command(), "serve", "--model", str(self.model_dir), "--prefix-dir", str(self.store),
              "--port", str(self.port), "--device", "cpu", "--log-level", "warning"],
             stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )  # fmt: skip
