@@ -89,7 +89,7 @@ class Row:
     sampler: RowSampler
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    stop_text: str | None = None  # the text cut at the end of the matched stop sequence
+    final_text: str | None = None  # decoded once the row finishes (cut at the end of a matched stop sequence)
     emitted: int = 0  # generated tokens already streamed to the caller
 
     @property
@@ -99,12 +99,17 @@ class Row:
     def history(self, device: torch.device) -> torch.Tensor:
         return torch.tensor([self.request.prompt_ids + self.generated], dtype=torch.long, device=device)
 
-    def result(self, runner: ModelRunner) -> GenerationResult:
+    def text(self, runner: ModelRunner) -> str:
+        """The finished row's text, decoded at most once (streaming and the final result both need it)."""
         assert self.finish_reason is not None
-        text = self.stop_text if self.stop_text is not None else runner.decode(self.generated)
+        if self.final_text is None:
+            self.final_text = runner.decode(self.generated)
+        return self.final_text
+
+    def result(self, runner: ModelRunner) -> GenerationResult:
         return GenerationResult(
             token_ids=list(self.generated),
-            text=text,
+            text=self.text(runner),
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.request.prompt_ids),
             seed=self.sampler.seed,
@@ -218,7 +223,7 @@ class DecodeBatch:
             text = self.runner.decode(row.generated)
             ends = [text.find(s) + len(s) for s in params.stop if s in text]
             if ends:
-                row.stop_text = text[: min(ends)]
+                row.final_text = text[: min(ends)]
                 row.finish_reason = FinishReason.STOP_SEQUENCE
                 return
         if len(row.generated) >= params.max_new_tokens:

@@ -370,7 +370,7 @@ class ContinuousBatchingEngine(Engine):
         """Incremental detokenisation: decode the whole text so far and send what is new. Holds back a trailing
         replacement character, which means a multi-byte character is still incomplete."""
         if row.finished and upto == len(row.generated):
-            full = row.result(self.runner).text  # the final text (cut at a stop sequence if one matched)
+            full = row.text(self.runner)  # the final text (cut at a stop sequence if one matched)
         else:
             full = self.runner.decode(row.generated[:upto])
             if full.endswith("\ufffd"):
