@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -24,7 +23,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from service.errors import UnsupportedModelError
 from service.geometry import PrefixGeometry
 from service.prefix import TaskPrefix
-from service.requests import FinishReason, GenerationRequest, GenerationResult
+from service.requests import GenerationRequest, GenerationResult
+from service.rows import Row, select_tokens
 from service.sampler import RowSampler
 
 logger = logging.getLogger(__name__)
@@ -81,41 +81,6 @@ class ModelRunner:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
-@dataclass
-class Row:
-    """Decode state of one request."""
-
-    request: GenerationRequest
-    sampler: RowSampler
-    generated: list[int] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    final_text: str | None = None  # decoded once the row finishes (cut at the end of a matched stop sequence)
-    emitted: int = 0  # generated tokens already streamed to the caller
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def history(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([self.request.prompt_ids + self.generated], dtype=torch.long, device=device)
-
-    def text(self, runner: ModelRunner) -> str:
-        """The finished row's text, decoded at most once (streaming and the final result both need it)."""
-        assert self.finish_reason is not None
-        if self.final_text is None:
-            self.final_text = runner.decode(self.generated)
-        return self.final_text
-
-    def result(self, runner: ModelRunner) -> GenerationResult:
-        return GenerationResult(
-            token_ids=list(self.generated),
-            text=self.text(runner),
-            finish_reason=self.finish_reason,
-            prompt_tokens=len(self.request.prompt_ids),
-            seed=self.sampler.seed,
-        )
-
-
 class DecodeBatch:
     """Rows with their KV cache, attention mask and next positions. Every row always has one pending token."""
 
@@ -134,6 +99,7 @@ class DecodeBatch:
         self.attention_mask = attention_mask  # (B, T) over everything in the cache
         self.next_positions = next_positions  # (B,) position of the token to feed next
         self.next_tokens = next_tokens  # (B,) token to feed next (the last one sampled)
+        self.last_logits: torch.Tensor | None = None  # of the latest forward (the slot layout's start-up check)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -142,6 +108,10 @@ class DecodeBatch:
     def kv_tokens(self) -> int:
         """KV slots held, padding included: the batch's memory footprint in tokens."""
         return int(self.attention_mask.numel())
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
 
     # -- building -------------------------------------------------------------------------------------------------
 
@@ -203,31 +173,12 @@ class DecodeBatch:
 
     def _accept(self, logits: torch.Tensor) -> None:
         """Choose a token for each row from its logits, record it, and mark rows that are now finished."""
-        device = self.runner.device
-        chosen = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
-        for i, row in enumerate(self.rows):
-            if row.finished:
-                continue
-            if not row.sampler.is_plain_greedy:
-                chosen[i] = row.sampler.select(row.history(device), logits[i : i + 1])
-            row.generated.append(chosen[i])
-            self._check_finished(row, chosen[i])
-        self.next_tokens = torch.tensor(chosen, dtype=torch.long, device=device)
-
-    def _check_finished(self, row: Row, token: int) -> None:
-        params = row.request.params
-        if token in self.runner.eos_token_ids and not params.ignore_eos:
-            row.finish_reason = FinishReason.EOS_TOKEN
-            return
-        if params.stop:
-            text = self.runner.decode(row.generated)
-            ends = [text.find(s) + len(s) for s in params.stop if s in text]
-            if ends:
-                row.final_text = text[: min(ends)]
-                row.finish_reason = FinishReason.STOP_SEQUENCE
-                return
-        if len(row.generated) >= params.max_new_tokens:
-            row.finish_reason = FinishReason.LENGTH
+        self.last_logits = logits
+        chosen = select_tokens(self.rows, logits, self.runner.device)
+        for row, token in zip(self.rows, chosen):
+            if not row.finished:
+                row.accept(token, self.runner.eos_token_ids)
+        self.next_tokens = torch.tensor(chosen, dtype=torch.long, device=self.runner.device)
 
     # -- batch algebra --------------------------------------------------------------------------------------------
 
@@ -299,7 +250,7 @@ def generate(runner: ModelRunner, requests: Sequence[GenerationRequest]) -> list
     order = {id(r): i for i, r in enumerate(requests)}
     while True:
         for row in batch.pop_finished():
-            results[order[id(row.request)]] = row.result(runner)
+            results[order[id(row.request)]] = row.result(runner.decode(row.generated))
         if not len(batch):
             break
         batch.step()

@@ -1,14 +1,24 @@
-"""The engine: one worker thread owns the model and schedules at every decode step; asyncio callers await events.
+"""The engine: one worker thread owns the model and schedules at every step; asyncio callers await events.
 
 Each iteration of the worker:
-  1. takes new requests from the inbox into a bounded waiting queue (full queue -> the caller gets 429);
-  2. admits waiting requests that fit the limits (running rows, KV tokens), prefills them as one batch and
-     concatenates that batch onto the running one;
-  3. decodes one token for every running row;
-  4. retires finished rows at once (EOS, stop sequence, max_new_tokens, deadline, or the client went away),
-     which frees their KV cache.
+  1. takes new requests from the inbox into a bounded waiting queue (full queue -> the caller gets 429), and drops
+     waiting requests that were cancelled or ran past their deadline;
+  2. admits waiting requests, oldest first, while a slot is free and their KV fits the memory budget;
+  3. runs one forward pass;
+  4. hands each new token id to its caller and retires finished rows at once (EOS, max_new_tokens, a stop
+     sequence the caller matched, the deadline, or the client went away), which frees their KV.
 
-Two admission policies share this loop:
+Two batch layouts run under this loop:
+  - slots (`service.slots`, the default wherever the model's attention runs through transformers' attention
+    registry): every step is one flat forward carrying all decoding rows' next tokens and new rows' prompt chunks
+    under a per-step token budget; KV lives in the engine's own store, prefixes once per task;
+  - padded (`service.batch.DecodeBatch`, the fallback for models whose attention cannot be redirected, e.g. bloom's
+    ALiBi, and the `per-task` policy): prefill as a separate forward, a left-padded transformers cache per batch.
+
+Text is not made here: callers turn token ids into text and match stop sequences on their own event loop
+(`service.detokenizer`), so the model thread never decodes.
+
+Two admission policies:
   - `mixed`: any waiting request joins the running batch at the next step, whatever its task;
   - `per-task`: a batch holds one task and runs to completion; the next batch is formed from the oldest waiting
     request's task, after a short window in which more requests of that task may arrive (the core behaviour).
@@ -26,13 +36,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Literal
 
-from service.batch import DecodeBatch, ModelRunner, Row
+from service.batch import DecodeBatch, ModelRunner
+from service.detokenizer import OutputProcessor
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError
 from service.requests import FinishReason, GenerationRequest, GenerationResult
+from service.rows import Row
+from service.slots import SlotBatch, SlotLimits, slot_layout_supported
 
 logger = logging.getLogger(__name__)
 
 BatchingPolicy = Literal["mixed", "per-task"]
+Layout = Literal["auto", "slots", "padded"]
 
 
 @dataclass(frozen=True)
@@ -55,9 +69,10 @@ Event = TokenEvent | FinalEvent
 @dataclass(frozen=True)
 class EngineLimits:
     max_running_rows: int = 32
-    max_kv_tokens: int = 65536  # worst-case KV slots (prefix + prompt + max_new_tokens) of all running rows
+    max_kv_tokens: int = 65536  # KV memory budget in tokens (slots: store rows x width + prefix bank)
     max_waiting: int = 256
-    max_prefill_rows: int = 16
+    max_prefill_rows: int = 16  # padded layout: most rows in one prefill
+    step_token_budget: int = 128  # slots layout: most tokens (decode + prompt chunks) in one forward
     per_task_window_s: float = 0.005
     request_timeout_s: float = 300.0
 
@@ -66,15 +81,18 @@ class EngineLimits:
 class EngineStats:
     """Counters the metrics and tests read. Written by the worker thread only."""
 
-    steps: int = 0
-    prefills: int = 0
+    steps: int = 0  # forward passes
+    prefills: int = 0  # forward passes that carried prompt tokens
     batches_started: int = 0  # per-task policy: static batches formed
     running_rows: int = 0
     waiting: int = 0
     finished: int = 0
     cancelled: int = 0
     max_batch_rows_seen: int = 0
-    rows_stepped: int = 0  # sum of batch sizes over prefills and steps: / (steps + prefills) = mean batch size
+    rows_stepped: int = 0  # sum of rows over forward passes: / steps = mean batch size
+    kv_bytes: int = 0  # KV memory held now (slots layout: store + prefix bank)
+    peak_kv_bytes: int = 0
+    prefix_bank_bytes: int = 0  # of which the per-task prefix bank (each task's prefix once)
 
 
 class Engine(ABC):
@@ -98,52 +116,71 @@ class Engine(ABC):
         raise RuntimeError("engine stream ended without a result")
 
 
+@dataclass
+class _Finished:
+    """The worker's last word on a row: the caller builds the text and the FinalEvent."""
+
+    result: GenerationResult
+
+
 class _Handle:
     """A request in the engine, with the way back to its caller's event loop."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, with_text: bool, timeout_s: float):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, timeout_s: float):
         self.request = request
         self.loop = loop
-        self.events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-        self.with_text = with_text
+        self.events: asyncio.Queue[TokenEvent | _Finished | BaseException] = asyncio.Queue()
         self.enqueued_at = time.monotonic()
         self.deadline = self.enqueued_at + timeout_s
         self.cancelled = False  # set from the caller's side when it goes away
-        self.emitted_text = ""
+        self.stopped = False  # set from the caller's side when it matched a stop sequence
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
+        self.sampler_seed: int | None = None  # the seed the row samples with (drawn when the request gave none)
 
     @property
     def reserved_kv_tokens(self) -> int:
         prefix = self.request.prefix.num_virtual_tokens if self.request.prefix is not None else 0
         return prefix + len(self.request.prompt_ids) + self.request.params.max_new_tokens
 
-    def send(self, event: Event | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-            self.cancelled = True
+    def put(self, item: TokenEvent | _Finished | BaseException) -> None:
+        """Event-loop side of delivery."""
+        self.events.put_nowait(item)
 
 
 _STOP = object()
+_WAKE = object()  # a caller gave up on a queued request: let the worker drop it now (and the queue gauge follow)
 
 
 class ContinuousBatchingEngine(Engine):
     def __init__(
-        self, runner: ModelRunner, *, policy: BatchingPolicy = "mixed", limits: EngineLimits | None = None
+        self,
+        runner: ModelRunner,
+        *,
+        policy: BatchingPolicy = "mixed",
+        limits: EngineLimits | None = None,
+        layout: Layout = "auto",
     ) -> None:
         self.runner = runner
         self.policy = policy
         self.limits = limits or EngineLimits()
+        if layout == "auto":
+            layout = "slots" if policy == "mixed" and slot_layout_supported(runner) else "padded"
+        elif layout == "slots" and (policy != "mixed" or not slot_layout_supported(runner)):
+            raise ValueError("the slots layout needs the mixed policy and a model whose attention it can serve")
+        self.layout: Layout = layout
         self.stats = EngineStats()
         self._inbox: queue.Queue[_Handle | object] = queue.Queue()
         self._waiting: deque[_Handle] = deque()
-        self._handles: dict[int, _Handle] = {}  # id(row.request) -> handle, for running rows
-        self._batch: DecodeBatch | None = None
+        self._handles: dict[int, _Handle] = {}  # id(row) -> handle, for running rows
+        self._slots: SlotBatch | None = None
+        self._batch: DecodeBatch | None = None  # padded layout's running batch
         self._accepted = 0  # inbox + waiting, counted at submission so the bound holds across threads
         self._accepted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Handle, object]]] = {}
         self.on_pass: Callable[[int], None] | None = None  # called with the row count of every forward pass
+        logger.info("engine: %s policy, %s layout", policy, layout)
 
     # -- caller side (event loop) -----------------------------------------------------------------------------------
 
@@ -158,26 +195,63 @@ class ContinuousBatchingEngine(Engine):
             self._thread.join(timeout=60)
             self._thread = None
 
-    def stream(self, request: GenerationRequest, *, with_text: bool = True) -> AsyncIterator[Event]:
-        handle = self._submit(request, with_text)  # raises here, before any response starts, when full
-        return self._events(handle)
+    @property
+    def queue_size(self) -> int:
+        """Requests accepted and not yet admitted (live: also correct while the worker is idle)."""
+        with self._accepted_lock:
+            return self._accepted
 
-    @staticmethod
-    async def _events(handle: _Handle) -> AsyncIterator[Event]:
+    def stream(self, request: GenerationRequest, *, with_text: bool = True) -> AsyncIterator[Event]:
+        handle = self._submit(request)  # raises here, before any response starts, when full
+        return self._events(handle, with_text)
+
+    async def _events(self, handle: _Handle, with_text: bool) -> AsyncIterator[Event]:
+        output = OutputProcessor(self.runner.decode, handle.request.params.stop, with_text)
+        tokens: list[int] = []
         try:
             while True:
-                event = await handle.events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, FinalEvent):
-                    return
+                item = await handle.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, TokenEvent):
+                    tokens.append(item.token_id)
+                    text = output.push(item.token_id)
+                    if output.stopped_text is not None:  # a stop sequence ends the request here
+                        handle.stopped = True
+                        yield TokenEvent(item.token_id, text, item.index)
+                        yield FinalEvent(self._stopped_result(handle, tokens, output.stopped_text))
+                        return
+                    yield TokenEvent(item.token_id, text, item.index) if text else item
+                    continue
+                result = item.result
+                result.text = output.final_text(result.token_ids)
+                if with_text:
+                    tail = output.final_delta(result.text)
+                    if tail:  # the last token completed text held back (an incomplete character at the end)
+                        yield TokenEvent(result.token_ids[-1], tail, len(result.token_ids) - 1)
+                yield FinalEvent(result)
+                return
         finally:
             # Normal end, client disconnect (generator closed) or task cancellation: the worker retires the row.
-            handle.cancelled = True
+            if not handle.stopped:
+                handle.cancelled = True
+            if handle.admitted_at is None:
+                self._inbox.put(_WAKE)
 
-    def _submit(self, request: GenerationRequest, with_text: bool) -> _Handle:
-        handle = _Handle(request, asyncio.get_running_loop(), with_text, self.limits.request_timeout_s)
+    def _stopped_result(self, handle: _Handle, tokens: list[int], text: str) -> GenerationResult:
+        now = time.monotonic()
+        return GenerationResult(
+            token_ids=list(tokens),
+            text=text,
+            finish_reason=FinishReason.STOP_SEQUENCE,
+            prompt_tokens=len(handle.request.prompt_ids),
+            seed=handle.sampler_seed,
+            queue_s=(handle.admitted_at or now) - handle.enqueued_at,
+            ttft_s=(handle.first_token_at or now) - handle.enqueued_at,
+        )
+
+    def _submit(self, request: GenerationRequest) -> _Handle:
+        handle = _Handle(request, asyncio.get_running_loop(), self.limits.request_timeout_s)
         if handle.reserved_kv_tokens > self.limits.max_kv_tokens:
             raise RequestTooLongError(
                 f"prefix + prompt + max_new_tokens = {handle.reserved_kv_tokens} tokens exceeds the engine's KV budget "
@@ -196,30 +270,42 @@ class ContinuousBatchingEngine(Engine):
 
     # -- worker thread --------------------------------------------------------------------------------------------
 
+    def _running(self) -> int:
+        if self.layout == "slots":
+            return len(self._slots) if self._slots is not None else 0
+        return len(self._batch) if self._batch is not None else 0
+
     def _run(self) -> None:
-        while self._pull(block=self._batch is None and not self._waiting):
+        if self.layout == "slots":
+            self._slots = SlotBatch(
+                self.runner,
+                SlotLimits(
+                    num_slots=self.limits.max_running_rows,
+                    max_kv_tokens=self.limits.max_kv_tokens,
+                    step_token_budget=self.limits.step_token_budget,
+                ),
+            )
+        while self._pull(block=not self._running() and not self._waiting):
             self._expire_waiting()
-            admitted = self._admit()
-            if admitted:
-                try:
-                    self._prefill(admitted)
-                except Exception as exc:  # only the rows being admitted are lost; the running batch goes on
-                    logger.exception("prefill of %d rows failed", len(admitted))
-                    self._fail(admitted, exc)
-            elif self._batch is not None:
-                try:
-                    self._batch.step()
-                except Exception as exc:
-                    logger.exception("decode step failed; failing %d running rows", len(self._batch))
-                    self._fail(list(self._handles.values()), exc)
-                    self._handles.clear()
-                    self._batch = None
-                self.stats.steps += 1
-            self._emit_and_retire()
+            try:
+                if self.layout == "slots":
+                    self._slots_iteration()
+                else:
+                    self._padded_iteration()
+            except Exception as exc:  # a failed forward fails the rows in it; the engine goes on
+                logger.exception("engine step failed; failing %d running rows", len(self._handles))
+                self._fail(list(self._handles.values()), exc)
+                self._handles.clear()
+                self._batch = None
+                if self._slots is not None:
+                    self._slots.remove(list(self._slots.rows))
+            self._flush()
         self._fail(list(self._handles.values()) + list(self._waiting), RuntimeError("engine stopped"))
+        self._flush()
         self._handles.clear()
         self._waiting.clear()
         self._batch = None
+        self._slots = None
 
     def _pull(self, block: bool) -> bool:
         """Move inbox items into the waiting queue; False when asked to stop."""
@@ -230,7 +316,8 @@ class ContinuousBatchingEngine(Engine):
         while True:
             if item is _STOP:
                 return False
-            self._waiting.append(item)  # type: ignore[arg-type]
+            if item is not _WAKE:
+                self._waiting.append(item)  # type: ignore[arg-type]
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -251,15 +338,104 @@ class ContinuousBatchingEngine(Engine):
                 self.stats.cancelled += 1
             elif now > handle.deadline:
                 self._release(1)
-                handle.send(DeadlineExceededError("the request waited past its deadline without being scheduled"))
+                self._send(handle, DeadlineExceededError("the request waited past its deadline without being scheduled"))
             else:
                 kept.append(handle)
         self._waiting = kept
+        self.stats.waiting = len(self._waiting)
 
-    def _admit(self) -> list[_Handle]:
+    # -- slots layout ---------------------------------------------------------------------------------------------
+
+    def _slots_iteration(self) -> None:
+        slots = self._slots
+        assert slots is not None
+        self._retire_slots([row for row in slots.rows if self._should_drop(row)])
+        while self._waiting and slots.fits(self._waiting[0].request):
+            handle = self._waiting.popleft()
+            self._release(1)
+            row = slots.add(handle.request)
+            handle.admitted_at = time.monotonic()
+            self._handles[id(row)] = handle
+        self.stats.waiting = len(self._waiting)
+        if not len(slots):
+            return
+        prefilling = any(row.prefilling for row in slots.rows)
+        stepped = slots.step()
+        self._count_pass(len(stepped) if stepped else len(slots), prefilling)
+        for row in stepped:
+            self._emit_tokens(row, self._handles[id(row)])
+        self._retire_slots([row for row in slots.rows if row.finished])
+        self._update_kv_stats()
+
+    def _should_drop(self, row: Row) -> bool:
+        """Mark rows whose caller went away, matched a stop sequence or ran out of time; True = retire now."""
+        handle = self._handles[id(row)]
+        if row.finished:
+            return True
+        if handle.stopped:
+            row.finish_reason = FinishReason.STOP_SEQUENCE
+        elif handle.cancelled:
+            row.finish_reason = FinishReason.CANCELLED
+        elif time.monotonic() > handle.deadline:
+            row.finish_reason = FinishReason.CANCELLED
+            self._send(handle, DeadlineExceededError("the request ran past its deadline"))
+        return row.finished
+
+    def _retire_slots(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        assert self._slots is not None
+        self._slots.remove(rows)
+        for row in rows:
+            self._finish(row)
+        self.stats.running_rows = len(self._slots)
+
+    def _update_kv_stats(self) -> None:
+        assert self._slots is not None
+        self.stats.kv_bytes = self._slots.kv_bytes_held
+        self.stats.prefix_bank_bytes = self._slots.bank.nbytes
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.stats.kv_bytes)
+        self.stats.running_rows = len(self._slots)
+        self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(self._slots))
+
+    # -- padded layout --------------------------------------------------------------------------------------------
+
+    def _padded_iteration(self) -> None:
+        if self._batch is not None:
+            for row in self._batch.rows:
+                self._should_drop(row)
+            self._retire_padded()
+        admitted = self._admit_padded()
+        if admitted:
+            try:
+                self._prefill_padded(admitted)
+            except Exception as exc:  # only the rows being admitted are lost; the running batch goes on
+                logger.exception("prefill of %d rows failed", len(admitted))
+                self._fail(admitted, exc)
+                return
+        elif self._batch is not None:
+            self._batch.step()
+            self._count_pass(len(self._batch), prefilling=False)
+            for row in self._batch.rows:
+                self._emit_tokens(row, self._handles[id(row)])
+        self._retire_padded()
+
+    def _retire_padded(self) -> None:
+        if self._batch is None:
+            return
+        for row in self._batch.pop_finished():
+            self._finish(row)
+        if not len(self._batch):
+            self._batch = None
+        self.stats.running_rows = self._running()
+        if self._batch is not None:
+            self.stats.kv_bytes = self._batch.kv_bytes
+            self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.stats.kv_bytes)
+
+    def _admit_padded(self) -> list[_Handle]:
         if not self._waiting:
             return []
-        running = len(self._batch) if self._batch is not None else 0
+        running = self._running()
         if self.policy == "per-task":
             if running:
                 return []  # a per-task batch runs to completion
@@ -283,7 +459,8 @@ class ContinuousBatchingEngine(Engine):
             if item is _STOP:
                 self._inbox.put(_STOP)  # let the main loop see it
                 return False
-            self._waiting.append(item)  # type: ignore[arg-type]
+            if item is not _WAKE:
+                self._waiting.append(item)  # type: ignore[arg-type]
         return True
 
     def _take(self, wanted: Callable[[_Handle], bool], running: int, max_new_rows: int) -> list[_Handle]:
@@ -309,79 +486,71 @@ class ContinuousBatchingEngine(Engine):
         self.stats.waiting = len(self._waiting)
         return taken
 
-    def _prefill(self, admitted: list[_Handle]) -> None:
+    def _prefill_padded(self, admitted: list[_Handle]) -> None:
         new_batch = DecodeBatch.prefill(self.runner, [h.request for h in admitted])
-        self.stats.prefills += 1
         if self.policy == "per-task":
             self.stats.batches_started += 1
         now = time.monotonic()
-        for handle in admitted:
+        for handle, row in zip(admitted, new_batch.rows):
             handle.admitted_at = now
-            self._handles[id(handle.request)] = handle
+            self._handles[id(row)] = handle
         self._batch = new_batch if self._batch is None else DecodeBatch.concatenate([self._batch, new_batch])
+        self._count_pass(len(new_batch), prefilling=True)
         self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(self._batch))
+        for row in new_batch.rows:
+            self._emit_tokens(row, self._handles[id(row)])
 
-    def _emit_and_retire(self) -> None:
-        batch = self._batch
-        if batch is None:
-            return
-        now = time.monotonic()
-        self.stats.rows_stepped += len(batch)
+    # -- shared ---------------------------------------------------------------------------------------------------
+
+    def _count_pass(self, rows: int, prefilling: bool) -> None:
+        self.stats.steps += 1
+        self.stats.prefills += int(prefilling)
+        self.stats.rows_stepped += rows
         if self.on_pass is not None:
-            self.on_pass(len(batch))
-        for row in batch.rows:
-            handle = self._handles[id(row.request)]
-            if not row.finished:
-                if handle.cancelled:
-                    row.finish_reason = FinishReason.CANCELLED
-                elif now > handle.deadline:
-                    row.finish_reason = FinishReason.CANCELLED
-                    handle.send(DeadlineExceededError("the request ran past its deadline"))
-            self._emit_tokens(row, handle)
-        for row in batch.pop_finished():
-            handle = self._handles.pop(id(row.request))
-            if row.finish_reason is FinishReason.CANCELLED:
-                self.stats.cancelled += 1
-            else:
-                result = row.result(self.runner)
-                result.queue_s = (handle.admitted_at or now) - handle.enqueued_at
-                result.ttft_s = (handle.first_token_at or now) - handle.enqueued_at
-                handle.send(FinalEvent(result))
-            self.stats.finished += 1
-        if not len(batch):
-            self._batch = None
-        self.stats.running_rows = len(self._batch) if self._batch is not None else 0
+            self.on_pass(rows)
+
+    def _finish(self, row: Row) -> None:
+        handle = self._handles.pop(id(row))
+        if row.finish_reason is FinishReason.CANCELLED:
+            self.stats.cancelled += 1
+        elif row.finish_reason is not FinishReason.STOP_SEQUENCE:  # the caller already answered a stop
+            now = time.monotonic()
+            result = row.result()
+            result.queue_s = (handle.admitted_at or now) - handle.enqueued_at
+            result.ttft_s = (handle.first_token_at or now) - handle.enqueued_at
+            self._send(handle, _Finished(result))
+        self.stats.finished += 1
 
     def _emit_tokens(self, row: Row, handle: _Handle) -> None:
-        """Send the tokens this row gained since the last emission (one per step, except at its end)."""
-        sent = row.emitted
+        """Hand the caller the token ids this row gained since the last emission."""
         if handle.first_token_at is None and row.generated:
             handle.first_token_at = time.monotonic()
-        if handle.cancelled or sent >= len(row.generated):
+            handle.sampler_seed = row.sampler.seed
+        if handle.cancelled or handle.stopped:
+            row.emitted = len(row.generated)
             return
-        for index in range(sent, len(row.generated)):
-            text = ""
-            if handle.with_text:
-                text = self._text_delta(row, handle, index + 1)
-            handle.send(TokenEvent(token_id=row.generated[index], text=text, index=index))
+        for index in range(row.emitted, len(row.generated)):
+            self._send(handle, TokenEvent(token_id=row.generated[index], text="", index=index))
         row.emitted = len(row.generated)
 
-    def _text_delta(self, row: Row, handle: _Handle, upto: int) -> str:
-        """Incremental detokenisation: decode the whole text so far and send what is new. Holds back a trailing
-        replacement character, which means a multi-byte character is still incomplete."""
-        if row.finished and upto == len(row.generated):
-            full = row.text(self.runner)  # the final text (cut at a stop sequence if one matched)
-        else:
-            full = self.runner.decode(row.generated[:upto])
-            if full.endswith("\ufffd"):
-                return ""
-        if not full.startswith(handle.emitted_text):
-            return ""  # a later token changed how earlier bytes decode; the final event carries the full text
-        delta = full[len(handle.emitted_text) :]
-        handle.emitted_text = full
-        return delta
+    def _send(self, handle: _Handle, item: TokenEvent | _Finished | BaseException) -> None:
+        """Queue an item for the caller; `_flush` delivers a step's items with one wake-up per event loop."""
+        self._outbox.setdefault(handle.loop, []).append((handle, item))
 
-    @staticmethod
-    def _fail(handles: list[_Handle], error: BaseException) -> None:
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+                for handle, _ in items:
+                    handle.cancelled = True
+
+    def _fail(self, handles: list[_Handle], error: BaseException) -> None:
         for handle in handles:
-            handle.send(error)
+            self._send(handle, error)
+
+
+def _deliver(items: list[tuple[_Handle, object]]) -> None:
+    for handle, item in items:
+        handle.put(item)  # type: ignore[arg-type]

@@ -53,12 +53,24 @@ class Metrics:
         )
         self.prefix_bytes = Gauge("prefix_serve_prefix_bytes", "Bytes of prefix KV held per tier.", ["tier"], registry=r)
         self.prefixes = Gauge("prefix_serve_prefixes", "Stored prefixes per tier.", ["tier"], registry=r)
+        self.kv_bytes = Gauge(
+            "prefix_serve_kv_bytes", "KV memory the engine holds now (slot store + prefix bank, padding included).",
+            registry=r,
+        )
+        self.prefix_bank_bytes = Gauge(
+            "prefix_serve_prefix_bank_bytes", "Of which the prefix bank: each running task's prefix, stored once.",
+            registry=r,
+        )
         self.uploads = Counter("prefix_serve_uploads", "Prefix uploads by result.", ["result"], registry=r)
 
     def bind_gauges(self, queue_size: Callable[[], float], running_rows: Callable[[], float]) -> None:
         """Gauges read live values at scrape time instead of being pushed."""
         self.queue_size.set_function(queue_size)
         self.running_rows.set_function(running_rows)
+
+    def bind_kv_gauges(self, kv_bytes: Callable[[], float], prefix_bank_bytes: Callable[[], float]) -> None:
+        self.kv_bytes.set_function(kv_bytes)
+        self.prefix_bank_bytes.set_function(prefix_bank_bytes)
 
     def observe_generation(self, task: str, result: GenerationResult) -> None:
         self.queue_duration.labels(task).observe(result.queue_s)

@@ -46,12 +46,18 @@ class RowSampler:
     def select(self, history: torch.Tensor, logits: torch.Tensor) -> int:
         """Pick the next token. `history` (1, n): the row's own prompt + generated ids, without padding.
         `logits` (1, vocab), float32."""
+        return int(self.select_tensor(history, logits).item())
+
+    def select_tensor(self, history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """`select` without leaving the device: a 0-d long tensor, so a batch needs one host sync in all."""
         scores = self.processors(history, logits) if len(self.processors) else logits
         if not self.do_sample:
-            return int(scores.argmax(dim=-1).item())
-        probs = torch.softmax(scores, dim=-1)
-        if not bool(torch.isfinite(probs).all()):
-            # Extreme but valid parameters (temperature 1e-300, a penalty near 0) overflow the scores; sampling at a
-            # temperature tending to 0 is greedy, so take that limit instead of failing the batch.
-            return int(logits.argmax(dim=-1).item())
-        return int(torch.multinomial(probs, num_samples=1, generator=self.generator).item())
+            return scores[0].argmax()
+        probs = torch.softmax(scores[0], dim=-1)
+        # Extreme but valid parameters (temperature 1e-300, a penalty near 0) overflow the scores; sampling at a
+        # temperature tending to 0 is greedy, so take that limit instead of failing the batch.
+        finite = torch.isfinite(probs).all()
+        safe = torch.where(finite, probs, torch.zeros_like(probs)).nan_to_num(0.0)
+        safe[0] = torch.where(finite, safe[0], torch.ones((), dtype=safe.dtype, device=safe.device))
+        drawn = torch.multinomial(safe, num_samples=1, generator=self.generator)[0]
+        return torch.where(finite, drawn, logits[0].argmax())

@@ -69,9 +69,19 @@ class Settings(BaseSettings):
     )
     batch_window_ms: float = Field(default=5.0, ge=0, description="per-task: how long a batch waits for its task.")
     max_running_rows: int = Field(default=32, ge=1, description="Most requests decoding at once.")
-    max_prefill_rows: int = Field(default=16, ge=1, description="Most requests admitted in one prefill.")
+    max_prefill_rows: int = Field(
+        default=16, ge=1, description="Padded layout (fallback models, per-task): most requests in one prefill."
+    )
+    step_token_budget: int = Field(
+        default=128, ge=1,
+        description="Slot layout: most tokens in one forward (every decoding row's next token + prompt chunks of "
+        "new rows). Lower = steadier inter-token latency, higher = faster time to first token.",
+    )
     max_kv_tokens: int = Field(
-        default=32768, ge=1, description="KV budget: sum of prefix + prompt + max_new_tokens over running requests."
+        default=32768, ge=1,
+        description="KV memory budget in tokens: slot store (slots x longest reservation, padding included) + the "
+        "prefix bank (each running task's prefix once). A request whose prefix + prompt + max_new_tokens exceeds "
+        "it is refused; others wait until their KV fits.",
     )
     max_waiting: int = Field(default=256, ge=1, description="Bounded queue; beyond it requests get 429.")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Per-request deadline, queueing included.")

@@ -3,7 +3,8 @@
 Why a loop over `PeftModel.forward` and not `PeftModel.generate`: on transformers 5.24 PEFT's generate silently
 drops the prefix (the cache argument was renamed), while its forward still injects it. The reference runs each
 prompt alone, unpadded; the service must match it at batch 1 and in left-padded batches of unequal prompts, with
-one task or with several tasks of different prefix lengths in one batch.
+one task or with several tasks of different prefix lengths in one batch — in both batch layouts: `slots` (the
+engine's own KV store, prefix shared per task, fused prefill) and `padded` (transformers' cache, the fallback).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from service.batch import ModelRunner, generate, verify_prefix_support
+from service import slots
+from service.batch import ModelRunner, generate as padded_generate, verify_prefix_support
 from service.geometry import geometry_from_config
 from service.registry import PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
@@ -81,13 +83,30 @@ def registry_with(tmp_path: Path, model: PreTrainedModel, adapters: dict[str, Pe
     return registry
 
 
-def run_service(runner: ModelRunner, prefix, prompts: list[list[int]]) -> list[list[int]]:
+LAYOUTS = ["padded", "slots"]
+FALLS_BACK_TO_PADDED = {"bloom"}  # ALiBi inside bloom's own attention: the slot attention cannot serve it
+
+
+def generate(runner: ModelRunner, requests: list[GenerationRequest], layout: str, arch: str):
+    """Run the requests as one batch in `layout`; for an architecture the slot layout refuses, check that it does."""
+    if layout == "slots":
+        if arch in FALLS_BACK_TO_PADDED:
+            assert not slots.slot_layout_supported(runner), f"{arch} was expected to fall back to the padded layout"
+            pytest.skip(f"{arch} is served by the padded layout (checked above)")
+        assert slots.slot_layout_supported(runner), f"{arch} should run in the slot layout"
+        # A small step budget makes longer prompts prefill in several chunks.
+        return slots.generate(runner, requests, step_token_budget=5)
+    return padded_generate(runner, requests)
+
+
+def run_service(runner: ModelRunner, prefix, prompts: list[list[int]], layout: str, arch: str) -> list[list[int]]:
     requests = [GenerationRequest(p, prefix, SamplingParams(max_new_tokens=NEW_TOKENS)) for p in prompts]
-    return [r.token_ids for r in generate(runner, requests)]
+    return [r.token_ids for r in generate(runner, requests, layout, arch)]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_greedy_tokens_match_peft_forward(arch: str, tmp_path: Path) -> None:
+def test_greedy_tokens_match_peft_forward(arch: str, layout: str, tmp_path: Path) -> None:
     model = tiny_model(ARCHITECTURES[arch])
     peft_model = make_peft_prefix_model(model, num_virtual_tokens=6, seed=1)
     registry = registry_with(tmp_path, model, {"task": peft_model})
@@ -99,14 +118,15 @@ def test_greedy_tokens_match_peft_forward(arch: str, tmp_path: Path) -> None:
     base = [peft_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
     assert expected != base, "the prefix must change the output, or this test could not fail"
 
-    alone = [run_service(runner, prefix, [p])[0] for p in PROMPTS]
+    alone = [run_service(runner, prefix, [p], layout, arch)[0] for p in PROMPTS]
     assert alone == expected
-    batched = run_service(runner, prefix, PROMPTS)  # batch 4, unequal prompts, left-padded
+    batched = run_service(runner, prefix, PROMPTS, layout, arch)  # batch 4, unequal prompts
     assert batched == expected
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "bloom"])
-def test_mixed_tasks_with_different_prefix_lengths_share_a_batch(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "bloom", "opt", "gpt_neox", "qwen2-gqa"])
+def test_mixed_tasks_with_different_prefix_lengths_share_a_batch(arch: str, layout: str, tmp_path: Path) -> None:
     model = tiny_model(ARCHITECTURES[arch])
     long_prefix = make_peft_prefix_model(model, num_virtual_tokens=9, seed=2)
     short_prefix = make_peft_prefix_model(model, num_virtual_tokens=3, seed=3, prefix_projection=True)
@@ -122,10 +142,11 @@ def test_mixed_tasks_with_different_prefix_lengths_share_a_batch(arch: str, tmp_
         GenerationRequest(p, registry.get(t) if t else None, SamplingParams(max_new_tokens=NEW_TOKENS))
         for t, p in zip(tasks, prompts)
     ]
-    assert [r.token_ids for r in generate(runner, requests)] == expected
+    assert [r.token_ids for r in generate(runner, requests, layout, arch)] == expected
 
 
-def test_rows_finish_independently_and_keep_their_tokens(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rows_finish_independently_and_keep_their_tokens(layout: str, tmp_path: Path) -> None:
     """Rows with different max_new_tokens leave the batch early; the rest continue unchanged."""
     model = tiny_model(ARCHITECTURES["llama-gqa"])
     peft_model = make_peft_prefix_model(model, num_virtual_tokens=4, seed=5)
@@ -135,7 +156,7 @@ def test_rows_finish_independently_and_keep_their_tokens(tmp_path: Path) -> None
     requests = [
         GenerationRequest(p, registry.get("task"), SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)
     ]
-    results = generate(runner, requests)
+    results = generate(runner, requests, layout, "llama-gqa")
     for prompt, n, result in zip(PROMPTS, lengths, results):
         assert result.token_ids == peft_greedy(peft_model, prompt, n)
         assert result.finish_reason.value == "length"

@@ -34,6 +34,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         max_kv_tokens=settings.max_kv_tokens,
         max_waiting=settings.max_waiting,
         max_prefill_rows=settings.max_prefill_rows,
+        step_token_budget=settings.step_token_budget,
         per_task_window_s=settings.batch_window_ms / 1000.0,
         request_timeout_s=settings.request_timeout_s,
     )
@@ -60,7 +61,8 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
     registry.load_all()
     engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
     engine.on_pass = metrics.batch_size.observe
-    metrics.bind_gauges(lambda: engine.stats.waiting, lambda: engine.stats.running_rows)
+    metrics.bind_gauges(lambda: engine.queue_size, lambda: engine.stats.running_rows)
+    metrics.bind_kv_gauges(lambda: engine.stats.kv_bytes, lambda: engine.stats.prefix_bank_bytes)
     return ServiceState(
         settings=settings, model=loaded, registry=registry, engine=engine, metrics=metrics,
         api_keys=ApiKeys.from_settings(settings),

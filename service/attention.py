@@ -1,0 +1,198 @@
+"""Ragged attention over the engine's KV store, plugged in through transformers' own extension points.
+
+One forward pass carries every running row's next token *and* new rows' prompt chunks as one flat sequence
+(batch 1, N tokens). transformers still runs the model's own projections, rotary embeddings and MLPs; only two
+things are ours:
+
+- `SlotCache`, a `Cache` whose `update` writes each token's K/V into its row's slot at its column, in place;
+- `slot_attention`, registered in `AttentionInterface` (with sdpa's mask function), which computes each token's
+  attention over [its task's prefix in the bank ; its row's own KV up to itself].
+
+The step's layout (`StepPlan`) is set for the duration of one forward on the engine thread. Any other forward of the
+same model (a reference run, the start-up check, another thread) sees no plan and runs plain sdpa, so switching a
+model to this implementation changes nothing else about it.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, Cache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from service.kv_store import PrefixBank, SlotStore
+
+ATTN_IMPLEMENTATION = "prefix_serve_slots"
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """`length` prompt tokens of the row in `slot`, at flat positions [start, start + length), own columns
+    [first_column, first_column + length); its prefix is bank columns [prefix_offset, prefix_offset + prefix_length)."""
+
+    slot: int
+    start: int
+    length: int
+    first_column: int
+    prefix_offset: int
+    prefix_length: int
+
+
+@dataclass
+class StepPlan:
+    """Where every token of one flat forward pass lives and what it attends to. Built once per step, read per layer.
+
+    Flat tokens [0, num_decode) are decode tokens (one per decoding row); prefill chunks follow.
+    """
+
+    num_decode: int
+    decode_slots: torch.Tensor  # (num_decode,) long: the slot of each decode token
+    decode_dense: bool  # decode_slots == arange(span): no scatter/gather needed
+    span: int  # decode attention runs over slots [0, span)
+    own_width: int  # ... and own columns [0, own_width)
+    prefix_start: int  # ... and bank columns [prefix_start, prefix_end)
+    prefix_end: int
+    decode_bias: torch.Tensor | None  # (span, 1, 1, prefix cols + own_width) float32: 0 where visible, -inf not
+    chunks: list[PrefillChunk]
+    chunk_masks: list[torch.Tensor]  # per chunk (length, prefix_length + first_column + length) bool
+    write_slots: torch.Tensor  # (N,) long: where each token's K/V is written
+    write_columns: torch.Tensor  # (N,) long
+    store: SlotStore
+    bank: PrefixBank
+    calls: int = 0  # attention calls made under this plan (the start-up check counts them)
+
+
+_active = threading.local()
+
+
+@contextmanager
+def active_plan(plan: StepPlan) -> Iterator[StepPlan]:
+    _active.plan = plan
+    try:
+        yield plan
+    finally:
+        _active.plan = None
+
+
+def _current_plan() -> StepPlan | None:
+    return getattr(_active, "plan", None)
+
+
+class SlotCache(Cache):
+    """The transformers-facing view of the slot store for one forward: `update` writes in place and returns the
+    store's layer buffers, which `slot_attention` reads through the active plan."""
+
+    def __init__(self, plan: StepPlan) -> None:
+        super().__init__(layers=[])
+        self.plan = plan
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        store = self.plan.store
+        keys, values = store.keys[layer_idx], store.values[layer_idx]  # (slots, H, width, D) views
+        slots, columns = self.plan.write_slots, self.plan.write_columns
+        keys[slots, :, columns] = key_states[0].transpose(0, 1).to(keys.dtype)  # (N, H, D) into (slot, col)
+        values[slots, :, columns] = value_states[0].transpose(0, 1).to(values.dtype)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly; nothing may derive them from the cache
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def slot_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    plan = _current_plan()
+    if plan is None:  # not an engine step: behave exactly as sdpa
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("slot attention supports neither logit softcapping nor attention sinks")
+    plan.calls += 1
+    layer = module.layer_idx
+    bank_keys, bank_values = plan.bank.keys[layer], plan.bank.values[layer]  # (H_kv, capacity, D)
+    num_heads, num_tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    num_kv_heads = key.shape[1]
+    groups = num_heads // num_kv_heads
+    scale = scaling if scaling is not None else head_dim**-0.5
+    output = query.new_empty((num_tokens, num_heads, head_dim))
+
+    if plan.num_decode:
+        output[: plan.num_decode] = _decode_attention(
+            plan, query[0, :, : plan.num_decode], key, value, bank_keys, bank_values, groups, scale
+        )
+    for chunk, mask in zip(plan.chunks, plan.chunk_masks):
+        q = query[:, :, chunk.start : chunk.start + chunk.length]  # (1, Hq, n, D)
+        prefix = slice(chunk.prefix_offset, chunk.prefix_offset + chunk.prefix_length)
+        own = slice(0, chunk.first_column + chunk.length)
+        k = torch.cat([bank_keys[:, prefix], key[chunk.slot, :, own]], dim=1).unsqueeze(0)
+        v = torch.cat([bank_values[:, prefix], value[chunk.slot, :, own]], dim=1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
+        output[chunk.start : chunk.start + chunk.length] = out[0].transpose(0, 1)
+    return output.unsqueeze(0), None
+
+
+def _decode_attention(
+    plan: StepPlan,
+    query: torch.Tensor,  # (Hq, num_decode, D)
+    key: torch.Tensor,  # (slots, H_kv, width, D)
+    value: torch.Tensor,
+    bank_keys: torch.Tensor,  # (H_kv, capacity, D)
+    bank_values: torch.Tensor,
+    groups: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query per decoding row against [bank columns of the step's tasks ; the row's own columns], batched over
+    slots [0, span) as views of the store (no gather of anyone's KV). Rows only see their own task's prefix columns
+    and their own valid columns through `decode_bias`."""
+    span, width = plan.span, plan.own_width
+    num_kv_heads, head_dim = key.shape[1], key.shape[3]
+    q = query.transpose(0, 1).reshape(plan.num_decode, num_kv_heads, groups, head_dim)
+    if not plan.decode_dense:  # slots in [0, span) that are not decoding this step get a zero query
+        dense = q.new_zeros((span, num_kv_heads, groups, head_dim))
+        dense[plan.decode_slots] = q
+        q = dense
+    own_keys, own_values = key[:span, :, :width], value[:span, :, :width]  # views: (span, H_kv, width, D)
+    own_scores = torch.matmul(q, own_keys.transpose(-1, -2))  # (span, H_kv, G, width)
+    prefix_columns = plan.prefix_end - plan.prefix_start
+    if prefix_columns:
+        q_by_head = q.permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, head_dim)
+        pk = bank_keys[:, plan.prefix_start : plan.prefix_end]
+        prefix_scores = torch.matmul(q_by_head, pk.transpose(-1, -2))  # (H_kv, span*G, P)
+        prefix_scores = prefix_scores.view(num_kv_heads, span, groups, prefix_columns).permute(1, 0, 2, 3)
+        scores = torch.cat([prefix_scores, own_scores], dim=-1)
+    else:
+        scores = own_scores
+    probs = torch.softmax(scores.float() * scale + plan.decode_bias, dim=-1).to(q.dtype)
+    out = torch.matmul(probs[..., prefix_columns:], own_values)  # (span, H_kv, G, D)
+    if prefix_columns:
+        p = probs[..., :prefix_columns].permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, prefix_columns)
+        pv = torch.matmul(p, bank_values[:, plan.prefix_start : plan.prefix_end])  # (H_kv, span*G, D)
+        out = out + pv.view(num_kv_heads, span, groups, head_dim).permute(1, 0, 2, 3)
+    if not plan.decode_dense:
+        out = out[plan.decode_slots]
+    return out.reshape(plan.num_decode, num_kv_heads * groups, head_dim)
+
+
+def register() -> str:
+    """Make the implementation known to transformers (idempotent); returns its name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return ATTN_IMPLEMENTATION

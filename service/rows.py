@@ -1,0 +1,73 @@
+"""One request's decode state, shared by both batch layouts (`service.slots` and the fallback `service.batch`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from service.requests import FinishReason, GenerationRequest, GenerationResult
+from service.sampler import RowSampler
+
+
+@dataclass(eq=False)
+class Row:
+    """Decode state of one request. Compared by identity: two rows are never the same request."""
+
+    request: GenerationRequest
+    sampler: RowSampler
+    generated: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    emitted: int = 0  # generated tokens already handed to the caller
+    # Slot layout only (service.slots): the row's slot, how many of its own tokens are in the KV store, and its
+    # prefix's bank entry.
+    slot: int = -1
+    cached: int = 0
+    bank_entry: object | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.request.prompt_ids)
+
+    @property
+    def reserved_columns(self) -> int:
+        """Own KV columns this row may reach: its prompt plus every token it may generate."""
+        return len(self.request.prompt_ids) + self.request.params.max_new_tokens
+
+    def history(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.request.prompt_ids + self.generated], dtype=torch.long, device=device)
+
+    def accept(self, token: int, eos_token_ids: frozenset[int]) -> None:
+        """Record a generated token and finish the row on EOS or length. Stop sequences are text, matched by the
+        caller's output processor, which retires the row itself."""
+        self.generated.append(token)
+        params = self.request.params
+        if token in eos_token_ids and not params.ignore_eos:
+            self.finish_reason = FinishReason.EOS_TOKEN
+        elif len(self.generated) >= params.max_new_tokens:
+            self.finish_reason = FinishReason.LENGTH
+
+    def result(self, text: str = "") -> GenerationResult:
+        assert self.finish_reason is not None
+        return GenerationResult(
+            token_ids=list(self.generated),
+            text=text,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.request.prompt_ids),
+            seed=self.sampler.seed,
+        )
+
+
+def select_tokens(rows: list[Row], logits: torch.Tensor, device: torch.device) -> list[int]:
+    """The next token of each row from its logits row (float32, one per row), with one host sync for the batch:
+    greedy rows take the argmax, other rows their own processors and generator (kept on the device)."""
+    chosen = logits.argmax(dim=-1)
+    special = [i for i, row in enumerate(rows) if not row.sampler.is_plain_greedy]
+    if special:
+        picks = [rows[i].sampler.select_tensor(rows[i].history(device), logits[i : i + 1]) for i in special]
+        chosen = chosen.index_put((torch.tensor(special, device=chosen.device),), torch.stack(picks))
+    return chosen.tolist()

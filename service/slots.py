@@ -1,0 +1,328 @@
+"""The running batch in the slot layout: rows in KV slots, one flat forward per step for decode and prefill alike.
+
+Each `step()` builds one flat sequence: the next token of every decoding row, then prompt chunks of rows still
+prefilling, as many prompt tokens as the step's token budget leaves (chunked prefill, vLLM's scheduling). The model
+reads its weights once for all of it. Tokens sit at their PEFT positions: a row with a V-token prefix has its own
+token at column c at position V + c, and attends to its task's prefix (stored once in the bank) plus its own columns
+0..c (see `service.attention`).
+
+Admission is by real memory: slots x width of the store plus the bank's columns must fit the KV budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from service.attention import PrefillChunk, SlotCache, StepPlan, active_plan
+from service.attention import register as register_slot_attention
+from service.batch import DecodeBatch, ModelRunner
+from service.geometry import geometry_from_config
+from service.kv_store import KVGeometry, PrefixBank, SlotStore
+from service.prefix import TaskPrefix
+from service.requests import GenerationRequest, GenerationResult, SamplingParams
+from service.rows import Row, select_tokens
+from service.sampler import RowSampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlotLimits:
+    num_slots: int = 32  # most rows running at once
+    max_kv_tokens: int = 32768  # store (slots x width) + bank columns, in tokens
+    step_token_budget: int = 128  # most tokens (decode + prompt chunks) in one forward
+
+
+class SlotBatch:
+    def __init__(self, runner: ModelRunner, limits: SlotLimits) -> None:
+        self.runner = runner
+        self.limits = limits
+        prefix_geometry = geometry_from_config(runner.model.config)
+        geometry = KVGeometry(
+            prefix_geometry.num_layers, prefix_geometry.num_kv_heads, prefix_geometry.head_dim, runner.dtype,
+            runner.device,
+        )
+        self.store = SlotStore(geometry, limits.num_slots, prefix_geometry.max_positions)
+        self.bank = PrefixBank(geometry)
+        self.rows: list[Row] = []  # admission order
+        self._next_tokens: dict[int, int] = {}  # slot -> pending token (the last one sampled)
+        self.last_plan: StepPlan | None = None  # kept for the start-up check and tests
+        self.last_logits: torch.Tensor | None = None
+        self._dummy_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=runner.device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- memory -----------------------------------------------------------------------------------------------------
+
+    @property
+    def kv_tokens_held(self) -> int:
+        """Token slots of KV memory allocated now (store rows x width + bank capacity)."""
+        return self.store.tokens_held + self.bank.capacity
+
+    @property
+    def kv_bytes_held(self) -> int:
+        return self.store.nbytes + self.bank.nbytes
+
+    def fits(self, request: GenerationRequest) -> bool:
+        """Would admitting `request` now keep the store and the bank within the KV budget (and a slot free)?"""
+        if not self.store.free_slots:
+            return False
+        rows_after, width_after = self.store.shape_after(len(request.prompt_ids) + request.params.max_new_tokens)
+        bank_after = self.bank.referenced_tokens + (
+            self.bank.columns_needed(request.prefix) if request.prefix is not None else 0
+        )
+        return rows_after * width_after + bank_after <= self.limits.max_kv_tokens
+
+    @staticmethod
+    def worst_case_tokens(request: GenerationRequest) -> int:
+        """KV tokens the request needs if it ran alone: what must fit the budget for it ever to run."""
+        prefix = request.prefix.num_virtual_tokens if request.prefix is not None else 0
+        return prefix + len(request.prompt_ids) + request.params.max_new_tokens
+
+    # -- rows -------------------------------------------------------------------------------------------------------
+
+    def add(self, request: GenerationRequest) -> Row:
+        row = Row(request=request, sampler=RowSampler(request.params, self.runner.device))
+        row.slot = self.store.allocate(row.reserved_columns)
+        if request.prefix is not None:
+            row.bank_entry = self.bank.acquire(request.prefix)
+        self.rows.append(row)
+        return row
+
+    def remove(self, rows: Sequence[Row]) -> None:
+        gone = set(map(id, rows))
+        for row in rows:
+            self.store.free(row.slot)
+            self._next_tokens.pop(row.slot, None)
+            if row.bank_entry is not None:
+                self.bank.release(row.bank_entry)  # type: ignore[arg-type]
+        self.rows = [r for r in self.rows if id(r) not in gone]
+        self.store.shrink_if_oversized()
+
+    # -- one step ---------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[Row]:
+        """Run one forward over every decoding row and as much prefill as the budget allows. Returns the rows that
+        got a new token (decoding rows, and rows whose prefill completed in this step)."""
+        decoding = sorted((r for r in self.rows if not r.prefilling and not r.finished), key=lambda r: r.slot)
+        budget = max(self.limits.step_token_budget - len(decoding), 1)
+        chunks: list[tuple[Row, int]] = []
+        for row in self.rows:
+            if budget <= 0:
+                break
+            if row.prefilling:
+                n = min(len(row.request.prompt_ids) - row.cached, budget)
+                chunks.append((row, n))
+                budget -= n
+        if not decoding and not chunks:
+            return []
+
+        token_ids: list[int] = []
+        positions: list[int] = []
+        write_slots: list[int] = []
+        write_columns: list[int] = []
+        logit_rows: list[tuple[Row, int]] = []  # (row, flat index whose logits pick its next token)
+        for row in decoding:
+            logit_rows.append((row, len(token_ids)))
+            token_ids.append(self._next_tokens[row.slot])
+            positions.append(self._prefix_length(row) + row.cached)
+            write_slots.append(row.slot)
+            write_columns.append(row.cached)
+        plan_chunks: list[PrefillChunk] = []
+        for row, n in chunks:
+            start = len(token_ids)
+            token_ids.extend(row.request.prompt_ids[row.cached : row.cached + n])
+            v = self._prefix_length(row)
+            positions.extend(range(v + row.cached, v + row.cached + n))
+            write_slots.extend([row.slot] * n)
+            write_columns.extend(range(row.cached, row.cached + n))
+            offset = row.bank_entry.offset if row.bank_entry is not None else 0  # type: ignore[attr-defined]
+            plan_chunks.append(PrefillChunk(row.slot, start, n, row.cached, offset, v))
+            if row.cached + n == len(row.request.prompt_ids):
+                logit_rows.append((row, start + n - 1))
+
+        plan = self._plan(decoding, plan_chunks, write_slots, write_columns)
+        logits = self._forward(token_ids, positions, [i for _, i in logit_rows], plan)
+        self.last_plan, self.last_logits = plan, logits
+
+        for row in decoding:
+            row.cached += 1
+        for row, n in chunks:
+            row.cached += n
+        stepped = [row for row, _ in logit_rows]
+        chosen = select_tokens(stepped, logits, self.runner.device)
+        for row, token in zip(stepped, chosen):
+            row.accept(token, self.runner.eos_token_ids)
+            self._next_tokens[row.slot] = token
+        return stepped
+
+    @staticmethod
+    def _prefix_length(row: Row) -> int:
+        return row.request.prefix.num_virtual_tokens if row.request.prefix is not None else 0
+
+    def _plan(
+        self, decoding: list[Row], chunks: list[PrefillChunk], write_slots: list[int], write_columns: list[int]
+    ) -> StepPlan:
+        device = self.runner.device
+        span = decoding[-1].slot + 1 if decoding else 0
+        own_width = max((r.cached + 1 for r in decoding), default=0)
+        entries = [r.bank_entry for r in decoding if r.bank_entry is not None]
+        prefix_start = min((e.offset for e in entries), default=0)  # type: ignore[attr-defined]
+        prefix_end = max((e.offset + e.length for e in entries), default=0)  # type: ignore[attr-defined]
+        decode_bias = None
+        if decoding:
+            prefix_lo = torch.zeros(span, dtype=torch.long)
+            prefix_hi = torch.zeros(span, dtype=torch.long)
+            own_len = torch.ones(span, dtype=torch.long)  # idle slots see one column: no all-masked softmax row
+            for row in decoding:
+                if row.bank_entry is not None:
+                    prefix_lo[row.slot] = row.bank_entry.offset - prefix_start  # type: ignore[attr-defined]
+                    prefix_hi[row.slot] = prefix_lo[row.slot] + row.bank_entry.length  # type: ignore[attr-defined]
+                own_len[row.slot] = row.cached + 1
+            prefix_cols = torch.arange(prefix_end - prefix_start)
+            own_cols = torch.arange(own_width)
+            visible = torch.cat(
+                [
+                    (prefix_cols >= prefix_lo[:, None]) & (prefix_cols < prefix_hi[:, None]),
+                    own_cols < own_len[:, None],
+                ],
+                dim=1,
+            )
+            bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
+            decode_bias = bias[:, None, None, :].to(device)
+        chunk_masks = []
+        for chunk in chunks:
+            own = torch.arange(chunk.first_column + chunk.length)
+            causal = own[None, :] <= (chunk.first_column + torch.arange(chunk.length))[:, None]
+            mask = torch.cat([torch.ones((chunk.length, chunk.prefix_length), dtype=torch.bool), causal], dim=1)
+            chunk_masks.append(mask.to(device))
+        decode_slots = [r.slot for r in decoding]
+        return StepPlan(
+            num_decode=len(decoding),
+            decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=device),
+            decode_dense=decode_slots == list(range(span)),
+            span=span,
+            own_width=own_width,
+            prefix_start=prefix_start,
+            prefix_end=prefix_end,
+            decode_bias=decode_bias,
+            chunks=chunks,
+            chunk_masks=chunk_masks,
+            write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
+            write_columns=torch.tensor(write_columns, dtype=torch.long, device=device),
+            store=self.store,
+            bank=self.bank,
+        )
+
+    @torch.inference_mode()
+    def _forward(self, token_ids: list[int], positions: list[int], logit_index: list[int], plan: StepPlan) -> torch.Tensor:
+        runner = self.runner
+        device = runner.device
+        kwargs: dict[str, object] = {
+            "input_ids": torch.tensor([token_ids], dtype=torch.long, device=device),
+            "position_ids": torch.tensor([positions], dtype=torch.long, device=device),
+            # A ready 4-D mask makes transformers skip building one: the plan is the mask.
+            "attention_mask": self._dummy_mask,
+            runner.cache_arg: SlotCache(plan),
+            "use_cache": True,
+        }
+        index = torch.tensor(logit_index, dtype=torch.long, device=device)
+        if runner.accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = index
+        with active_plan(plan):
+            logits = runner.model(**kwargs).logits[0]
+        if not runner.accepts_logits_to_keep:
+            logits = logits.index_select(0, index)
+        return logits.float()
+
+
+def slot_layout_supported(runner: ModelRunner) -> bool:
+    """Switch the model to slot attention if it can take it, once per runner; False (model untouched) otherwise.
+
+    The model must run sdpa through transformers' attention registry and accept explicit positions; then a
+    start-up check runs the same random-prefix requests through the padded layout (transformers' own cache and
+    sdpa) and through the slot layout and requires the same logits, so an architecture whose attention has
+    anything this path does not reproduce (ALiBi, softcapping, a module that bypasses the registry) falls back
+    to the padded layout instead of serving different numbers.
+    """
+    cached = getattr(runner, "slot_layout", None)
+    if cached is not None:
+        return cached
+    runner.slot_layout = _check_slot_layout(runner)
+    return runner.slot_layout
+
+
+def _check_slot_layout(runner: ModelRunner) -> bool:
+    config = runner.model.config
+    original = config._attn_implementation
+    if original != "sdpa" or not runner.accepts_position_ids:
+        logger.warning(
+            "%s: attention %r / positions %s: using the padded layout (prefix copied per row)",
+            config.model_type, original, "accepted" if runner.accepts_position_ids else "not accepted",
+        )
+        return False
+    geometry = geometry_from_config(config)
+    generator = torch.Generator().manual_seed(0)
+    prefixes = [
+        TaskPrefix(
+            f"check-{v}",
+            torch.randn((geometry.num_layers, 2, geometry.num_kv_heads, v, geometry.head_dim), generator=generator),
+            f"check-{v}",
+        )
+        for v in (3, 5)
+    ]
+    vocab = int(getattr(config.get_text_config(decoder=True), "vocab_size", 64) or 64)
+    prompts = [[(7 * i + j) % vocab for j in range(n)] for i, n in enumerate((4, 2, 6))]
+    requests = [
+        GenerationRequest(p, prefixes[i % 2] if i != 2 else None, SamplingParams(max_new_tokens=3))
+        for i, p in enumerate(prompts)
+    ]
+    try:
+        padded = DecodeBatch.prefill(runner, requests)
+        reference = [padded.last_logits]
+        padded.step()
+        reference.append(padded.last_logits)
+
+        config._attn_implementation = register_slot_attention()
+        batch = SlotBatch(runner, SlotLimits(num_slots=4, max_kv_tokens=1 << 16, step_token_budget=64))
+        rows = [batch.add(r) for r in requests]
+        observed = []
+        for _ in range(2):
+            batch.step()
+            observed.append(batch.last_logits)
+        calls_ok = batch.last_plan is not None and batch.last_plan.calls == geometry.num_layers
+        same = all(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max())) for a, b in zip(reference, observed))
+        del rows
+    except Exception:  # any failure means this path cannot serve the model: keep the proven one
+        logger.exception("%s: slot attention failed its start-up check", config.model_type)
+        calls_ok = same = False
+    if calls_ok and same:
+        logger.info("%s: slot layout (in-place KV, one prefix per task, fused prefill)", config.model_type)
+        return True
+    config._attn_implementation = original
+    logger.warning(
+        "%s: slot attention %s; using the padded layout (prefix copied per row)",
+        config.model_type, "was bypassed by the model" if not calls_ok else "gave different logits",
+    )
+    return False
+
+
+def generate(
+    runner: ModelRunner, requests: Sequence[GenerationRequest], *, step_token_budget: int = 128
+) -> list[GenerationResult]:
+    """Run requests to completion in the slot layout, all admitted at once (rows leave as they finish): the slot
+    counterpart of `service.batch.generate`, for tests and offline use."""
+    if not slot_layout_supported(runner):
+        raise ValueError(f"{runner.model.config.model_type}: the slot layout cannot serve this model")
+    budget = sum(SlotBatch.worst_case_tokens(r) for r in requests) * 2 + 1024
+    batch = SlotBatch(runner, SlotLimits(num_slots=len(requests), max_kv_tokens=budget, step_token_budget=step_token_budget))
+    rows = [batch.add(r) for r in requests]
+    while batch.rows:
+        batch.step()
+        batch.remove([r for r in batch.rows if r.finished])
+    return [row.result(runner.decode(row.generated)) for row in rows]
