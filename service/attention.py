@@ -61,11 +61,25 @@ class StepPlan:
     decode_bias: torch.Tensor | None  # (span, 1, 1, prefix cols + own_width) float32: 0 where visible, -inf not
     chunks: list[PrefillChunk]
     chunk_masks: list[torch.Tensor]  # per chunk (length, prefix_length + first_column + length) bool
+    chunk_batch: "ChunkBatch | None"  # several chunks at once: one padded attention call per layer instead
     write_slots: torch.Tensor  # (N,) long: where each token's K/V is written
     write_columns: torch.Tensor  # (N,) long
     store: SlotStore
     bank: PrefixBank
     calls: int = 0  # attention calls made under this plan (the start-up check counts them)
+
+
+@dataclass
+class ChunkBatch:
+    """Index tensors that gather several prompt chunks into one padded attention call (C chunks, n queries, k keys):
+    queries from the flat sequence, keys from the bank ([prefix]) and from each chunk's slot ([own columns])."""
+
+    query_index: torch.Tensor  # (C, n) flat token of each query (padding: 0, masked out)
+    query_valid: torch.Tensor  # (C, n) bool
+    prefix_columns: torch.Tensor  # (C, P) bank column of each prefix key (padding: 0, masked)
+    own_slots: torch.Tensor  # (C, 1) slot of each chunk
+    own_columns: torch.Tensor  # (C, O) own column of each own key (padding: 0, masked)
+    mask: torch.Tensor  # (C, 1, n, P + O) bool
 
 
 _active = threading.local()
@@ -138,6 +152,18 @@ def slot_attention(
         output[: plan.num_decode] = _decode_attention(
             plan, query[0, :, : plan.num_decode], key, value, bank_keys, bank_values, groups, scale
         )
+    if plan.chunk_batch is not None:
+        batch = plan.chunk_batch
+        q = query[0][:, batch.query_index].transpose(0, 1)  # (C, Hq, n, D)
+        own_k = key[batch.own_slots, :, batch.own_columns].permute(0, 2, 1, 3)  # (C, H_kv, O, D)
+        own_v = value[batch.own_slots, :, batch.own_columns].permute(0, 2, 1, 3)
+        prefix_k = bank_keys[:, batch.prefix_columns].transpose(0, 1)  # (C, H_kv, P, D)
+        prefix_v = bank_values[:, batch.prefix_columns].transpose(0, 1)
+        k = torch.cat([prefix_k, own_k], dim=2)
+        v = torch.cat([prefix_v, own_v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale, enable_gqa=groups > 1)
+        output[batch.query_index[batch.query_valid]] = out.transpose(1, 2)[batch.query_valid]
+        return output.unsqueeze(0), None
     for chunk, mask in zip(plan.chunks, plan.chunk_masks):
         q = query[:, :, chunk.start : chunk.start + chunk.length]  # (1, Hq, n, D)
         prefix = slice(chunk.prefix_offset, chunk.prefix_offset + chunk.prefix_length)

@@ -73,6 +73,7 @@ class EngineLimits:
     max_waiting: int = 256
     max_prefill_rows: int = 16  # padded layout: most rows in one prefill
     step_token_budget: int = 128  # slots layout: most tokens (decode + prompt chunks) in one forward
+    idle_token_budget: int = 2048  # slots layout: most prompt tokens in one forward while no row decodes
     per_task_window_s: float = 0.005
     request_timeout_s: float = 300.0
 
@@ -179,7 +180,8 @@ class ContinuousBatchingEngine(Engine):
         self._accepted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Handle, object]]] = {}
-        self.on_pass: Callable[[int], None] | None = None  # called with the row count of every forward pass
+        # Called after every forward pass with its row count and duration (metrics, benchmarks).
+        self.on_pass: Callable[[int, float], None] | None = None
         logger.info("engine: %s policy, %s layout", policy, layout)
 
     # -- caller side (event loop) -----------------------------------------------------------------------------------
@@ -283,6 +285,7 @@ class ContinuousBatchingEngine(Engine):
                     num_slots=self.limits.max_running_rows,
                     max_kv_tokens=self.limits.max_kv_tokens,
                     step_token_budget=self.limits.step_token_budget,
+                    idle_token_budget=self.limits.idle_token_budget,
                 ),
             )
         while self._pull(block=not self._running() and not self._waiting):
@@ -360,8 +363,9 @@ class ContinuousBatchingEngine(Engine):
         if not len(slots):
             return
         prefilling = any(row.prefilling for row in slots.rows)
+        started = time.perf_counter()
         stepped = slots.step()
-        self._count_pass(len(stepped) if stepped else len(slots), prefilling)
+        self._count_pass(len(slots), prefilling, time.perf_counter() - started)
         for row in stepped:
             self._emit_tokens(row, self._handles[id(row)])
         self._retire_slots([row for row in slots.rows if row.finished])
@@ -414,8 +418,9 @@ class ContinuousBatchingEngine(Engine):
                 self._fail(admitted, exc)
                 return
         elif self._batch is not None:
+            started = time.perf_counter()
             self._batch.step()
-            self._count_pass(len(self._batch), prefilling=False)
+            self._count_pass(len(self._batch), False, time.perf_counter() - started)
             for row in self._batch.rows:
                 self._emit_tokens(row, self._handles[id(row)])
         self._retire_padded()
@@ -487,7 +492,9 @@ class ContinuousBatchingEngine(Engine):
         return taken
 
     def _prefill_padded(self, admitted: list[_Handle]) -> None:
+        started = time.perf_counter()
         new_batch = DecodeBatch.prefill(self.runner, [h.request for h in admitted])
+        seconds = time.perf_counter() - started
         if self.policy == "per-task":
             self.stats.batches_started += 1
         now = time.monotonic()
@@ -495,19 +502,19 @@ class ContinuousBatchingEngine(Engine):
             handle.admitted_at = now
             self._handles[id(row)] = handle
         self._batch = new_batch if self._batch is None else DecodeBatch.concatenate([self._batch, new_batch])
-        self._count_pass(len(new_batch), prefilling=True)
+        self._count_pass(len(new_batch), True, seconds)
         self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(self._batch))
         for row in new_batch.rows:
             self._emit_tokens(row, self._handles[id(row)])
 
     # -- shared ---------------------------------------------------------------------------------------------------
 
-    def _count_pass(self, rows: int, prefilling: bool) -> None:
+    def _count_pass(self, rows: int, prefilling: bool, seconds: float) -> None:
         self.stats.steps += 1
         self.stats.prefills += int(prefilling)
         self.stats.rows_stepped += rows
         if self.on_pass is not None:
-            self.on_pass(rows)
+            self.on_pass(rows, seconds)
 
     def _finish(self, row: Row) -> None:
         handle = self._handles.pop(id(row))

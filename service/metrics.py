@@ -39,6 +39,10 @@ class Metrics:
             "prefix_serve_batch_size", "Rows in each forward pass (prefill or decode step).",
             buckets=_BATCH_BUCKETS, registry=r,
         )
+        self.step_duration = Histogram(
+            "prefix_serve_step_duration_seconds", "Duration of each forward pass of the engine.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
         self.queue_size = Gauge("prefix_serve_queue_size", "Requests waiting for admission.", registry=r)
         self.running_rows = Gauge("prefix_serve_running_rows", "Requests decoding now.", registry=r)
         self.prefix_cache_hits = Counter(
@@ -67,6 +71,10 @@ class Metrics:
         """Gauges read live values at scrape time instead of being pushed."""
         self.queue_size.set_function(queue_size)
         self.running_rows.set_function(running_rows)
+
+    def observe_pass(self, rows: int, seconds: float) -> None:
+        self.batch_size.observe(rows)
+        self.step_duration.observe(seconds)
 
     def bind_kv_gauges(self, kv_bytes: Callable[[], float], prefix_bank_bytes: Callable[[], float]) -> None:
         self.kv_bytes.set_function(kv_bytes)

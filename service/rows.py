@@ -63,11 +63,14 @@ class Row:
 
 
 def select_tokens(rows: list[Row], logits: torch.Tensor, device: torch.device) -> list[int]:
-    """The next token of each row from its logits row (float32, one per row), with one host sync for the batch:
-    greedy rows take the argmax, other rows their own processors and generator (kept on the device)."""
+    """The next token of each row from its logits row (one per row, any float dtype), with one host sync for the
+    batch: greedy rows take the argmax (exact in the model's dtype: upcasting changes no order), other rows run
+    their own processors and generator in float32 on the device."""
     chosen = logits.argmax(dim=-1)
     special = [i for i, row in enumerate(rows) if not row.sampler.is_plain_greedy]
     if special:
-        picks = [rows[i].sampler.select_tensor(rows[i].history(device), logits[i : i + 1]) for i in special]
+        picks = [
+            rows[i].sampler.select_tensor(rows[i].history(device), logits[i : i + 1].float()) for i in special
+        ]
         chosen = chosen.index_put((torch.tensor(special, device=chosen.device),), torch.stack(picks))
     return chosen.tolist()

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from service.attention import PrefillChunk, SlotCache, StepPlan, active_plan
+from service.attention import ChunkBatch, PrefillChunk, SlotCache, StepPlan, active_plan
 from service.attention import register as register_slot_attention
 from service.batch import DecodeBatch, ModelRunner
 from service.geometry import geometry_from_config
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 class SlotLimits:
     num_slots: int = 32  # most rows running at once
     max_kv_tokens: int = 32768  # store (slots x width) + bank columns, in tokens
-    step_token_budget: int = 128  # most tokens (decode + prompt chunks) in one forward
+    step_token_budget: int = 128  # most tokens (decode + prompt chunks) in one forward while rows are decoding
+    idle_token_budget: int = 2048  # most prompt tokens in one forward when no row is decoding
 
 
 class SlotBatch:
@@ -110,7 +111,10 @@ class SlotBatch:
         """Run one forward over every decoding row and as much prefill as the budget allows. Returns the rows that
         got a new token (decoding rows, and rows whose prefill completed in this step)."""
         decoding = sorted((r for r in self.rows if not r.prefilling and not r.finished), key=lambda r: r.slot)
-        budget = max(self.limits.step_token_budget - len(decoding), 1)
+        # The budget protects decoding rows' inter-token latency; with none decoding, nobody waits on this step, so
+        # prefill as much as the idle budget allows (a burst of arrivals is then one forward, like a static batch).
+        limit = self.limits.step_token_budget if decoding else max(self.limits.idle_token_budget, 1)
+        budget = max(limit - len(decoding), 1)
         chunks: list[tuple[Row, int]] = []
         for row in self.rows:
             if budget <= 0:
@@ -196,7 +200,8 @@ class SlotBatch:
             bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
             decode_bias = bias[:, None, None, :].to(device)
         chunk_masks = []
-        for chunk in chunks:
+        chunk_batch = _chunk_batch(chunks, device) if len(chunks) > 1 else None
+        for chunk in chunks if chunk_batch is None else ():
             own = torch.arange(chunk.first_column + chunk.length)
             causal = own[None, :] <= (chunk.first_column + torch.arange(chunk.length))[:, None]
             mask = torch.cat([torch.ones((chunk.length, chunk.prefix_length), dtype=torch.bool), causal], dim=1)
@@ -213,6 +218,7 @@ class SlotBatch:
             decode_bias=decode_bias,
             chunks=chunks,
             chunk_masks=chunk_masks,
+            chunk_batch=chunk_batch,
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
             write_columns=torch.tensor(write_columns, dtype=torch.long, device=device),
             store=self.store,
@@ -238,7 +244,35 @@ class SlotBatch:
             logits = runner.model(**kwargs).logits[0]
         if not runner.accepts_logits_to_keep:
             logits = logits.index_select(0, index)
-        return logits.float()
+        return logits  # the model's dtype: greedy argmax is exact on it; samplers upcast their own row
+
+
+def _chunk_batch(chunks: list[PrefillChunk], device: torch.device) -> ChunkBatch:
+    """Pad several prompt chunks into one attention call: chunk c's query i sees its prefix and its own columns
+    0..first_column+i; padding queries see one key (their output is dropped), padding keys nobody."""
+    count = len(chunks)
+    n = max(c.length for c in chunks)
+    p = max(c.prefix_length for c in chunks)
+    o = max(c.first_column + c.length for c in chunks)
+    steps = torch.arange(n)
+    query_valid = steps[None, :] < torch.tensor([c.length for c in chunks])[:, None]
+    query_index = torch.where(query_valid, torch.tensor([c.start for c in chunks])[:, None] + steps[None, :], 0)
+    prefix_valid = torch.arange(p)[None, :] < torch.tensor([c.prefix_length for c in chunks])[:, None]
+    prefix_columns = torch.where(
+        prefix_valid, torch.tensor([c.prefix_offset for c in chunks])[:, None] + torch.arange(p)[None, :], 0
+    )
+    last_visible = torch.tensor([c.first_column for c in chunks])[:, None] + steps[None, :]  # (C, n)
+    own_visible = torch.arange(o)[None, None, :] <= last_visible[:, :, None]  # (C, n, O)
+    mask = torch.cat([prefix_valid[:, None, :].expand(count, n, p), own_visible], dim=2)
+    mask[:, :, p] |= ~query_valid  # padding queries: one visible key, no NaN
+    return ChunkBatch(
+        query_index=query_index.to(device),
+        query_valid=query_valid.to(device),
+        prefix_columns=prefix_columns.to(device),
+        own_slots=torch.tensor([[c.slot] for c in chunks], device=device),
+        own_columns=torch.arange(o).expand(count, o).contiguous().to(device),
+        mask=mask[:, None].to(device),
+    )
 
 
 def slot_layout_supported(runner: ModelRunner) -> bool:

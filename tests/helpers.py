@@ -182,3 +182,18 @@ class ThreadedServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Engine fixtures
+
+
+def random_task_prefix(model: PreTrainedModel, task_id: str, num_virtual_tokens: int, seed: int) -> "TaskPrefix":
+    """A task prefix of unit-scale random K/V (what a PEFT adapter of N(0, 1) embeddings holds) for `model`."""
+    from service.geometry import geometry_from_config
+    from service.prefix import TaskPrefix
+
+    g = geometry_from_config(model.config)
+    generator = torch.Generator().manual_seed(seed)
+    kv = torch.randn((g.num_layers, 2, g.num_kv_heads, num_virtual_tokens, g.head_dim), generator=generator)
+    return TaskPrefix(task_id, kv, f"sha-{task_id}-{seed}")

@@ -50,7 +50,7 @@ def test_bench_command_writes_table_json_and_plot(tmp_path: Path, capsys) -> Non
     assert code == 0
     payload = json.loads((out / "bench.json").read_text())
     systems = {(r["system"], r["concurrency"]) for r in payload["rows"]}
-    assert {("per-task", 1), ("mixed", 1), ("no-prefix", 1), ("peft", 4), ("mixed", 4)} <= systems
+    assert {("per-task", 1), ("mixed", 1), ("no-prefix", 1), ("static", 1), ("peft", 4), ("mixed", 4)} <= systems
     for row in payload["rows"]:
         assert row["tokens_per_s"] > 0 and row["latency_p95_s"] >= row["latency_p50_s"] > 0
         expected_tokens = sum(r["generated_tokens"] for r in payload["runs"] if r["system"] == row["system"]

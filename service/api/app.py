@@ -60,7 +60,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
     )
     registry.load_all()
     engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
-    engine.on_pass = metrics.batch_size.observe
+    engine.on_pass = metrics.observe_pass
     metrics.bind_gauges(lambda: engine.queue_size, lambda: engine.stats.running_rows)
     metrics.bind_kv_gauges(lambda: engine.stats.kv_bytes, lambda: engine.stats.prefix_bank_bytes)
     return ServiceState(

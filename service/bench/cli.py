@@ -2,9 +2,14 @@
 
 Systems (tokens/s ratios are reported at --clients):
   peft       the seed's method: PeftModel + set_adapter + generate, one request at a time
+  static     HF generate over static batches of --clients requests, prefixes stacked, no server: the ceiling a
+             user could script for the same work
   per-task   this service, --batching per-task
   mixed      this service, --batching mixed (continuous, tasks share batches)
   no-prefix  the bare base model under `mixed`, to show what the prefixes cost
+
+With several --dtype values (e.g. float32,bfloat16) static and the engine systems run once per dtype; rows of the
+second and later dtypes are named e.g. `mixed-bfloat16`. peft runs in the first dtype.
 """
 
 from __future__ import annotations
@@ -26,15 +31,18 @@ from service.batch import ModelRunner, verify_prefix_support
 from service.bench.peft_baseline import load_peft_model
 from service.bench.report import markdown_table, plot, ratios_table, write_json
 from service.bench.run import run_engine_system, run_peft_system
-from service.bench.workload import make_workload, synthetic_tokenizer, write_random_prefixes
+from service.bench.static_baseline import run_static_system
+from service.bench.workload import WorkItem, make_workload, synthetic_tokenizer, write_random_prefixes
 from service.logging_setup import configure_logging
 from service.model_loader import LoadedModel, load_base_model, resolve_device, resolve_dtype, wrap_model
+from service.prefix import TaskPrefix
 from service.registry import PrefixRegistry
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("peft", "per-task", "mixed", "no-prefix")
+SYSTEMS = ("peft", "static", "per-task", "mixed", "no-prefix")
+ENGINE_SYSTEMS = (("per-task", "per-task", True), ("mixed", "mixed", True), ("no-prefix", "mixed", False))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,15 +52,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--random-init", type=Path, metavar="CONFIG.json",
                        help="Benchmark a randomly initialised model built from this config (no weights needed).")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    bench.add_argument("--dtype", default="auto",
+                       help="auto, float32, bfloat16 or float16; a comma list runs the batched systems per dtype.")
     bench.add_argument("--cache-dir", type=Path)
     bench.add_argument("--clients", type=int, default=32, help="Concurrency at which the ratios are taken.")
     bench.add_argument("--concurrency", default="1,4,16,32,64", help="Concurrency sweep for the plot.")
     bench.add_argument("--tasks", type=int, default=8)
     bench.add_argument("--requests-per-client", type=int, default=2)
     bench.add_argument("--min-requests", type=int, default=8)
-    bench.add_argument("--prompt-tokens", default="20-60")
-    bench.add_argument("--new-tokens", default="32-64")
+    bench.add_argument("--prompt-tokens", default="20-34")
+    bench.add_argument("--new-tokens", default="32-32")
+    bench.add_argument("--step-token-budget", type=int, default=128,
+                       help="The engine's per-step token budget (decode tokens + prompt chunks).")
     bench.add_argument("--virtual-tokens", type=int, default=20)
     bench.add_argument("--systems", default=",".join(SYSTEMS))
     bench.add_argument("--seed", type=int, default=0)
@@ -65,18 +76,18 @@ def _range(text: str) -> tuple[int, int]:
     return int(low), int(high or low)
 
 
-def _load(args: argparse.Namespace) -> LoadedModel:
+def _load(args: argparse.Namespace, dtype: str) -> LoadedModel:
     if args.random_init is None:
-        overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "model": args.model}
+        overrides: dict[str, Any] = {"device": args.device, "dtype": dtype, "model": args.model}
         if args.cache_dir:
             overrides["cache_dir"] = args.cache_dir
         return load_base_model(Settings(**overrides))
     config = AutoConfig.for_model(**json.loads(args.random_init.read_text()))
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     torch.manual_seed(args.seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     return wrap_model(model, synthetic_tokenizer(config.vocab_size), f"random-init:{args.random_init.name}")
 
 
@@ -87,56 +98,57 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown systems {sorted(unknown)}; choose from {SYSTEMS}", file=sys.stderr)
         return 2
+    dtypes = [d for d in args.dtype.split(",") if d]
+    bad = [d for d in dtypes if d not in ("auto", "float32", "bfloat16", "float16")]
+    if bad or not dtypes:
+        print(f"error: unknown --dtype {bad or args.dtype!r}; choose from auto, float32, bfloat16, float16", file=sys.stderr)
+        return 2
     concurrencies = sorted({int(c) for c in args.concurrency.split(",") if c} | {args.clients})
-    loaded = _load(args)
-    runner = ModelRunner(loaded.model, loaded.tokenizer)
-    verify_prefix_support(runner, loaded.geometry)
     args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
 
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = write_random_prefixes(
-            Path(tmp) / "adapters", loaded.geometry, num_tasks=args.tasks, num_virtual_tokens=args.virtual_tokens,
-            model_name=loaded.name, seed=args.seed,
-        )
-        registry = PrefixRegistry(
-            Path(tmp) / "store", loaded.geometry, device=loaded.device, dtype=loaded.dtype,
-            served_model_name=loaded.name, max_virtual_tokens=max(args.virtual_tokens, 1),
-            max_prefix_bytes=1 << 31, max_config_bytes=1 << 20,
-        )
-        for task_id, adapter_dir in adapters.items():
-            registry.put(task_id, (adapter_dir / "adapter_config.json").read_bytes(),
-                         (adapter_dir / "adapter_model.safetensors").read_bytes())
-        prefixes = {t: registry.get(t) for t in adapters}
-
-        rows: list[dict[str, Any]] = []
-        results: list[dict[str, Any]] = []
-        for concurrency in concurrencies:
-            workload = make_workload(
-                loaded.tokenizer, num_requests=max(args.min_requests, args.requests_per_client * concurrency),
-                num_tasks=args.tasks, prompt_tokens=_range(args.prompt_tokens), new_tokens=_range(args.new_tokens),
-                seed=args.seed,
+        first: LoadedModel | None = None
+        for index, dtype in enumerate(dtypes):
+            loaded = _load(args, dtype)
+            first = first or loaded
+            suffix = "" if index == 0 else "-" + str(loaded.dtype).removeprefix("torch.")
+            runner = ModelRunner(loaded.model, loaded.tokenizer)
+            verify_prefix_support(runner, loaded.geometry)
+            adapters = write_random_prefixes(
+                Path(tmp) / "adapters", loaded.geometry, num_tasks=args.tasks, num_virtual_tokens=args.virtual_tokens,
+                model_name=loaded.name, seed=args.seed,
             )
-            warmup = make_workload(loaded.tokenizer, num_requests=min(concurrency, 8), num_tasks=args.tasks,
-                                   prompt_tokens=(8, 8), new_tokens=(2, 2), seed=args.seed + 1)
-            for system, policy, use_prefix in (("per-task", "per-task", True), ("mixed", "mixed", True),
-                                               ("no-prefix", "mixed", False)):
-                if system not in systems:
-                    continue
-                result = run_engine_system(system, runner, prefixes, workload, concurrency=concurrency,
-                                           policy=policy, use_prefix=use_prefix, warmup=warmup)
-                _record(result, rows, results)
-            if "peft" in systems and concurrency == args.clients:
+            prefixes = _prefixes(Path(tmp) / f"store-{index}", loaded, adapters, args.virtual_tokens)
+            for concurrency in concurrencies:
+                workload, warmup = _workloads(args, loaded, concurrency)
+                if "static" in systems:
+                    result = run_static_system("static" + suffix, runner, prefixes, workload,
+                                               concurrency=concurrency, warmup=warmup)
+                    _record(result, rows, results)
+                for system, policy, use_prefix in ENGINE_SYSTEMS:
+                    if system in systems:
+                        result = run_engine_system(
+                            system + suffix, runner, prefixes, workload, concurrency=concurrency, policy=policy,
+                            use_prefix=use_prefix, warmup=warmup, step_token_budget=args.step_token_budget,
+                        )
+                        _record(result, rows, results)
+            if "peft" in systems and index == 0:  # last: PEFT wraps (and patches) the base model for good
+                workload, warmup = _workloads(args, loaded, args.clients)
                 peft_model = load_peft_model(loaded.model, adapters)
-                result = run_peft_system("peft", peft_model, workload, concurrency=concurrency, warmup=warmup[:2])
+                result = run_peft_system("peft", peft_model, workload, concurrency=args.clients, warmup=warmup[:2])
                 _record(result, rows, results)
+            del runner, loaded
 
-    ratios = _ratios(rows, args.clients)
-    title = (f"{loaded.name} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}), {args.tasks} tasks, "
-             f"V={args.virtual_tokens}, prompts {args.prompt_tokens}, new tokens {args.new_tokens}")
+    assert first is not None
+    ratios = _ratios(rows, args.clients, dtypes)
+    title = (f"{first.name} on {first.device} ({', '.join(dtypes)}), {args.tasks} tasks, V={args.virtual_tokens}, "
+             f"prompts {args.prompt_tokens}, new tokens {args.new_tokens}, {torch.get_num_threads()} torch threads")
     payload = {
         "title": title,
-        "command": " ".join(["prefix-serve", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None,
-        "environment": _environment(loaded),
+        "command": " ".join(["prefix-serve", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None,
+        "environment": _environment(first),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
         "rows": rows,
         "ratios": ratios,
@@ -150,6 +162,28 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefixes(store: Path, loaded: LoadedModel, adapters: dict[str, Path], virtual_tokens: int) -> dict[str, TaskPrefix]:
+    registry = PrefixRegistry(
+        store, loaded.geometry, device=loaded.device, dtype=loaded.dtype, served_model_name=loaded.name,
+        max_virtual_tokens=max(virtual_tokens, 1), max_prefix_bytes=1 << 31, max_config_bytes=1 << 20,
+    )
+    for task_id, adapter_dir in adapters.items():
+        registry.put(task_id, (adapter_dir / "adapter_config.json").read_bytes(),
+                     (adapter_dir / "adapter_model.safetensors").read_bytes())
+    return {t: registry.get(t) for t in adapters}
+
+
+def _workloads(args: argparse.Namespace, loaded: LoadedModel, concurrency: int) -> tuple[list[WorkItem], list[WorkItem]]:
+    workload = make_workload(
+        loaded.tokenizer, num_requests=max(args.min_requests, args.requests_per_client * concurrency),
+        num_tasks=args.tasks, prompt_tokens=_range(args.prompt_tokens), new_tokens=_range(args.new_tokens),
+        seed=args.seed,
+    )
+    warmup = make_workload(loaded.tokenizer, num_requests=min(concurrency, 8), num_tasks=args.tasks,
+                           prompt_tokens=(8, 8), new_tokens=(2, 2), seed=args.seed + 1)
+    return workload, warmup
+
+
 def _record(result: Any, rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
     summary = result.summary()
     logger.info("%s", summary)
@@ -157,17 +191,31 @@ def _record(result: Any, rows: list[dict[str, Any]], results: list[dict[str, Any
     results.append(result.to_json())
 
 
-def _ratios(rows: list[dict[str, Any]], clients: int) -> dict[str, float | None]:
-    at = {r["system"]: r["tokens_per_s"] for r in rows if r["concurrency"] == clients}
+def _ratios(rows: list[dict[str, Any]], clients: int, dtypes: list[str]) -> dict[str, float | None]:
+    at = {r["system"]: r for r in rows if r["concurrency"] == clients}
 
     def ratio(a: str, b: str) -> float | None:
-        return round(at[a] / at[b], 3) if a in at and b in at and at[b] else None
+        if a in at and b in at and at[b]["tokens_per_s"]:
+            return round(at[a]["tokens_per_s"] / at[b]["tokens_per_s"], 3)
+        return None
 
-    return {
+    ratios = {
         f"mixed / peft @ {clients}": ratio("mixed", "peft"),
+        f"mixed / static @ {clients}": ratio("mixed", "static"),
         f"mixed / per-task @ {clients}": ratio("mixed", "per-task"),
         f"mixed / no-prefix @ {clients}": ratio("mixed", "no-prefix"),
     }
+    mixed = at.get("mixed", {})
+    if mixed.get("itl_p95_s") and mixed.get("step_p50_s"):
+        ratios[f"mixed p95 inter-token latency / median step @ {clients}"] = round(
+            mixed["itl_p95_s"] / mixed["step_p50_s"], 3
+        )
+    for dtype in dtypes[1:]:
+        name = f"mixed-{dtype}"
+        ratios[f"{name} / mixed @ {clients}"] = ratio(name, "mixed")
+        ratios[f"{name} / static-{dtype} @ {clients}"] = ratio(name, f"static-{dtype}")
+        ratios[f"{name} / peft @ {clients}"] = ratio(name, "peft")
+    return {k: v for k, v in ratios.items() if v is not None or "mixed /" in k}
 
 
 def _environment(loaded: LoadedModel) -> dict[str, Any]:

@@ -16,13 +16,18 @@ COLUMNS = [
     ("latency_p95_s", "p95 latency s"),
     ("ttft_p50_s", "p50 TTFT s"),
     ("ttft_p95_s", "p95 TTFT s"),
+    ("itl_p50_s", "p50 ITL s"),
+    ("itl_p95_s", "p95 ITL s"),
+    ("step_p50_s", "median step s"),
     ("mean_batch_rows", "mean batch rows"),
+    ("peak_kv_mb", "peak KV MB"),
 ]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
+        row = {**row, "peak_kv_mb": round(row["peak_kv_bytes"] / 1e6, 1) if row.get("peak_kv_bytes") else None}
         lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]) for k, _ in COLUMNS) + " |")
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ class RequestTiming:
     latency_s: float  # submit -> last token, queueing included
     ttft_s: float  # submit -> first token
     generated_tokens: int
+    token_gaps_s: list[float] = field(default_factory=list)  # between consecutive tokens (inter-token latency)
 
 
 @dataclass
@@ -34,11 +35,15 @@ class RunResult:
     wall_s: float
     timings: list[RequestTiming] = field(repr=False)
     mean_batch_rows: float | None = None
+    step_times: list[float] = field(default_factory=list, repr=False)  # forward-pass durations while busy
+    peak_kv_bytes: int | None = None
+    prefix_bank_bytes: int | None = None
 
     def summary(self) -> dict[str, Any]:
         tokens = sum(t.generated_tokens for t in self.timings)
         latencies = [t.latency_s for t in self.timings]
         ttfts = [t.ttft_s for t in self.timings]
+        gaps = [g for t in self.timings for g in t.token_gaps_s]
         return {
             "system": self.system,
             "concurrency": self.concurrency,
@@ -51,7 +56,12 @@ class RunResult:
             "latency_p95_s": round(_percentile(latencies, 95), 3),
             "ttft_p50_s": round(_percentile(ttfts, 50), 3),
             "ttft_p95_s": round(_percentile(ttfts, 95), 3),
+            "itl_p50_s": round(_percentile(gaps, 50), 4) if gaps else None,
+            "itl_p95_s": round(_percentile(gaps, 95), 4) if gaps else None,
+            "step_p50_s": round(_percentile(self.step_times, 50), 4) if self.step_times else None,
             "mean_batch_rows": None if self.mean_batch_rows is None else round(self.mean_batch_rows, 2),
+            "peak_kv_bytes": self.peak_kv_bytes,
+            "prefix_bank_bytes": self.prefix_bank_bytes,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -89,26 +99,30 @@ def run_engine_system(
     policy: str,
     use_prefix: bool = True,
     warmup: list[WorkItem] | None = None,
+    step_token_budget: int = EngineLimits.step_token_budget,
 ) -> RunResult:
     limits = EngineLimits(
         max_running_rows=max(concurrency, 1), max_kv_tokens=1 << 30, max_waiting=len(workload) + 64,
-        max_prefill_rows=max(concurrency, 1),
+        max_prefill_rows=max(concurrency, 1), step_token_budget=step_token_budget,
     )
     engine = ContinuousBatchingEngine(runner, policy=policy, limits=limits)  # type: ignore[arg-type]
+    step_times: list[float] = []
+    engine.on_pass = lambda rows, seconds: step_times.append(seconds)
 
     async def submit(item: WorkItem) -> RequestTiming:
         prefix = prefixes[item.task_id] if use_prefix and item.task_id is not None else None
         params = SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True)
         started = time.perf_counter()
-        first: float | None = None
+        token_times: list[float] = []
         tokens = 0
         async for event in engine.stream(GenerationRequest(item.prompt_ids, prefix, params), with_text=False):
-            if isinstance(event, TokenEvent) and first is None:
-                first = time.perf_counter()
+            if isinstance(event, TokenEvent):
+                token_times.append(time.perf_counter())
             elif isinstance(event, FinalEvent):
                 tokens = len(event.result.token_ids)
         end = time.perf_counter()
-        return RequestTiming(end - started, (first or end) - started, tokens)
+        gaps = [b - a for a, b in zip(token_times, token_times[1:])]
+        return RequestTiming(end - started, (token_times[0] if token_times else end) - started, tokens, gaps)
 
     async def main() -> RunResult:
         engine.start()
@@ -116,11 +130,16 @@ def run_engine_system(
             if warmup:
                 await closed_loop(submit, warmup, concurrency)
             stats = engine.stats
-            passes_before, rows_before = stats.steps + stats.prefills, stats.rows_stepped
+            passes_before, rows_before = stats.steps, stats.rows_stepped
+            step_times.clear()
+            stats.peak_kv_bytes = 0
             wall, timings = await closed_loop(submit, workload, concurrency)
-            passes = stats.steps + stats.prefills - passes_before
+            passes = stats.steps - passes_before
             mean_rows = (stats.rows_stepped - rows_before) / passes if passes else None
-            return RunResult(name, concurrency, wall, timings, mean_rows)
+            return RunResult(
+                name, concurrency, wall, timings, mean_rows, list(step_times), stats.peak_kv_bytes,
+                stats.prefix_bank_bytes or None,
+            )
         finally:
             engine.stop()
 

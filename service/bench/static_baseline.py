@@ -1,0 +1,100 @@
+"""The ceiling a user could script without a server: HF `generate` over static batches of C requests.
+
+Each batch stacks its rows' task prefixes into one fresh `DynamicCache` (every task's prefix has the same V in the
+bench), left-pads the prompts, and gives `generate` the full mask [prefix | prompt]; transformers derives positions
+from the mask, so real tokens sit at V, V+1, ... as PEFT places them. The batch runs to the longest request's length.
+No queueing, no admission, no streaming to anyone: the best case for a closed batch of the same work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+from service.batch import ModelRunner
+from service.bench.run import RequestTiming, RunResult
+from service.bench.workload import WorkItem
+from service.prefix import TaskPrefix
+
+
+class _StepClock(BaseStreamer):
+    """generate() calls put() once with the prompt, then once per generated token (for the whole batch)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def _generate_batch(
+    runner: ModelRunner, items: list[WorkItem], prefixes: dict[str, TaskPrefix] | None, clock: _StepClock
+) -> None:
+    device = runner.device
+    lengths = [len(item.prompt_ids) for item in items]
+    width = max(lengths)
+    input_ids = torch.full((len(items), width), runner.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, item in enumerate(items):
+        input_ids[i, width - lengths[i] :] = torch.tensor(item.prompt_ids)
+        prompt_mask[i, width - lengths[i] :] = 1
+    kwargs: dict[str, Any] = {}
+    mask = prompt_mask
+    if prefixes is not None:
+        kv = torch.stack([prefixes[item.task_id].kv for item in items])  # (B, L, 2, H, V, D); one V in the bench
+        kv = kv.to(device=device, dtype=runner.dtype)
+        kwargs[runner.cache_arg] = DynamicCache([(kv[:, layer, 0], kv[:, layer, 1]) for layer in range(kv.shape[1])])
+        mask = torch.cat([torch.ones((len(items), kv.shape[4]), dtype=torch.long), prompt_mask], dim=1)
+    new_tokens = max(item.max_new_tokens for item in items)
+    runner.model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=runner.pad_token_id,
+        streamer=clock,
+        **kwargs,
+    )
+
+
+def run_static_system(
+    name: str,
+    runner: ModelRunner,
+    prefixes: dict[str, TaskPrefix] | None,
+    workload: list[WorkItem],
+    *,
+    concurrency: int,
+    warmup: list[WorkItem] | None = None,
+) -> RunResult:
+    """Batches of `concurrency` requests in workload order, one after another. A request's latency is its batch's
+    time; it is credited only the tokens it asked for (rows generate to the batch's longest request)."""
+    if warmup:
+        _generate_batch(runner, warmup[:concurrency], prefixes, _StepClock())
+    timings: list[RequestTiming] = []
+    step_gaps: list[float] = []
+    started = time.perf_counter()
+    for first in range(0, len(workload), concurrency):
+        items = workload[first : first + concurrency]
+        clock = _StepClock()
+        batch_start = time.perf_counter()
+        _generate_batch(runner, items, prefixes, clock)
+        end = time.perf_counter()
+        token_times = clock.times[1:]  # the first put() is the prompt
+        gaps = [b - a for a, b in zip(token_times, token_times[1:])]
+        step_gaps += gaps
+        ttft = (token_times[0] if token_times else end) - batch_start
+        for item in items:
+            timings.append(RequestTiming(end - batch_start, ttft, item.max_new_tokens, gaps[: item.max_new_tokens - 1]))
+    wall = time.perf_counter() - started
+    result = RunResult(name, concurrency, wall, timings, float(min(concurrency, len(workload))))
+    result.step_times = step_gaps
+    return result

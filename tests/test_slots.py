@@ -1,0 +1,163 @@
+"""The slot layout: rows reuse freed slots exactly, a task's prefix is stored once, prefill is chunked and bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+import torch
+
+from service import slots
+from service.batch import DecodeBatch, ModelRunner, generate as padded_generate
+from service.engine import ContinuousBatchingEngine, EngineLimits
+from service.errors import DeadlineExceededError
+from service.prefix import TaskPrefix
+from service.requests import GenerationRequest, GenerationResult, SamplingParams
+from tests.helpers import random_task_prefix, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    runner = ModelRunner(tiny_llama(seed=0, initializer_range=0.5, max_position_embeddings=512), tiny_tokenizer(128))
+    assert slots.slot_layout_supported(runner)
+    return runner
+
+
+@pytest.fixture(scope="module")
+def prefixes(runner: ModelRunner) -> dict[str, TaskPrefix]:
+    return {t: random_task_prefix(runner.model, t, v, seed) for seed, (t, v) in enumerate({"a": 4, "b": 9, "c": 2}.items())}
+
+
+def req(prefix: TaskPrefix | None, prompt: list[int], new: int) -> GenerationRequest:
+    return GenerationRequest(prompt, prefix, SamplingParams(max_new_tokens=new))
+
+
+def solo(runner: ModelRunner, request: GenerationRequest) -> list[int]:
+    return padded_generate(runner, [GenerationRequest(request.prompt_ids, request.prefix, request.params)])[0].token_ids
+
+
+def run(engine: ContinuousBatchingEngine, coro_factory):
+    async def main():
+        engine.start()
+        try:
+            return await coro_factory()
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
+
+
+def test_a_row_admitted_into_a_freed_slot_produces_its_solo_tokens(runner, prefixes) -> None:
+    batch = slots.SlotBatch(runner, slots.SlotLimits(num_slots=2, max_kv_tokens=4096, step_token_budget=16))
+    short, long = req(prefixes["a"], [5, 6, 7], 2), req(prefixes["b"], [9, 10, 11, 12, 13, 14], 12)
+    first, second = batch.add(short), batch.add(long)
+    while not first.finished:
+        batch.step()
+    freed = first.slot
+    batch.remove([first])
+    late = req(prefixes["c"], [20, 21, 22, 23, 24], 7)
+    third = batch.add(late)
+    assert third.slot == freed, "the new row took the freed slot"
+    while batch.rows:
+        batch.step()
+        batch.remove([r for r in batch.rows if r.finished])
+    for row, request in ((first, short), (second, long), (third, late)):
+        assert row.generated == solo(runner, request)
+
+
+def test_two_hundred_requests_through_a_small_slot_pool_match_their_solo_results(runner, prefixes) -> None:
+    rng = random.Random(3)
+    tasks = [prefixes["a"], prefixes["b"], prefixes["c"], None]
+    requests = [
+        req(rng.choice(tasks), [rng.randrange(3, 128) for _ in range(rng.randint(1, 12))], rng.randint(1, 9))
+        for _ in range(200)
+    ]
+    engine = ContinuousBatchingEngine(
+        runner, limits=EngineLimits(max_running_rows=4, max_waiting=256, step_token_budget=8)
+    )
+    assert engine.layout == "slots"
+
+    async def scenario() -> list[GenerationResult]:
+        return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+    results = run(engine, scenario)
+    assert engine.stats.max_batch_rows_seen == 4, "the pool was full, so slots were reused"
+    assert engine.stats.finished == 200 and engine.stats.running_rows == 0
+    assert [r.token_ids for r in results] == [solo(runner, r) for r in requests]
+
+
+def test_a_tasks_prefix_is_stored_once_for_all_its_rows(runner, prefixes) -> None:
+    """Measured on the tensors the engine allocates: more rows of one task add store rows, never prefix columns."""
+    prefix = prefixes["b"]
+    batch = slots.SlotBatch(runner, slots.SlotLimits(num_slots=8, max_kv_tokens=1 << 16, step_token_budget=64))
+    batch.add(req(prefix, [5, 6, 7], 4))
+    batch.step()
+    bank_bytes = batch.bank.keys.untyped_storage().nbytes() + batch.bank.values.untyped_storage().nbytes()
+    for i in range(7):
+        batch.add(req(prefix, [8 + i, 9, 10], 4))
+    batch.step()
+    assert len(batch.bank.entries) == 1 and batch.bank.referenced_tokens == prefix.num_virtual_tokens
+    assert batch.bank.keys.untyped_storage().nbytes() + batch.bank.values.untyped_storage().nbytes() == bank_bytes
+    assert batch.store.width == 3 + 4, "slots hold only each row's own tokens (prompt + new), no prefix copy"
+    # The padded layout (the fallback) holds a copy of the prefix in every row.
+    padded = DecodeBatch.prefill(runner, [req(prefix, [8 + i, 9, 10], 4) for i in range(8)])
+    per_token = batch.store.geometry.bytes_per_token
+    assert padded.kv_bytes == 8 * (prefix.num_virtual_tokens + 3) * per_token
+
+
+def test_released_prefixes_are_reused_and_evicted_only_when_idle(runner, prefixes) -> None:
+    batch = slots.SlotBatch(runner, slots.SlotLimits(num_slots=4, max_kv_tokens=1 << 16))
+    row = batch.add(req(prefixes["a"], [5], 1))
+    entry = row.bank_entry
+    batch.step()
+    batch.remove([row])
+    assert entry.refs == 0 and ("a", prefixes["a"].sha256) in batch.bank.entries, "kept cached while idle"
+    again = batch.add(req(prefixes["a"], [6], 1))
+    assert again.bank_entry is entry, "an idle cached prefix is not written again"
+
+
+def test_deadline_is_enforced_between_prefill_chunks(runner, prefixes) -> None:
+    """A long prompt prefills in chunks; the deadline ends it between chunks, not after the whole prompt."""
+    engine = ContinuousBatchingEngine(
+        runner, limits=EngineLimits(request_timeout_s=0.3, step_token_budget=8, idle_token_budget=8)
+    )
+    hook = runner.model.register_forward_pre_hook(lambda *_: time.sleep(0.05))  # 300 tokens / 8 = 38 steps ~ 1.9 s
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeadlineExceededError):
+            run(engine, lambda: engine.generate(req(prefixes["a"], [5 + i % 100 for i in range(300)], 4)))
+    finally:
+        hook.remove()
+    assert time.monotonic() - started < 1.0, "the request was ended within a few chunks of its deadline"
+    assert engine.stats.steps < 20
+
+
+def test_queue_gauge_follows_cancelled_queued_requests(runner, prefixes) -> None:
+    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_running_rows=1))
+
+    async def scenario() -> tuple[int, int]:
+        running = asyncio.create_task(engine.generate(req(prefixes["a"], [5, 6], 300)))
+        while engine.stats.running_rows < 1:
+            await asyncio.sleep(0.001)
+        queued = [asyncio.create_task(engine.generate(req(prefixes["b"], [7], 3))) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        before = engine.queue_size
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        for _ in range(200):
+            if engine.queue_size == 0:
+                break
+            await asyncio.sleep(0.005)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        return before, engine.queue_size
+
+    hook = runner.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))  # the long request outlives the test
+    try:
+        before, after = run(engine, scenario)
+    finally:
+        hook.remove()
+    assert before == 3 and after == 0
