@@ -190,6 +190,16 @@ def _decode_attention(
     and their own valid columns through `decode_bias`."""
     span, width = plan.span, plan.own_width
     num_kv_heads, head_dim = key.shape[1], key.shape[3]
+    out_dtype = query.dtype
+    if query.dtype in (torch.bfloat16, torch.float16):
+        # Scores rounded to 8 bits of mantissa move softmax weights by several percent; compute this small
+        # attention in float32 (as sdpa's kernels accumulate), reading half-precision KV.
+        query, key, value = query.float(), key[:span, :, :width].float(), value[:span, :, :width].float()
+        bank_keys = bank_keys[:, plan.prefix_start : plan.prefix_end].float()
+        bank_values = bank_values[:, plan.prefix_start : plan.prefix_end].float()
+        prefix_slice = slice(None)
+    else:
+        prefix_slice = slice(plan.prefix_start, plan.prefix_end)
     q = query.transpose(0, 1).reshape(plan.num_decode, num_kv_heads, groups, head_dim)
     if not plan.decode_dense:  # slots in [0, span) that are not decoding this step get a zero query
         dense = q.new_zeros((span, num_kv_heads, groups, head_dim))
@@ -200,7 +210,7 @@ def _decode_attention(
     prefix_columns = plan.prefix_end - plan.prefix_start
     if prefix_columns:
         q_by_head = q.permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, head_dim)
-        pk = bank_keys[:, plan.prefix_start : plan.prefix_end]
+        pk = bank_keys[:, prefix_slice]
         prefix_scores = torch.matmul(q_by_head, pk.transpose(-1, -2))  # (H_kv, span*G, P)
         prefix_scores = prefix_scores.view(num_kv_heads, span, groups, prefix_columns).permute(1, 0, 2, 3)
         scores = torch.cat([prefix_scores, own_scores], dim=-1)
@@ -210,11 +220,11 @@ def _decode_attention(
     out = torch.matmul(probs[..., prefix_columns:], own_values)  # (span, H_kv, G, D)
     if prefix_columns:
         p = probs[..., :prefix_columns].permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, prefix_columns)
-        pv = torch.matmul(p, bank_values[:, plan.prefix_start : plan.prefix_end])  # (H_kv, span*G, D)
+        pv = torch.matmul(p, bank_values[:, prefix_slice])  # (H_kv, span*G, D)
         out = out + pv.view(num_kv_heads, span, groups, head_dim).permute(1, 0, 2, 3)
     if not plan.decode_dense:
         out = out[plan.decode_slots]
-    return out.reshape(plan.num_decode, num_kv_heads * groups, head_dim)
+    return out.reshape(plan.num_decode, num_kv_heads * groups, head_dim).to(out_dtype)
 
 
 def register() -> str:

@@ -161,3 +161,14 @@ def test_queue_gauge_follows_cancelled_queued_requests(runner, prefixes) -> None
     finally:
         hook.remove()
     assert before == 3 and after == 0
+
+
+def test_a_bfloat16_model_takes_the_slot_layout() -> None:
+    """The start-up check compares the layouts with a tolerance fit for the dtype (and prefixes of a realistic
+    scale), so half-precision models are not pushed to the padded fallback by rounding alone."""
+    model = tiny_llama(seed=1, max_position_embeddings=128).to(torch.bfloat16)
+    runner = ModelRunner(model, tiny_tokenizer(128))
+    assert slots.slot_layout_supported(runner)
+    prefix = random_task_prefix(model, "t", 4, seed=0)
+    requests = [req(prefix, [5, 6, 7, 8], 6), req(None, [9, 10], 6)]
+    assert [r.token_ids for r in slots.generate(runner, requests)] == [solo(runner, r) for r in requests]
