@@ -16,7 +16,7 @@ from service.api.auth import ApiKeys, exposure_problem, is_loopback
 from service.logging_setup import JsonFormatter
 from service.model_loader import LoadedModel
 from service.settings import Settings
-from tests.test_api import adapter, assert_error, upload
+from tests.helpers import adapter, assert_error, upload
 
 GENERATE_KEY, ADMIN_KEY = "gen-key-123", "admin-key-456"
 
