@@ -67,9 +67,12 @@ def tgi(server, inputs: str, max_new_tokens: int, **parameters) -> dict:
 
 
 def message(error: openai.APIStatusError) -> str:
-    """The project's error shape is `{"error": "<message>", "type": ...}`: the client exposes the message as `body`."""
-    assert error.response.json()["type"] and isinstance(error.body, str)
-    return error.body
+    """/v1 errors have OpenAI's shape, so the official client's `str(exc)` shows the message (not just the status)."""
+    body = error.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["type"] and body["error"]["code"], body
+    assert body["error"]["message"] in str(error), str(error)
+    return body["error"]["message"]
 
 
 def test_models_lists_the_base_model_and_every_task(client, server) -> None:
