@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from service.errors import InvalidRequestError, ModelNotFoundError, RequestTooLongError, TaskNotFoundError
@@ -70,10 +71,12 @@ def parse_json_body(raw: bytes) -> Any:
             f"body: not valid UTF-8 ({exc.reason} at byte {exc.start}); JSON bodies must be UTF-8 encoded",
             field="body",
         ) from None
-    depth = _nesting_depth(text)
-    if depth > MAX_JSON_DEPTH:
+    # Before parsing: deep nesting makes the recursive parser (and any later recursive walk, e.g. json.dumps of an
+    # echoed parameter) exhaust the interpreter's stack.
+    if nesting_depth(raw) > MAX_JSON_DEPTH:
         raise InvalidRequestError(
-            f"body: JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH} levels are accepted",
+            f"body: JSON nested more than {MAX_JSON_DEPTH} levels deep (arrays/objects inside each other); "
+            f"at most {MAX_JSON_DEPTH} levels are accepted",
             field="body", limit=MAX_JSON_DEPTH,
         )
     try:
@@ -82,39 +85,30 @@ def parse_json_body(raw: bytes) -> Any:
         raise InvalidRequestError(
             f"body: invalid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", field="body"
         ) from None
+    except RecursionError:  # unreachable after the depth check; kept so no parser limit can become a 500
+        raise InvalidRequestError("body: JSON nested too deeply", field="body") from None
     except ValueError as exc:  # an integer literal over Python's int-conversion digit limit (4300)
         raise InvalidRequestError(
             f"body: a number in the JSON is too long to parse ({str(exc).split(';')[0]})", field="body"
         ) from None
-    except RecursionError:  # unreachable after the depth check; kept so no parser limit can ever become a 500
-        raise InvalidRequestError("body: JSON nested too deeply", field="body") from None
 
 
-def _nesting_depth(text: str) -> int:
-    """Deepest `[`/`{` nesting outside strings: a linear scan that cannot recurse, run before the parser."""
-    if "[" not in text and "{" not in text:
+# A JSON string literal; possessive quantifiers keep the match linear whatever the input.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nesting_depth(raw: bytes) -> int:
+    """How deep `[`/`{` nest outside string literals, at C speed (regex, translate, numpy): an 8 MiB body of
+    brackets takes milliseconds, where walking the parsed value in Python took seconds."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # too few brackets to exceed the limit: the common case, decided by two C-level counts
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if not brackets:
         return 0
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > MAX_JSON_DEPTH:
-                    return deepest
-        elif char in "]}":
-            depth -= 1
-    return deepest
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)
+    return int(np.cumsum(steps, dtype=np.int64).max())
 
 
 # ------------------------------------------------------------------------------------------------ the processor

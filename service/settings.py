@@ -52,8 +52,9 @@ class Settings(BaseSettings):
         default=80 * 1024 * 1024, ge=1, description="Cap on an upload body (POST /prefixes, multipart)."
     )
     max_json_body_bytes: int = Field(
-        default=8 * 1024 * 1024, ge=1,
-        description="Cap on every other request body (the JSON routes): refused with 413 before it is read whole.",
+        default=4 * 1024 * 1024, ge=1,
+        description="Cap on every other request body (the JSON routes): refused with 413 before it is read whole. "
+        "A prompt at the character bound (4096 tokens x 81 characters) fits even JSON-escaped.",
     )
     keep_alive_timeout_s: float = Field(
         default=75.0, gt=0,

@@ -8,13 +8,13 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api.auth import ApiKeys, AuthMiddleware, require
+from service.api.auth import ApiKeys, AuthMiddleware
 from service.api.error_bodies import error_body, service_error_body
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes
@@ -101,18 +101,17 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         # answered before auth): a path with a stray slash is a plain 404 instead.
         redirect_slashes=False,
     )
-    app.include_router(health.router)
-    app.include_router(metrics_route.router)
-    app.include_router(generate.router, dependencies=[Depends(require("generate"))])
-    app.include_router(prefixes.router)
-    app.include_router(openai.router, dependencies=[Depends(require("generate"))])
+    # Each router declares its own auth (`require(...)` dependencies); AuthMiddleware enforces the same declarations.
+    routers = [health.router, metrics_route.router, generate.router, prefixes.router, openai.router]
+    for router in routers:
+        app.include_router(router)
     _install_error_handlers(app)
     # Added innermost first: request context (ids, metrics, access log) wraps auth, which runs from the headers
     # before the body cap and before anything reads the body.
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_json_body_bytes=settings.max_json_body_bytes
     )
-    app.add_middleware(AuthMiddleware)
+    app.add_middleware(AuthMiddleware, routers=routers)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
 

@@ -106,31 +106,44 @@ def require(scope: Scope, *, only_if: SettingsPredicate | None = None) -> Callab
     return check
 
 
-def route_requirement(route: Any) -> tuple[Scope, SettingsPredicate | None] | None:
-    """The strongest `require(...)` a route declares (router-level dependencies are copied onto each route)."""
-    found: list[tuple[Scope, SettingsPredicate | None]] = []
+Requirement = tuple[Scope, "SettingsPredicate | None"]
+
+
+def route_requirement(route: Any) -> Requirement | None:
+    """The strongest `require(...)` a route declares (an APIRouter's own dependencies are copied onto its routes)."""
+    found: list[Requirement] = []
     for dependency in getattr(route, "dependencies", None) or []:
         scope = getattr(dependency.dependency, "required_scope", None)
         if scope is not None:
             found.append((scope, getattr(dependency.dependency, "only_if", None)))
-    if not found:
-        return None
-    return max(found, key=lambda item: (item[0] == "admin", item[1] is None))
+    return _strongest(found)
+
+
+def _strongest(found: list[Requirement]) -> Requirement | None:
+    return max(found, key=lambda item: (item[0] == "admin", item[1] is None)) if found else None
 
 
 class AuthMiddleware:
-    """Checks the API key of the route a request is for, from its headers, before the app touches the body."""
+    """Checks the API key a request's route requires, from its headers, before the app touches the body.
 
-    def __init__(self, app: ASGIApp) -> None:
+    `routers` are the APIRouters the app includes (without a prefix): their routes are matched here the way the app
+    will match them. Routes with no `require(...)` (health, docs) and paths no route matches (a 404) pass through."""
+
+    def __init__(self, app: ASGIApp, *, routers: list[Any]) -> None:
         self.app = app
+        self.rules: list[tuple[Any, Requirement]] = []
+        for router in routers:
+            for route in router.routes:
+                requirement = route_requirement(route)
+                if requirement is not None:
+                    self.rules.append((route, requirement))
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        app = scope.get("app")
-        state: ServiceState | None = getattr(getattr(app, "state", None), "service", None)
-        requirement = self._requirement(app, scope) if state is not None else None
+        state: ServiceState | None = getattr(getattr(scope.get("app"), "state", None), "service", None)
+        requirement = self._requirement(scope) if state is not None else None
         if requirement is not None and state is not None:
             required, only_if = requirement
             if only_if is None or only_if(state.settings):
@@ -146,20 +159,17 @@ class AuthMiddleware:
                     return
         await self.app(scope, receive, send)
 
-    @staticmethod
-    def _requirement(app: Any, scope: AsgiScope) -> tuple[Scope, SettingsPredicate | None] | None:
-        """The route this request will reach, as the router will pick it: the first full match; else (a 405 is
-        coming) the strictest requirement among routes of this path, so a wrong method learns nothing either."""
-        partial: list[tuple[Scope, SettingsPredicate | None]] = []
-        for route in getattr(getattr(app, "router", None), "routes", []):
+    def _requirement(self, scope: AsgiScope) -> Requirement | None:
+        """The first route that fully matches; if only the path matches (a 405 is coming), the strictest requirement
+        among those routes, so a wrong method learns nothing either."""
+        partial: list[Requirement] = []
+        for route, requirement in self.rules:
             match, _ = route.matches(scope)
             if match is Match.FULL:
-                return route_requirement(route)
+                return requirement
             if match is Match.PARTIAL:
-                requirement = route_requirement(route)
-                if requirement is not None:
-                    partial.append(requirement)
-        return max(partial, key=lambda item: (item[0] == "admin", item[1] is None)) if partial else None
+                partial.append(requirement)
+        return _strongest(partial)
 
 
 async def _send_json(send: Send, path: str, exc: ServiceError) -> None:

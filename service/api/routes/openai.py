@@ -44,6 +44,7 @@ from service.api.openai_schemas import (
     Usage,
     SamplingFields,
 )
+from service.api.auth import require
 from service.api.json_route import JSONBodyRoute
 from service.api.sse import event_stream, sse
 from service.api.state import ServiceState, get_state
@@ -54,7 +55,9 @@ from service.requests import FinishReason, GenerationRequest, GenerationResult, 
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
+router = APIRouter(
+    prefix="/v1", tags=["openai"], route_class=JSONBodyRoute, dependencies=[Depends(require("generate"))]
+)
 
 State = Annotated[ServiceState, Depends(get_state)]
 
