@@ -316,6 +316,10 @@ def assert_json_error(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, (response.status_code, response.text[:500])
     assert response.headers["content-type"].startswith("application/json"), response.headers
     body = response.json()
+    if response.request.url.path.startswith("/v1/"):  # OpenAI's shape
+        error = body.get("error")
+        assert isinstance(error, dict) and error.get("message") and error.get("type") and error.get("code"), body
+        return body
     assert isinstance(body.get("error"), str) and body["error"], body
     assert isinstance(body.get("type"), str) and body["type"], body
     return body

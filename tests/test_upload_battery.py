@@ -241,7 +241,7 @@ def test_battery_controls_a_valid_upload_is_accepted_at_the_limits(battery: Batt
 @pytest.mark.parametrize("path", ["/prefixes", "/generate"])
 def test_body_over_the_cap_without_content_length_is_413(loaded: LoadedModel, tmp_path: Path, path: str) -> None:
     limit = 100_000
-    settings = Settings(prefix_dir=tmp_path / "store", max_body_bytes=limit)
+    settings = Settings(prefix_dir=tmp_path / "store", max_body_bytes=limit, max_json_body_bytes=limit)
     boundary = uuid.uuid4().hex
 
     def chunks() -> Iterator[bytes]:  # a generator body: httpx sends it chunked, with no Content-Length
