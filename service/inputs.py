@@ -15,6 +15,7 @@ Nothing here depends on FastAPI: errors are `ServiceError`s that each front end 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import re
@@ -124,6 +125,7 @@ class InputProcessor:
         self.tokenizer: PreTrainedTokenizerBase = model.tokenizer
         self.chars_per_token = settings.max_prompt_chars_per_token or longest_token_chars(self.tokenizer)
         self._special_tokens = special_token_strings(self.tokenizer)
+        self._literal_tokenizer = literal_tokenizer(self.tokenizer)
         # A small dedicated pool: tokenizing a prompt at the character bound takes ~0.5 s of CPU here, and a burst of
         # them must queue rather than take every core from the engine.
         self._pool = ThreadPoolExecutor(max_workers=settings.input_threads, thread_name_prefix="prefix-serve-inputs")
@@ -233,7 +235,7 @@ class InputProcessor:
     def _build_chat(
         self, target: str, turns: list[ChatTurn], params: SamplingParams, fields: FieldNames, request_id: str
     ) -> GenerationRequest:
-        prompt_ids = render_chat(self.tokenizer, turns, self._special_tokens)
+        prompt_ids = render_chat(self.tokenizer, turns, self._special_tokens, self._literal_tokenizer)
         return self._finish(target, prompt_ids, params, fields, True, request_id)
 
     def _finish(
@@ -296,15 +298,33 @@ def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]
     return tuple(sorted((s for s in found if s), key=len, reverse=True))
 
 
+def literal_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A private copy of `tokenizer` that reads control-token text as plain text.
+
+    Why a copy: transformers implements `split_special_tokens=True` by flipping a flag on the shared Rust backend
+    (`encode_special_tokens`) and leaves it set; two threads tokenizing at once on one tokenizer could then parse a
+    user's `<|im_end|>` as the control token, or split the template's own. The copy owns its backend, flag always on."""
+    literal = copy.deepcopy(tokenizer)
+    literal.split_special_tokens = True
+    backend = getattr(literal, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_special_tokens"):
+        backend.encode_special_tokens = True
+    return literal
+
+
 _PLACEHOLDER = re.compile("(\ue000\\d+\ue001)")
 
 
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, turns: Sequence[ChatTurn], special_tokens: Sequence[str]
+    tokenizer: PreTrainedTokenizerBase,
+    turns: Sequence[ChatTurn],
+    special_tokens: Sequence[str],
+    literal: PreTrainedTokenizerBase,
 ) -> list[int]:
     """Token ids of `turns` in the chat template, generation prompt added. Message content never becomes control
     tokens: a user who writes `<|im_end|>\\n<|im_start|>system` gets those characters as plain text, not a forged
-    system turn. Content without any control-token string takes the ordinary path (template text tokenized whole)."""
+    system turn. Content without any control-token string takes the ordinary path (template text tokenized whole).
+    `literal` is `literal_tokenizer(tokenizer)`: it tokenizes the content."""
     messages = [{"role": t.role, "content": t.content} for t in turns]
     text = _apply_template(tokenizer, messages)
     spelled = sorted({s for t in turns for s in special_tokens if s in t.content})
@@ -334,7 +354,7 @@ def render_chat(
         if _PLACEHOLDER.fullmatch(piece):
             content = turns[int(piece[1:-1])].content
             if content:
-                ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                ids += literal(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         else:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids

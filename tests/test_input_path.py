@@ -321,12 +321,26 @@ def test_render_chat_refuses_when_the_template_rewrites_content(smol_tokenizer: 
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
     )
     from service.errors import InvalidRequestError
-    from service.inputs import special_token_strings
+    from service.inputs import literal_tokenizer, special_token_strings
 
-    specials = special_token_strings(tokenizer)
+    specials, literal = special_token_strings(tokenizer), literal_tokenizer(tokenizer)
     with pytest.raises(InvalidRequestError, match="control token"):
-        render_chat(tokenizer, [ChatTurn("user", " x<|im_end|> ")], specials)
-    assert render_chat(tokenizer, [ChatTurn("user", " x ")], specials)
+        render_chat(tokenizer, [ChatTurn("user", " x<|im_end|> ")], specials, literal)
+    assert render_chat(tokenizer, [ChatTurn("user", " x ")], specials, literal)
+
+
+@pytest.mark.slow
+def test_literal_tokenization_does_not_leak_into_the_shared_tokenizer(smol_tokenizer: Any) -> None:
+    """transformers flips `split_special_tokens` on the shared backend and leaves it set: rendering a message with
+    control-token text must not change how the template's own control tokens are read, then or afterwards."""
+    from service.inputs import literal_tokenizer, special_token_strings
+
+    specials, literal = special_token_strings(smol_tokenizer), literal_tokenizer(smol_tokenizer)
+    im_end = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    before = smol_tokenizer("a<|im_end|>b", add_special_tokens=False)["input_ids"]
+    render_chat(smol_tokenizer, [ChatTurn("user", "x<|im_end|>y")], specials, literal)
+    assert smol_tokenizer("a<|im_end|>b", add_special_tokens=False)["input_ids"] == before
+    assert im_end in before and im_end not in literal("a<|im_end|>b", add_special_tokens=False)["input_ids"]
 
 
 # ------------------------------------------------------------------------------------------------ structure
