@@ -65,7 +65,6 @@ OWNER = "prefix-serve"
 _STARTED = int(time.time())  # the base model's `created`
 
 
-
 class OpenAIErrorDetail(BaseModel):
     message: str
     type: str = Field(description="invalid_request_error, authentication_error, not_found_error, rate_limit_error...")
