@@ -1,56 +1,102 @@
-"""/health latency while huge prompts are refused (real `prefix-serve serve`, embedded SmolLM2, loopback only).
+"""/health latency while huge prompts are refused: a real `prefix-serve serve` with the embedded SmolLM2, loopback
+only, `/health` probed every 10 ms from another thread during each request (~1 min).
 
-Usage: .venv/bin/python tests/scripts/measure_input_bounds.py [PORT]   (~1 min; prints one JSON line per case)"""
-import json, statistics, subprocess, sys, tempfile, threading, time
+Usage: .venv/bin/python tests/scripts/measure_input_bounds.py [PORT]   (one JSON line per case; README's table)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Any
+
 import httpx
 
-root = Path(__file__).resolve().parents[2]
-work = Path(tempfile.mkdtemp(prefix="measure-inputs-"))
-port = int(sys.argv[1]) if len(sys.argv) > 1 else 18711
-store = work / "store"
-log = open(work / "server.log", "wb")
-proc = subprocess.Popen([str(root / ".venv/bin/prefix-serve"), "serve", "--port", str(port), "--prefix-dir", str(store),
-                         "--device", "cpu", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, cwd=work)
-url = f"http://127.0.0.1:{port}"
-def rss():
-    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+ROOT = Path(__file__).resolve().parents[2]
+TWENTY_MB = 20 * 1024 * 1024
+
+
+def rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) // 1024
-try:
-    t0 = time.time()
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200: break
-        except httpx.TransportError: pass
-        assert proc.poll() is None and time.time() - t0 < 180
-        time.sleep(0.3)
-    model = httpx.get(url + "/health").json()["model"]
-    results = {}
-    cases = {
-        "generate_20MB": ("/generate", {"task_id": "none", "inputs": "hello " * (20 * 1024 * 1024 // 6)}),
-        "completions_20MB": ("/v1/completions", {"model": model, "prompt": "hello " * (20 * 1024 * 1024 // 6)}),
-        "chat_20MB": ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hello " * (20 * 1024 * 1024 // 6)}]}),
-        "completions_3.9MB_over_char_bound": ("/v1/completions", {"model": model, "prompt": "hello " * (3_900_000 // 6)}),
-        "completions_at_char_bound_331k_chars": ("/v1/completions", {"model": model, "prompt": "hello " * (331_776 // 6)}),
-    }
-    for name, (path, body) in cases.items():
-        raw = json.dumps(body).encode()
-        lat = []; stop = threading.Event()
-        def probe():
-            with httpx.Client(base_url=url, timeout=60) as c:
-                while not stop.is_set():
-                    s = time.perf_counter(); c.get("/health"); lat.append(time.perf_counter() - s); time.sleep(0.01)
-        th = threading.Thread(target=probe); th.start(); time.sleep(0.2)
-        rss0 = rss()
-        s = time.perf_counter()
-        r = httpx.post(url + path, content=raw, headers={"content-type": "application/json"}, timeout=120)
-        took = time.perf_counter() - s
-        time.sleep(0.2); stop.set(); th.join()
-        msg = r.json().get("error"); msg = msg["message"] if isinstance(msg, dict) else msg
-        results[name] = {"body_MB": round(len(raw) / 1e6, 1), "status": r.status_code, "answered_s": round(took, 3),
-                         "health_ms_p50": round(1000 * statistics.median(lat), 1), "health_ms_max": round(1000 * max(lat), 1),
-                         "probes": len(lat), "rss_mib_before": rss0, "rss_mib_after": rss(), "message": msg[:140]}
-        print(name, json.dumps(results[name]), flush=True)
-finally:
-    proc.terminate(); proc.wait(30)
+    return -1
+
+
+def measure(url: str, pid: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    raw = json.dumps(body).encode()
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.get("/health")
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    time.sleep(0.2)
+    rss_before = rss_mib(pid)
+    started = time.perf_counter()
+    response = httpx.post(url + path, content=raw, headers={"content-type": "application/json"}, timeout=120)
+    answered_s = time.perf_counter() - started
+    time.sleep(0.2)
+    stop.set()
+    prober.join()
+    error = response.json().get("error")
+    message = error["message"] if isinstance(error, dict) else str(error)
+    return {
+        "body_MB": round(len(raw) / 1e6, 1), "status": response.status_code, "answered_s": round(answered_s, 3),
+        "health_ms_p50": round(1000 * statistics.median(latencies), 1),
+        "health_ms_max": round(1000 * max(latencies), 1), "probes": len(latencies),
+        "rss_mib_before": rss_before, "rss_mib_after": rss_mib(pid), "message": message[:140],
+    }  # fmt: skip
+
+
+def main() -> None:
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 18711
+    work = Path(tempfile.mkdtemp(prefix="measure-inputs-"))
+    url = f"http://127.0.0.1:{port}"
+    with open(work / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(ROOT / ".venv/bin/prefix-serve"), "serve", "--port", str(port), "--prefix-dir", str(work / "store"),
+             "--device", "cpu", "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=work,
+        )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.time() < deadline, "the server did not start"
+            time.sleep(0.3)
+        model = httpx.get(url + "/health").json()["model"]
+        huge = "hello " * (TWENTY_MB // 6)
+        cases = {
+            "generate_20MB": ("/generate", {"task_id": "none", "inputs": huge}),
+            "completions_20MB": ("/v1/completions", {"model": model, "prompt": huge}),
+            "chat_20MB": ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": huge}]}),
+            "completions_3.9MB_over_char_bound": ("/v1/completions", {"model": model, "prompt": "hello " * 650_000}),
+            "completions_at_char_bound_331k_chars": ("/v1/completions", {"model": model, "prompt": "hello " * 55_296}),
+        }
+        for name, (path, body) in cases.items():
+            print(name, json.dumps(measure(url, server.pid, path, body)), flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
