@@ -300,3 +300,12 @@ def test_repeated_or_unknown_upload_fields_are_refused(client_with_task: TestCli
     assert_error(extra, 422, "note")
     assert client_with_task.get("/prefixes").json() == before, "a refused upload stored something"
     assert client_with_task.post("/prefixes", data={"task_id": "dup"}, files=files).status_code == 201
+
+
+def test_upload_with_the_wrong_content_type_or_a_broken_form_says_so(client_with_task: TestClient) -> None:
+    as_json = client_with_task.post("/prefixes", json={"task_id": "x"})
+    assert_error(as_json, 415, "multipart/form-data", "application/json")
+    broken = client_with_task.post(
+        "/prefixes", content=b"--nope\r\nnot a part", headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert_error(broken, 422, "multipart/form-data body could not be parsed")

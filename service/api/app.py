@@ -148,8 +148,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         path = request.url.path
-        if exc.status_code == 400:  # FastAPI's "error parsing the body" (a broken multipart body): bad input
-            content = error_body(path, 422, f"body: {exc.detail}", "validation_error", {"field": "body"})
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": JSON is parsed earlier, so a broken form
+            message = (
+                "body: the multipart/form-data body could not be parsed (a missing or wrong boundary, or a malformed "
+                "part header); send task_id, adapter_config and adapter_model as a multipart form"
+            )
+            content = error_body(path, 422, message, "validation_error", {"field": "body"})
             return JSONResponse(status_code=422, content=content)
         detail = str(exc.detail)
         if exc.status_code == 404:

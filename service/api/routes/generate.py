@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from service.api.auth import require
-from service.api.json_route import JSONBodyRoute
+from service.api.body_route import CheckedBodyRoute
 from service.api.schemas import (
     ErrorResponse,
     GenerateDetails,
@@ -24,7 +24,7 @@ from service.engine import TokenEvent
 from service.inputs import TGI_FIELDS
 from service.requests import GenerationRequest, GenerationResult
 
-router = APIRouter(tags=["generate"], route_class=JSONBodyRoute, dependencies=[Depends(require("generate"))])
+router = APIRouter(tags=["generate"], route_class=CheckedBodyRoute, dependencies=[Depends(require("generate"))])
 
 _ERRORS: dict[int | str, dict] = {
     404: {"model": ErrorResponse, "description": "Unknown task"},

@@ -45,7 +45,7 @@ from service.api.openai_schemas import (
     SamplingFields,
 )
 from service.api.auth import require
-from service.api.json_route import JSONBodyRoute
+from service.api.body_route import CheckedBodyRoute
 from service.api.sse import event_stream, sse
 from service.api.state import ServiceState, get_state
 from service.engine import TokenEvent
@@ -56,7 +56,7 @@ from service.requests import FinishReason, GenerationRequest, GenerationResult, 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(
-    prefix="/v1", tags=["openai"], route_class=JSONBodyRoute, dependencies=[Depends(require("generate"))]
+    prefix="/v1", tags=["openai"], route_class=CheckedBodyRoute, dependencies=[Depends(require("generate"))]
 )
 
 State = Annotated[ServiceState, Depends(get_state)]

@@ -9,12 +9,13 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile, status
 
 from service.api.auth import require
+from service.api.body_route import CheckedBodyRoute
 from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixState, PrefixUploadResponse
 from service.api.state import ServiceState, get_state
 from service.errors import InvalidPrefixError, InvalidRequestError, PayloadTooLargeError, ServiceError
 from service.registry import PrefixRecord
 
-router = APIRouter(prefix="/prefixes", tags=["prefixes"])
+router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=CheckedBodyRoute)
 
 State = Annotated[ServiceState, Depends(get_state)]
 ADMIN = [Depends(require("admin"))]  # upload, replace, delete
@@ -70,6 +71,7 @@ def _check_form_fields(names: list[str]) -> None:
         200: {"model": PrefixUploadResponse, "description": "Replaced an existing prefix"},
         409: {"model": ErrorResponse, "description": "Task exists and replace is false"},
         413: {"model": ErrorResponse, "description": "A file is over its size cap"},
+        415: {"model": ErrorResponse, "description": "The body is not multipart/form-data"},
         422: {"model": ErrorResponse, "description": "The adapter does not fit the served model"},
     },
     dependencies=ADMIN,

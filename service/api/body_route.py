@@ -1,7 +1,7 @@
-"""A route class for JSON-body endpoints: the body is checked and parsed by `service.inputs.parse_json_body` before
-FastAPI's own parser sees it. FastAPI answers bad UTF-8, a 5,000-digit integer or deep nesting with a bare "There was
-an error parsing the body", and a `Content-Type: text/plain` body with a validation error that never mentions the
-content type; here each is a 4xx that says what is wrong."""
+"""A route class that checks a request body before FastAPI's own parser sees it. A JSON body is parsed by
+`service.inputs.parse_json_body`: FastAPI answers bad UTF-8, a 5,000-digit integer or deep nesting with a bare "There
+was an error parsing the body", and a `Content-Type: text/plain` body with a validation error that never mentions the
+content type; here each is a 4xx that says what is wrong. A form route (the upload) wants multipart/form-data."""
 
 from __future__ import annotations
 
@@ -25,12 +25,26 @@ def is_json_media_type(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-class JSONBodyRoute(APIRoute):
+class CheckedBodyRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         body_field = getattr(self, "body_field", None)
-        if body_field is None or isinstance(body_field.field_info, params.Form):
+        if body_field is None:
             return handler
+        if isinstance(body_field.field_info, params.Form):
+
+            async def check_form_then_handle(request: Request) -> Response:
+                content_type = request.headers.get("content-type", "")
+                if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+                    shown = content_type[:100] or "none"
+                    raise UnsupportedMediaTypeError(
+                        f"Content-Type must be multipart/form-data for this route, got {shown}; send the fields "
+                        "and files as a multipart form (curl -F, httpx files=...)",
+                        field="content-type", got=shown,
+                    )
+                return await handler(request)
+
+            return check_form_then_handle
 
         async def parse_then_handle(request: Request) -> Response:
             content_type = request.headers.get("content-type", "")
