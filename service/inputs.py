@@ -35,8 +35,8 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Python's json module recurses once per nesting level; well below the interpreter's recursion limit, and far beyond
-# anything a real request body needs (the deepest legitimate one, a chat message's content part, is 4 levels).
+# Python's json module recurses once per nesting level (so do json.dumps and other walks of a parsed value): well below
+# the interpreter's recursion limit, and far beyond what a real request needs (a chat content part is 5 levels deep).
 MAX_JSON_DEPTH = 64
 
 
