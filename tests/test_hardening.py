@@ -233,7 +233,7 @@ def test_no_redirect_to_a_client_chosen_host(client_with_task: TestClient, path:
 
 
 @pytest.mark.parametrize("keys", [[" "], [""], ["\t"], [" padded "]])
-def test_blank_api_keys_are_refused_at_start(keys: list[str], monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+def test_blank_api_keys_are_refused_at_start(keys: list[str], monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     with pytest.raises(ValueError):
         Settings(api_keys=keys)
     with pytest.raises(ValueError):
@@ -241,9 +241,11 @@ def test_blank_api_keys_are_refused_at_start(keys: list[str], monkeypatch: pytes
     with pytest.raises(ValueError):
         ApiKeys(keys, [])
     monkeypatch.setenv("PREFIX_SERVE_API_KEYS", json.dumps(keys))
-    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
-    logged = capfd.readouterr().err
-    assert "PREFIX_SERVE_API_KEYS" in logged and "whitespace" in logged, logged
+    # The CLI's logging set-up would bind a handler to this test's captured stderr, closed after it: keep pytest's.
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "PREFIX_SERVE_API_KEYS" in caplog.text and "whitespace" in caplog.text, caplog.text
 
 
 def test_blank_key_in_a_key_file_is_refused(tmp_path: Path) -> None:
