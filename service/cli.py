@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
+from pydantic import ValidationError
 
 from service.bench.cli import register as register_bench
 from service.logging_setup import configure_logging
@@ -33,13 +34,24 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.api.auth import exposure_problem
 
-    settings = _settings_from_args(
-        args,
-        ["model", "prefix_dir", "host", "port", "device", "dtype", "cache_dir", "log_level", "log_format",
-         "batching", "allow_unauthenticated"],
-    )
+    try:
+        settings = _settings_from_args(
+            args,
+            ["model", "prefix_dir", "host", "port", "device", "dtype", "cache_dir", "log_level", "log_format",
+             "batching", "allow_unauthenticated"],
+        )
+    except ValidationError as exc:  # e.g. a blank API key: say which setting, not a traceback
+        configure_logging("info", "text")
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ()))
+            logger.error("invalid setting PREFIX_SERVE_%s: %s", where.upper(), error.get("msg"))
+        return 2
     configure_logging(settings.log_level, settings.log_format)
-    problem = exposure_problem(settings)
+    try:
+        problem = exposure_problem(settings)
+    except ValueError as exc:  # a malformed key file, or a blank key in it
+        logger.error("%s", exc)
+        return 2
     if problem:
         logger.error(problem)
         return 2

@@ -100,6 +100,29 @@ class OverloadedError(ServiceError):
     code = "overloaded"
 
 
+class ModelNotFoundError(ServiceError):
+    """OpenAI routes: `model` names neither a stored task nor the base model."""
+
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str, base: str) -> None:
+        shown = model if len(model) <= 100 else model[:100] + "..."
+        super().__init__(
+            f"model '{shown}' does not exist: use a task id from GET /v1/models (upload one with POST /prefixes) "
+            f"or the base model '{base}'",
+            model=shown,
+            field="model",
+        )
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """A JSON route got a body of another content type."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class DeadlineExceededError(ServiceError):
     """The request ran past the server's per-request deadline."""
 

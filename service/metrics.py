@@ -1,8 +1,14 @@
-"""Prometheus metrics (prometheus-client), one registry per app so several apps can live in one process (tests)."""
+"""Prometheus metrics (prometheus-client), one registry per app so several apps can live in one process (tests).
+
+Per-task series are bounded: a task id gets its own label value only while it is stored (a deleted task's series are
+removed with it) and only for the first `max_tasks` tasks seen; the rest are counted under `task="_other"` (task ids
+cannot start with "_", so it never collides with one). Requests for unknown or deleted tasks count under `task=""`.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE  # noqa: F401 - re-exported
@@ -13,8 +19,16 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+OTHER_TASKS = "_other"
+NO_TASK = ""
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_tasks: int = 100) -> None:
+        self.max_tasks = max_tasks
+        self._lock = threading.Lock()  # label admission, recording and removal are one step each
+        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}  # task -> its (metric, label values)
+        self._is_task: Callable[[str], bool] = lambda task: True
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -80,10 +94,54 @@ class Metrics:
         self.kv_bytes.set_function(kv_bytes)
         self.prefix_bank_bytes.set_function(prefix_bank_bytes)
 
+    def bind_tasks(self, is_task: Callable[[str], bool]) -> None:
+        """`is_task(name)`: whether `name` is served now (a stored task, or the base model on the OpenAI routes)."""
+        self._is_task = is_task
+
+    def observe_request(self, route: str, task: str, status: str, duration_s: float) -> None:
+        with self._lock:
+            label = self._task_label(task)
+            self._track(label, self.requests, (route, label, status)).inc()
+            self._track(label, self.request_duration, (route, label, status)).observe(duration_s)
+
     def observe_generation(self, task: str, result: GenerationResult) -> None:
-        self.queue_duration.labels(task).observe(result.queue_s)
-        self.time_to_first_token.labels(task).observe(result.ttft_s)
-        self.generated_tokens.labels(task, result.finish_reason.value).inc(len(result.token_ids))
+        with self._lock:
+            label = self._task_label(task)
+            self._track(label, self.queue_duration, (label,)).observe(result.queue_s)
+            self._track(label, self.time_to_first_token, (label,)).observe(result.ttft_s)
+            finish = result.finish_reason.value
+            self._track(label, self.generated_tokens, (label, finish)).inc(len(result.token_ids))
+
+    def forget_task(self, task: str) -> None:
+        """Remove every series labelled with `task` (called when the task is deleted)."""
+        with self._lock:
+            for metric, labels in self._series.pop(task, set()):
+                try:
+                    metric.remove(*labels)
+                except KeyError:  # already gone
+                    pass
+
+    @property
+    def tracked_tasks(self) -> int:
+        return len(self._series)
+
+    def _task_label(self, task: str) -> str:
+        """Caller holds the lock."""
+        if not task:
+            return NO_TASK
+        if task in self._series:
+            return task
+        if not self._is_task(task):  # deleted while its request ran: do not resurrect its series
+            return NO_TASK
+        if len(self._series) >= self.max_tasks:
+            return OTHER_TASKS
+        self._series[task] = set()
+        return task
+
+    def _track(self, label: str, metric: Any, labels: tuple[str, ...]) -> Any:
+        if label in self._series:
+            self._series[label].add((metric, labels))
+        return metric.labels(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

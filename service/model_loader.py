@@ -373,6 +373,31 @@ def _drop_gguf_quantization(model: PreTrainedModel) -> None:
 # Loading
 
 
+def check_all_weights_loaded(name: str, class_name: str, loading_info: dict[str, Any]) -> None:
+    """Refuse a model whose checkpoint does not fill every weight of the class transformers chose. transformers only
+    logs a warning and initialises the rest at random: a BART checkpoint loads as BartForCausalLM without its encoder,
+    with fresh `embed_tokens` and `lm_head`, and would be served as garbage that looks healthy. Weights the checkpoint
+    has but the class lacks ("unexpected") are harmless and allowed; tied weights are not reported as missing."""
+    missing = sorted(str(k) for k in loading_info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading_info.get("mismatched_keys") or ())
+    if not missing and not mismatched:
+        return
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing from the checkpoint ({listed(missing)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} weight(s) of the wrong shape ({listed(mismatched)})")
+    raise ValueError(
+        f"--model {name}: the checkpoint does not fit {class_name}: {'; '.join(problems)} would be randomly "
+        "initialised. Refusing to serve random weights: pass a decoder-only causal language model whose checkpoint "
+        "matches its config."
+    )
+
+
 def load_base_model(settings: Settings) -> LoadedModel:
     """Load the configured base model (or the embedded default) onto the configured device and dtype."""
     device = resolve_device(settings.device)
@@ -408,7 +433,10 @@ def load_base_model(settings: Settings) -> LoadedModel:
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
+    model, loading_info = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, output_loading_info=True, **kwargs
+    )
+    check_all_weights_loaded(name, type(model).__name__, loading_info)
     if gguf_file:
         _drop_gguf_quantization(model)
     model.to(device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 EXPECTED_PEFT_TYPE = "PREFIX_TUNING"
 EXPECTED_TASK_TYPE = "CAUSAL_LM"
 WEIGHTS_TENSOR_NAME = "prompt_embeddings"
+# PEFT's header (one tensor entry, `__metadata__` {"format": "pt"}) is ~130 bytes. The cap stops a file that is mostly
+# header - a 30 MB `__metadata__` string rode along with a 0.9 MB prefix and was stored verbatim.
+MAX_SAFETENSORS_HEADER_BYTES = 16 * 1024
 _ACCEPTED_DTYPES: dict[torch.dtype, str] = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
@@ -119,12 +123,12 @@ def _parse_config(config_bytes: bytes) -> dict[str, Any]:
 
 def _check_config(config: dict[str, Any], geometry: PrefixGeometry, *, max_virtual_tokens: int) -> int:
     """Validate the fields that decide the prefix's shape; return num_virtual_tokens."""
-    peft_type = config.get("peft_type")
-    if peft_type != EXPECTED_PEFT_TYPE:
-        raise InvalidPrefixError("peft_type", EXPECTED_PEFT_TYPE, _show(peft_type))
-    task_type = config.get("task_type")
-    if task_type != EXPECTED_TASK_TYPE:
-        raise InvalidPrefixError("task_type", EXPECTED_TASK_TYPE, _show(task_type))
+    for field, expected in (("peft_type", EXPECTED_PEFT_TYPE), ("task_type", EXPECTED_TASK_TYPE)):
+        value = config.get(field)
+        if value != expected:
+            raise InvalidPrefixError(
+                field, expected, _show(value), message=f"{field}: expected \"{expected}\", got {_describe(config, field)}"
+            )
 
     # The prefix occupies V cache slots; at least one position must remain for a real token.
     cap = min(max_virtual_tokens, geometry.max_positions - 1)
@@ -175,6 +179,7 @@ def _check_config(config: dict[str, Any], geometry: PrefixGeometry, *, max_virtu
 def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, num_virtual_tokens: int) -> torch.Tensor:
     if not weights_bytes:
         raise InvalidPrefixError("adapter_model", "a non-empty safetensors file", "0 bytes")
+    _check_header_size(weights_bytes)
     try:
         # safetensors validates the header length, offsets and buffer size itself; it never unpickles.
         tensors = load_safetensors(weights_bytes)
@@ -223,6 +228,32 @@ def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, num_virtual_t
     return tensor
 
 
+def _check_header_size(data: bytes) -> None:
+    """Refuse an oversized safetensors header before parsing it (the file is stored verbatim once accepted)."""
+    if len(data) < 8:
+        return  # too short to be safetensors: the parser names that
+    (header_bytes,) = struct.unpack("<Q", data[:8])
+    if header_bytes <= MAX_SAFETENSORS_HEADER_BYTES or header_bytes > len(data) - 8:
+        return  # normal, or a lying length that the parser rejects with its own message
+    metadata = ""
+    try:
+        header = json.loads(data[8 : 8 + header_bytes])
+        if isinstance(header, dict) and "__metadata__" in header:
+            metadata = f", {len(json.dumps(header['__metadata__']))} of them in __metadata__"
+    except (ValueError, RecursionError):
+        pass
+    raise InvalidPrefixError(
+        "adapter_model",
+        f"a safetensors header of at most {MAX_SAFETENSORS_HEADER_BYTES} bytes",
+        f"{header_bytes} bytes",
+        message=(
+            f"adapter_model: the safetensors header is {header_bytes} bytes{metadata}; at most "
+            f"{MAX_SAFETENSORS_HEADER_BYTES} are accepted (PEFT writes about 130: one tensor entry and "
+            '{"format": "pt"}); save the adapter without extra metadata'
+        ),
+    )
+
+
 def _describe_unparseable(data: bytes, exc: Exception) -> str:
     # Name the common mistake (adapter_model.bin renamed) from its magic bytes; nothing is deserialised.
     if data.startswith(b"PK\x03\x04"):
@@ -254,8 +285,30 @@ def _model_key(name: str) -> str:
 def _int_field(config: dict[str, Any], field: str, expected: Any) -> int:
     value = config.get(field)
     if not _is_int(value):
-        raise InvalidPrefixError(field, expected, _show(value))
+        raise InvalidPrefixError(
+            field, expected, _show(value), message=f"{field}: expected {expected}, got {_describe(config, field)}"
+        )
     return int(value)
+
+
+def _describe(config: dict[str, Any], field: str) -> str:
+    """A config value as the user would recognise it: `"20"` is "the string \"20\"", not 20; an absent field is
+    missing, not None."""
+    if field not in config:
+        return "nothing (the field is missing)"
+    value = config[field]
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {json.dumps(value)}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 100 else value[:100] + "..."
+        return f"the string {json.dumps(shown)}"
+    if isinstance(value, float):
+        return f"the number {value}" if math.isfinite(value) else f"the number {value} (not finite)"
+    if isinstance(value, int):
+        return f"{_show(value)}"
+    return f"a JSON {json_type(value)}"
 
 
 def _is_int(value: Any) -> bool:

@@ -132,6 +132,7 @@ class PrefixRegistry:
             self.device, device_budget_bytes=device_budget_bytes, host_budget_bytes=host_budget_bytes, metrics=metrics
         )
         self._writing: set[str] = set()  # temp folders of puts in progress: load_all must not sweep them
+        self._metrics = metrics
 
     # ------------------------------------------------------------------ reading (lock-free snapshots)
 
@@ -334,6 +335,9 @@ class PrefixRegistry:
                 logger.warning("prefix store: task %r was already gone from %s", task_id, self.root)
             self._entries = MappingProxyType({k: v for k, v in self._entries.items() if k != task_id})
             self._cache.drop(task_id)
+        if self._metrics is not None:
+            # A deleted task's per-task series would otherwise stay forever (and keep naming it on /metrics).
+            self._metrics.forget_task(task_id)
         shutil.rmtree(aside, ignore_errors=True)
         logger.info("prefix store: deleted task %r", task_id)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
-
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -50,7 +48,14 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
-    max_body_bytes: int = Field(default=80 * 1024 * 1024, ge=1, description="Cap on any request body.")
+    max_body_bytes: int = Field(
+        default=80 * 1024 * 1024, ge=1, description="Cap on an upload body (POST /prefixes, multipart)."
+    )
+    max_json_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1,
+        description="Cap on every other request body (the JSON routes): refused with 413 before it is read whole. "
+        "A prompt at the character bound (4096 tokens x 81 characters) fits even JSON-escaped.",
+    )
     keep_alive_timeout_s: float = Field(
         default=75.0, gt=0,
         description="Idle keep-alive connections are closed after this long. Longer than the usual proxy/client idle "
@@ -62,6 +67,16 @@ class Settings(BaseSettings):
     admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Keys with admin scope.")
     api_keys_file: Path | None = None
     allow_unauthenticated: bool = Field(default=False, description="Allow binding beyond loopback without keys.")
+    metrics_require_key: bool = Field(
+        default=True,
+        description="With keys configured, GET /metrics needs a generate key (its labels name tasks). False: open.",
+    )
+
+    # Metrics
+    metrics_max_tasks: int = Field(
+        default=100, ge=0,
+        description="Most task ids with their own per-task metric series; further tasks are counted as task=\"_other\".",
+    )
 
     # Batching and engine limits
     batching: Literal["mixed", "per-task"] = Field(
@@ -90,6 +105,12 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(default=20, ge=1)
     max_new_tokens_limit: int = Field(default=2048, ge=1)
     max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_prompt_chars_per_token: int | None = Field(
+        default=None, ge=1,
+        description="Prompts longer than max_prompt_tokens x this many characters are refused before tokenizing. "
+        "Unset: the longest vocabulary entry (81 for SmolLM2), which never refuses a prompt that would fit.",
+    )
+    input_threads: int = Field(default=2, ge=1, description="Threads that tokenize prompts and look up prefixes.")
     max_stop_sequences: int = Field(default=16, ge=0)
     max_stop_sequence_chars: int = Field(default=256, ge=1)
 
@@ -102,3 +123,15 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [k.strip() for k in text.split(",") if k.strip()]
         return value
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _no_blank_keys(cls, keys: list[str]) -> list[str]:
+        """A blank key would count as "auth configured" (and so pass the non-loopback bind check) although no
+        request can present it: the header's token is stripped before comparing. Refuse it at start-up."""
+        for key in keys:
+            if not key.strip():
+                raise ValueError("an API key is empty or only whitespace")
+            if key != key.strip():
+                raise ValueError("an API key has leading or trailing whitespace, which no request can send")
+        return keys

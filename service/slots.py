@@ -285,11 +285,12 @@ def slot_layout_supported(runner: ModelRunner) -> bool:
     anything this path does not reproduce (ALiBi, softcapping, a module that bypasses the registry) falls back
     to the padded layout instead of serving different numbers.
     """
-    cached = getattr(runner, "slot_layout", None)
-    if cached is not None:
-        return cached
-    runner.slot_layout = _check_slot_layout(runner)
-    return runner.slot_layout
+    model = runner.model
+    cached = getattr(model, "_prefix_serve_slot_layout", None)  # per model: several runners may share one
+    if cached is None:
+        cached = _check_slot_layout(runner)
+        model._prefix_serve_slot_layout = cached
+    return cached
 
 
 def _own_kv_prefix(runner: ModelRunner, tokens: list[int], name: str) -> TaskPrefix:

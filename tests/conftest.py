@@ -44,13 +44,10 @@ def embedded_model(embedded_cache_dir: Path, embedded_model_dir: Path):  # -> se
 # ---------------------------------------------------------------------------------------------------------------------
 # A tiny random Llama (GQA) with a word-level tokenizer, for API tests: fast, no weights, a prefix changes its output.
 
-TINY_MAX_POSITIONS = 96
-
-
 @pytest.fixture(scope="module")
 def loaded():  # -> service.model_loader.LoadedModel
     from service.model_loader import wrap_model
-    from tests.helpers import tiny_llama, tiny_tokenizer
+    from tests.helpers import TINY_MAX_POSITIONS, tiny_llama, tiny_tokenizer
 
     model = tiny_llama(seed=0, initializer_range=0.5, max_position_embeddings=TINY_MAX_POSITIONS)
     return wrap_model(model, tiny_tokenizer(128), "tiny-llama")

@@ -1,24 +1,39 @@
-"""Shared test helpers: tiny random models and real PEFT prefix-tuning adapters made with `peft` itself."""
+"""Shared test helpers: tiny random models, real PEFT prefix-tuning adapters made with `peft` itself, the PEFT
+greedy reference, upload/request builders and real servers (in a thread or as a `prefix-serve` process).
+
+Test modules import from here (and get fixtures from conftest.py), never from each other."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import httpx
 import torch
+from fastapi.testclient import TestClient
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import save as save_safetensors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from service.bench.workload import synthetic_tokenizer
+from service.model_loader import LoadedModel
+
+TINY_MAX_POSITIONS = 96  # context of the shared tiny model (conftest's `loaded`)
+EOS = 2  # </s> of tiny_tokenizer; also <|im_end|> of the embedded SmolLM2
 
 # GQA: 4 query heads, 2 KV heads, head_dim 8 -> PEFT token_dim 16, prompt_embeddings width 2 * 2 * 16 = 64.
 TINY_LLAMA_KWARGS: dict[str, Any] = dict(
@@ -185,6 +200,193 @@ class ThreadedServer:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The reference: PEFT's own forward
+
+
+@torch.no_grad()
+def peft_greedy(
+    peft_model: PeftModel | PreTrainedModel, prompt: list[int], new_tokens: int, eos_token_id: int | None = EOS
+) -> list[int]:
+    """The reference: re-run PEFT's full forward (prefix injected by PEFT itself) for every new token."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        x = torch.tensor([ids])
+        logits = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] == eos_token_id:
+            break
+    return ids[len(prompt) :]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In-process API clients (TestClient)
+
+
+def adapter(loaded: LoadedModel, tmp_path: Path, name: str, v: int, seed: int, **kwargs) -> tuple[Path, object]:
+    peft_model = make_peft_prefix_model(loaded.model, num_virtual_tokens=v, seed=seed, **kwargs)
+    save_adapter(peft_model, tmp_path / name)
+    return tmp_path / name, peft_model
+
+
+def upload(client: TestClient, task_id: str, adapter_dir: Path, replace: bool | None = None, **overrides):
+    config, weights = read_adapter(adapter_dir)
+    config, weights = overrides.get("config", config), overrides.get("weights", weights)
+    data = {"task_id": task_id}
+    if replace is not None:
+        data["replace"] = "true" if replace else "false"
+    return client.post(
+        "/prefixes",
+        data=data,
+        files={"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", weights)},
+    )
+
+
+def expected_text(loaded: LoadedModel, peft_model, prompt: str, n: int) -> str:
+    ids = loaded.tokenizer(prompt)["input_ids"]
+    return loaded.tokenizer.decode(peft_greedy(peft_model, ids, n), skip_special_tokens=True)
+
+
+def assert_error(response, status: int, *needles: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body["error"], str) and body["type"]
+    for needle in needles:
+        assert needle in body["error"], (needle, body)
+    return body
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Uploads and requests against a server with versions of one task (reliability suites)
+
+PROMPT = "t5 t6 t7 t8"
+NEW_TOKENS = 6
+
+
+@dataclass(frozen=True)
+class Version:
+    """One uploadable adapter and what the server must generate with it."""
+
+    name: str
+    config: bytes
+    weights: bytes
+    num_virtual_tokens: int
+    expected_text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.weights).hexdigest()
+
+
+def make_version(model, tmp_path: Path, name: str, v: int, seed: int, tokenizer) -> Version:
+    peft_model = make_peft_prefix_model(model, num_virtual_tokens=v, seed=seed)
+    adapter_dir = save_adapter(peft_model, tmp_path / f"adapter-{name}")
+    config, weights = read_adapter(adapter_dir)
+    ids = tokenizer(PROMPT)["input_ids"]
+    text = tokenizer.decode(peft_greedy(peft_model, ids, NEW_TOKENS), skip_special_tokens=True)
+    return Version(name, config, weights, v, text)
+
+
+def upload_files(config: bytes, weights: bytes) -> dict[str, tuple[str, bytes, str]]:
+    return {
+        "adapter_config": ("adapter_config.json", config, "application/json"),
+        "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream"),
+    }
+
+
+def upload_form(task_id: str, replace: bool | None) -> dict[str, str]:
+    data = {"task_id": task_id}
+    if replace is not None:
+        data["replace"] = "true" if replace else "false"
+    return data
+
+
+def generate_body(task_id: str) -> dict[str, Any]:
+    return {"task_id": task_id, "inputs": PROMPT, "parameters": {"max_new_tokens": NEW_TOKENS}}
+
+
+def store_snapshot(root: Path) -> dict[str, str]:
+    """Every entry under the store, dot-named ones included: relative path -> sha256 of a file, or "dir"."""
+    snapshot: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        snapshot[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return snapshot
+
+
+def assert_json_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    if response.request.url.path.startswith("/v1/"):  # OpenAI's shape
+        error = body.get("error")
+        assert isinstance(error, dict) and error.get("message") and error.get("type") and error.get("code"), body
+        return body
+    assert isinstance(body.get("error"), str) and body["error"], body
+    assert isinstance(body.get("type"), str) and body["type"], body
+    return body
+
+
+class ServerProcess:
+    """`prefix-serve serve --model DIR` as a real process on a loopback port."""
+
+    def __init__(self, model_dir: Path, store: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.model_dir, self.store, self.log_path = model_dir, store, log_path
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.startup_s = 0.0
+
+    def start(self, timeout: float = 240) -> "ServerProcess":
+        started = time.monotonic()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*prefix_serve_command(), "serve", "--model", str(self.model_dir), "--prefix-dir", str(self.store),
+             "--port", str(self.port), "--device", "cpu", "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env,
+        )  # fmt: skip
+        log.close()
+        while True:
+            assert self.proc.poll() is None, self.log_path.read_text()[-4000:]
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() - started < timeout, "server did not become healthy"
+            time.sleep(0.2)
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+    def rss_kib(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+def save_model_dir(model, path: Path) -> Path:
+    model.save_pretrained(str(path))
+    tiny_tokenizer(128).save_pretrained(str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Engine fixtures
 
 
@@ -197,3 +399,13 @@ def random_task_prefix(model: PreTrainedModel, task_id: str, num_virtual_tokens:
     generator = torch.Generator().manual_seed(seed)
     kv = torch.randn((g.num_layers, 2, g.num_kv_heads, num_virtual_tokens, g.head_dim), generator=generator)
     return TaskPrefix(task_id, kv, f"sha-{task_id}-{seed}")
+
+
+@contextlib.contextmanager
+def slowed_forward(model: torch.nn.Module, seconds: float) -> Iterator[None]:
+    """Make every forward pass of `model` take at least `seconds` longer, whichever batch layout calls it."""
+    hook = model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        hook.remove()

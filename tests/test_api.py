@@ -14,9 +14,18 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.model_loader import LoadedModel
 from service.settings import Settings
-from tests.helpers import ThreadedServer, edit_config, make_peft_prefix_model, read_adapter, save_adapter, sse_events
-from tests.conftest import TINY_MAX_POSITIONS as MAX_POSITIONS
-from tests.test_parity import peft_greedy
+from tests.helpers import TINY_MAX_POSITIONS as MAX_POSITIONS
+from tests.helpers import (
+    ThreadedServer,
+    adapter,
+    assert_error,
+    edit_config,
+    expected_text,
+    read_adapter,
+    sse_events,
+    upload,
+    slowed_forward,
+)
 
 
 @pytest.fixture
@@ -28,39 +37,6 @@ def settings(tmp_path: Path) -> Settings:
 def client(settings: Settings, loaded: LoadedModel) -> Iterator[TestClient]:
     with TestClient(create_app(settings, loaded)) as test_client:
         yield test_client
-
-
-def adapter(loaded: LoadedModel, tmp_path: Path, name: str, v: int, seed: int, **kwargs) -> tuple[Path, object]:
-    peft_model = make_peft_prefix_model(loaded.model, num_virtual_tokens=v, seed=seed, **kwargs)
-    save_adapter(peft_model, tmp_path / name)
-    return tmp_path / name, peft_model
-
-
-def upload(client: TestClient, task_id: str, adapter_dir: Path, replace: bool | None = None, **overrides):
-    config, weights = read_adapter(adapter_dir)
-    config, weights = overrides.get("config", config), overrides.get("weights", weights)
-    data = {"task_id": task_id}
-    if replace is not None:
-        data["replace"] = "true" if replace else "false"
-    return client.post(
-        "/prefixes",
-        data=data,
-        files={"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", weights)},
-    )
-
-
-def expected_text(loaded: LoadedModel, peft_model, prompt: str, n: int) -> str:
-    ids = loaded.tokenizer(prompt)["input_ids"]
-    return loaded.tokenizer.decode(peft_greedy(peft_model, ids, n), skip_special_tokens=True)
-
-
-def assert_error(response, status: int, *needles: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert isinstance(body["error"], str) and body["type"]
-    for needle in needles:
-        assert needle in body["error"], (needle, body)
-    return body
 
 
 def test_health_and_docs(client: TestClient) -> None:
@@ -314,9 +290,9 @@ def test_client_disconnect_cancels_the_streaming_row(settings: Settings, loaded:
     import httpx
 
     app = create_app(settings, loaded)
-    with ThreadedServer(app) as server:
+    # The slowdown keeps the row alive long enough to disconnect.
+    with ThreadedServer(app) as server, slowed_forward(loaded.model, 0.02):
         engine = app.state.service.engine
-        engine.runner.forward = _slowed(engine.runner.forward)  # keep the row alive long enough to disconnect
         config, weights = read_adapter(adapter(loaded, tmp_path, "a", v=3, seed=14)[0])
         httpx.post(f"{server.url}/prefixes", data={"task_id": "t"},
                    files={"adapter_config": ("c.json", config), "adapter_model": ("m.safetensors", weights)})
@@ -330,12 +306,3 @@ def test_client_disconnect_cancels_the_streaming_row(settings: Settings, loaded:
             time.sleep(0.02)
         assert engine.stats.finished == 1 and engine.stats.running_rows == 0
 
-
-def _slowed(forward):
-    import time
-
-    def slow(*args):
-        time.sleep(0.02)
-        return forward(*args)
-
-    return slow

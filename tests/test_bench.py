@@ -8,8 +8,7 @@ from pathlib import Path
 from service import cli
 from service.bench.peft_baseline import load_peft_model, peft_generate
 from service.bench.workload import make_workload
-from tests.helpers import make_peft_prefix_model, save_adapter, tiny_llama, tiny_tokenizer
-from tests.test_parity import peft_greedy
+from tests.helpers import make_peft_prefix_model, peft_greedy, save_adapter, tiny_llama, tiny_tokenizer
 
 
 def test_patched_peft_generate_equals_peft_forward(tmp_path: Path) -> None:

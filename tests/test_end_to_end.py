@@ -14,8 +14,7 @@ from service.batch import ModelRunner, generate
 from service.model_loader import LoadedModel
 from service.registry import PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
-from tests.helpers import free_port, make_peft_prefix_model, prefix_serve_command, read_adapter, save_adapter
-from tests.test_parity import peft_greedy
+from tests.helpers import free_port, make_peft_prefix_model, peft_greedy, prefix_serve_command, read_adapter, save_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from service.api.auth import ApiKeys, exposure_problem, is_loopback
 from service.logging_setup import JsonFormatter
 from service.model_loader import LoadedModel
 from service.settings import Settings
-from tests.test_api import adapter, assert_error, upload
+from tests.helpers import adapter, assert_error, upload
 
 GENERATE_KEY, ADMIN_KEY = "gen-key-123", "admin-key-456"
 
@@ -53,7 +53,10 @@ def test_keys_are_required_and_scoped(secured: TestClient, loaded: LoadedModel, 
     assert_error(secured.get("/prefixes"), 401)
     assert_error(secured.delete("/prefixes/t", headers=bearer(GENERATE_KEY)), 403)
     assert secured.delete("/prefixes/t", headers=bearer(ADMIN_KEY)).status_code == 204
-    assert secured.get("/health").status_code == 200 and secured.get("/metrics").status_code == 200
+    assert secured.get("/health").status_code == 200
+    # /metrics names tasks in its labels: with keys configured it needs one (PREFIX_SERVE_METRICS_REQUIRE_KEY).
+    assert_error(secured.get("/metrics"), 401)
+    assert secured.get("/metrics", headers=bearer(GENERATE_KEY)).status_code == 200
 
 
 def test_key_file_and_env_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,7 +87,7 @@ def test_refuses_to_expose_an_unauthenticated_server() -> None:
 def limited(tmp_path: Path, loaded: LoadedModel) -> Iterator[TestClient]:
     settings = Settings(
         prefix_dir=tmp_path / "store", max_prompt_tokens=10, max_stop_sequences=2, max_stop_sequence_chars=5,
-        max_prefixes=2, max_body_bytes=200_000,
+        max_prefixes=2, max_json_body_bytes=200_000,
     )
     with TestClient(create_app(settings, loaded)) as client:
         yield client
@@ -179,3 +182,132 @@ def test_request_id_is_returned_and_logged_without_the_prompt(client_with_task, 
         json.loads(line)
     tagged = [json.loads(formatter.format(r)) for r in access]
     assert any(line.get("request_id") == "abc-1" for line in tagged)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Round two of the outside attack (issue 11): metrics, redirects, blank keys, OpenAI errors, duplicate form fields
+
+
+def _series_for(text: str, task: str) -> list[str]:
+    return [line for line in text.splitlines() if f'task="{task}"' in line]
+
+
+def test_deleted_tasks_leave_no_metric_series_and_per_task_series_are_bounded(
+    tmp_path: Path, loaded: LoadedModel
+) -> None:
+    settings = Settings(prefix_dir=tmp_path / "store", metrics_max_tasks=3)
+    adapter_dir = adapter(loaded, tmp_path, "a", v=3, seed=3)[0]
+    with TestClient(create_app(settings, loaded)) as client:
+        for i in range(5):
+            assert upload(client, f"task{i}", adapter_dir).status_code == 201
+            body = {"task_id": f"task{i}", "inputs": "t5 t6", "parameters": {"max_new_tokens": 2}}
+            assert client.post("/generate", json=body).status_code == 200
+        text = client.get("/metrics").text
+        assert all(_series_for(text, f"task{i}") for i in range(3))
+        assert not _series_for(text, "task3") and not _series_for(text, "task4"), "over the cap: counted as _other"
+        assert 'prefix_serve_requests_total{route="/generate",status="200",task="_other"} 2.0' in text
+        for i in range(5):
+            assert client.delete(f"/prefixes/task{i}").status_code == 204
+        after = client.get("/metrics").text
+        leaked = [line for i in range(5) for line in _series_for(after, f"task{i}")]
+        assert not leaked, leaked[:5]
+        # A freed slot goes to the next task.
+        assert upload(client, "fresh", adapter_dir).status_code == 201
+        assert client.post("/generate", json={"task_id": "fresh", "inputs": "t5"}).status_code == 200
+        assert _series_for(client.get("/metrics").text, "fresh")
+
+
+def test_metrics_can_stay_open_for_a_scraper_without_a_key(tmp_path: Path, loaded: LoadedModel) -> None:
+    settings = Settings(prefix_dir=tmp_path / "store", api_keys=[GENERATE_KEY], metrics_require_key=False)
+    with TestClient(create_app(settings, loaded)) as client:
+        assert client.get("/metrics").status_code == 200
+        assert_error(client.get("/prefixes"), 401)
+
+
+@pytest.mark.parametrize("path", ["/generate/", "/prefixes/", "/v1/models/", "/health/"])
+def test_no_redirect_to_a_client_chosen_host(client_with_task: TestClient, path: str) -> None:
+    response = client_with_task.get(path, headers={"Host": "evil.example.com"}, follow_redirects=False)
+    assert not 300 <= response.status_code < 400, (response.status_code, response.headers.get("location"))
+    assert "location" not in response.headers
+    assert response.status_code in (404, 405) and response.headers["content-type"].startswith("application/json")
+
+
+@pytest.mark.parametrize("keys", [[" "], [""], ["\t"], [" padded "]])
+def test_blank_api_keys_are_refused_at_start(keys: list[str], monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    with pytest.raises(ValueError):
+        Settings(api_keys=keys)
+    with pytest.raises(ValueError):
+        Settings(admin_api_keys=keys)
+    with pytest.raises(ValueError):
+        ApiKeys(keys, [])
+    monkeypatch.setenv("PREFIX_SERVE_API_KEYS", json.dumps(keys))
+    # The CLI's logging set-up would bind a handler to this test's captured stderr, closed after it: keep pytest's.
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "PREFIX_SERVE_API_KEYS" in caplog.text and "whitespace" in caplog.text, caplog.text
+
+
+def test_blank_key_in_a_key_file_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("admin:   \n")
+    with pytest.raises(ValueError, match="keys:1"):
+        ApiKeys.from_settings(Settings(api_keys_file=key_file))
+
+
+def test_v1_errors_have_openais_shape_and_tgi_routes_keep_theirs(tmp_path: Path, loaded: LoadedModel) -> None:
+    settings = Settings(prefix_dir=tmp_path / "store", api_keys=[GENERATE_KEY], max_json_body_bytes=10_000)
+    with TestClient(create_app(settings, loaded)) as client:
+        def openai_error(response, status: int) -> dict:
+            assert response.status_code == status, response.text
+            body = response.json()
+            assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+            assert body["error"]["message"], body
+            return body["error"]
+
+        auth = bearer(GENERATE_KEY)
+        assert openai_error(client.post("/v1/completions", json={"model": "x", "prompt": "t5"}), 401)["type"] == \
+            "authentication_error"
+        missing = openai_error(client.post("/v1/completions", json={"model": "nope", "prompt": "t5"}, headers=auth), 404)
+        assert (missing["code"], missing["param"]) == ("model_not_found", "model") and "nope" in missing["message"]
+        invalid = openai_error(client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "t5",
+                                                                    "max_tokens": "3"}, headers=auth), 422)
+        assert invalid["param"] == "max_tokens" and "integer" in invalid["message"], invalid
+        big = client.post("/v1/completions", content=b"x" * 10_001,
+                          headers={**auth, "content-type": "application/json"})
+        assert openai_error(big, 413)["code"] == "payload_too_large"
+        wrong_type = client.post("/v1/completions", content=b"{}", headers={**auth, "content-type": "text/plain"})
+        assert openai_error(wrong_type, 415)["param"] == "content-type"
+        assert openai_error(client.get("/v1/nothing", headers=auth), 404)["type"] == "not_found_error"
+        # The TGI routes keep the project's shape.
+        tgi = client.post("/generate", json={"task_id": "nope", "inputs": "t5"}, headers=auth)
+        assert_error(tgi, 404, "nope")
+        assert tgi.json()["type"] == "task_not_found"
+
+
+def test_repeated_or_unknown_upload_fields_are_refused(client_with_task: TestClient, loaded: LoadedModel,
+                                                       tmp_path: Path) -> None:
+    adapter_dir = adapter(loaded, tmp_path, "b", v=3, seed=4)[0]
+    config = (adapter_dir / "adapter_config.json").read_bytes()
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    files = [("adapter_config", ("c.json", config)), ("adapter_model", ("m.safetensors", weights))]
+    before = client_with_task.get("/prefixes").json()
+    two_ids = client_with_task.post("/prefixes", data={"task_id": ["first", "second"]}, files=files)
+    assert_error(two_ids, 422, "task_id", "more than once")
+    two_models = client_with_task.post(
+        "/prefixes", data={"task_id": "dup"}, files=[*files, ("adapter_model", ("m2.safetensors", weights))]
+    )
+    assert_error(two_models, 422, "adapter_model", "more than once")
+    extra = client_with_task.post("/prefixes", data={"task_id": "dup", "note": "x"}, files=files)
+    assert_error(extra, 422, "note")
+    assert client_with_task.get("/prefixes").json() == before, "a refused upload stored something"
+    assert client_with_task.post("/prefixes", data={"task_id": "dup"}, files=files).status_code == 201
+
+
+def test_upload_with_the_wrong_content_type_or_a_broken_form_says_so(client_with_task: TestClient) -> None:
+    as_json = client_with_task.post("/prefixes", json={"task_id": "x"})
+    assert_error(as_json, 415, "multipart/form-data", "application/json")
+    broken = client_with_task.post(
+        "/prefixes", content=b"--nope\r\nnot a part", headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert_error(broken, 422, "multipart/form-data body could not be parsed")

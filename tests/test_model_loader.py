@@ -201,6 +201,35 @@ def test_model_dir_without_config_is_rejected(tmp_path: Path) -> None:
         load_base_model(_cpu_settings(model=str(tmp_path)))
 
 
+def test_checkpoint_that_does_not_fill_the_class_is_refused(tmp_path: Path) -> None:
+    """A BART checkpoint loads as BartForCausalLM with its encoder dropped and embed_tokens/lm_head initialised at
+    random (transformers only warns): refuse to start, naming the weights, instead of serving noise."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    directory = tmp_path / "bart"
+    config = BartConfig(
+        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+    )
+    BartForConditionalGeneration(config).save_pretrained(str(directory))
+    _tiny_tokenizer().save_pretrained(str(directory))
+    with pytest.raises(ValueError, match="BartForCausalLM") as caught:
+        load_base_model(_cpu_settings(model=str(directory)))
+    message = str(caught.value)
+    assert "lm_head.weight" in message and "model.decoder.embed_tokens.weight" in message, message
+    assert "random" in message
+
+
+def test_tied_embeddings_are_not_reported_missing(tmp_path: Path) -> None:
+    """The control: a checkpoint without lm_head because it is tied to the embeddings loads (SmolLM2 is one)."""
+    directory = tmp_path / "tied"
+    tied = _tiny_llama()
+    tied.config.tie_word_embeddings = True
+    LlamaForCausalLM(tied.config).save_pretrained(str(directory))
+    _tiny_tokenizer().save_pretrained(str(directory))
+    assert load_base_model(_cpu_settings(model=str(directory))).model.config.tie_word_embeddings
+
+
 def test_load_local_model_dir(tiny_model_dir: Path) -> None:
     loaded = load_base_model(_cpu_settings(model=str(tiny_model_dir)))
 
@@ -234,10 +263,12 @@ def test_gguf_file_is_loaded_from_its_parent_dir(monkeypatch: pytest.MonkeyPatch
             removed.append(True)
             del model.hf_quantizer
 
-    def fake_model(path: str, **kwargs: Any) -> LlamaForCausalLM:
+    def fake_model(path: str, **kwargs: Any) -> Any:
         calls.append(("model", path, kwargs))
         model = _tiny_llama().to(kwargs["dtype"])
         model.hf_quantizer = FakeQuantizer()
+        if kwargs.get("output_loading_info"):
+            return model, {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
         return model
 
     def fake_tokenizer(path: str, **kwargs: Any) -> PreTrainedTokenizerFast:

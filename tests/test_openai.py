@@ -14,7 +14,9 @@ import torch
 from service.api.app import create_app
 from service.model_loader import LoadedModel, wrap_model
 from service.settings import Settings
-from tests.helpers import ThreadedServer, make_peft_prefix_model, read_adapter, save_adapter, tiny_llama, tiny_tokenizer
+from tests.helpers import (
+    ThreadedServer, make_peft_prefix_model, read_adapter, save_adapter, slowed_forward, tiny_llama, tiny_tokenizer,
+)
 
 BASE = "tiny-llama"
 TASK = "summarize"
@@ -67,9 +69,12 @@ def tgi(server, inputs: str, max_new_tokens: int, **parameters) -> dict:
 
 
 def message(error: openai.APIStatusError) -> str:
-    """The project's error shape is `{"error": "<message>", "type": ...}`: the client exposes the message as `body`."""
-    assert error.response.json()["type"] and isinstance(error.body, str)
-    return error.body
+    """/v1 errors have OpenAI's shape, so the official client's `str(exc)` shows the message (not just the status)."""
+    body = error.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["type"] and body["error"]["code"], body
+    assert body["error"]["message"] in str(error), str(error)
+    return body["error"]["message"]
 
 
 def test_models_lists_the_base_model_and_every_task(client, server) -> None:
@@ -174,14 +179,7 @@ def test_streamed_chat_joins_to_the_whole_message(client) -> None:
 
 def test_closing_a_stream_cancels_the_row(client, server) -> None:
     engine = server[1].state.service.engine
-    forward = engine.runner.forward
-
-    def slow(*args):
-        time.sleep(0.02)
-        return forward(*args)
-
-    engine.runner.forward = slow
-    try:
+    with slowed_forward(engine.runner.model, 0.02):
         cancelled = engine.stats.cancelled
         stream = client.chat.completions.create(model=TASK, messages=MESSAGES, max_tokens=60, stream=True)
         next(iter(stream))
@@ -190,8 +188,6 @@ def test_closing_a_stream_cancels_the_row(client, server) -> None:
         while engine.stats.cancelled <= cancelled:
             assert time.monotonic() < deadline, "the row kept decoding after the client left"
             time.sleep(0.02)
-    finally:
-        engine.runner.forward = forward
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from service.batch import ModelRunner, generate as padded_generate, verify_prefi
 from service.geometry import geometry_from_config
 from service.registry import PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
-from tests.helpers import make_peft_prefix_model, read_adapter, save_adapter, tiny_tokenizer
+from tests.helpers import make_peft_prefix_model, peft_greedy, read_adapter, save_adapter, tiny_tokenizer
 
 VOCAB = 128
 # Tiny random decoder-only models of every listed family. initializer_range is raised so that a random prefix
@@ -40,7 +40,6 @@ ARCHITECTURES: dict[str, dict] = {
 }
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 4, 5, 6], [20]]
 NEW_TOKENS = 8
-EOS = 2  # </s> of tests.helpers.tiny_tokenizer; also <|im_end|> of the embedded SmolLM2
 
 
 def tiny_model(spec: dict, seed: int = 0) -> PreTrainedModel:
@@ -49,21 +48,6 @@ def tiny_model(spec: dict, seed: int = 0) -> PreTrainedModel:
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, initializer_range=0.5, **spec)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
-
-
-@torch.no_grad()
-def peft_greedy(
-    peft_model: PeftModel | PreTrainedModel, prompt: list[int], new_tokens: int, eos_token_id: int | None = EOS
-) -> list[int]:
-    """The reference: re-run PEFT's full forward (prefix injected by PEFT itself) for every new token."""
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        x = torch.tensor([ids])
-        logits = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-        ids.append(int(logits[0, -1].argmax()))
-        if ids[-1] == eos_token_id:
-            break
-    return ids[len(prompt) :]
 
 
 def registry_with(tmp_path: Path, model: PreTrainedModel, adapters: dict[str, PeftModel]) -> PrefixRegistry:

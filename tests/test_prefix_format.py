@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 from service.errors import InvalidPrefixError, PayloadTooLargeError
 from service.geometry import PrefixGeometry, geometry_from_config
@@ -354,3 +355,25 @@ def test_never_unpickles(
     err = reject(config_bytes, pickle.dumps({"prompt_embeddings": [0.0]}), geometry, "adapter_model")
     assert "pickle" in err.message
     assert validate(config_bytes, weights, geometry).num_virtual_tokens == V
+
+
+def test_config_errors_say_what_came_in_the_users_terms(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+    """A quoted number is a string, not "got 20"; an absent field is missing, not "got None"."""
+    config, weights = adapter
+    quoted = reject(edit_config(config, num_virtual_tokens="4"), weights, geometry, "num_virtual_tokens")
+    assert 'the string "4"' in quoted.message, quoted.message
+    missing = reject(edit_config(config, peft_type=...), weights, geometry, "peft_type")
+    assert "missing" in missing.message and "None" not in missing.message, missing.message
+    null = reject(edit_config(config, num_layers=None), weights, geometry, "num_layers")
+    assert "null" in null.message and "None" not in null.message, null.message
+
+
+def test_oversized_safetensors_metadata_is_refused(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+    """A 30 MB `__metadata__` string used to be stored verbatim beside a 0.9 MB prefix."""
+    config, weights = adapter
+    tensor = prompt_embeddings(weights)
+    padded = save_safetensors({"prompt_embeddings": tensor}, metadata={"format": "pt", "junk": "x" * 100_000})
+    err = reject(config, padded, geometry, "adapter_model")
+    assert "__metadata__" in err.message and "16384" in err.message, err.message
+    modest = save_safetensors({"prompt_embeddings": tensor}, metadata={"format": "pt", "note": "trained on X"})
+    assert validate(config, modest, geometry).num_virtual_tokens == tensor.shape[0]

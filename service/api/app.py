@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api.auth import ApiKeys, require
-from service.api.middleware import RequestContextMiddleware
+from service.api.auth import ApiKeys, AuthMiddleware
+from service.api.error_bodies import error_body, service_error_body
+from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes
 from service.api.state import ServiceState
 from service.batch import ModelRunner, verify_prefix_support
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import ServiceError, UnauthorizedError
+from service.inputs import InputProcessor
 from service.metrics import Metrics
 from service.model_loader import LoadedModel, load_base_model
+from service.prefix_format import json_type
 from service.registry import PrefixRegistry
 from service.settings import Settings
 
@@ -63,16 +67,17 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
     engine.on_pass = metrics.observe_pass
     metrics.bind_gauges(lambda: engine.queue_size, lambda: engine.stats.running_rows)
     metrics.bind_kv_gauges(lambda: engine.stats.kv_bytes, lambda: engine.stats.prefix_bank_bytes)
+    metrics.bind_tasks(lambda name: name in registry or name == loaded.name)
     return ServiceState(
         settings=settings, model=loaded, registry=registry, engine=engine, metrics=metrics,
-        api_keys=ApiKeys.from_settings(settings),
+        api_keys=ApiKeys.from_settings(settings), inputs=InputProcessor(settings, loaded, registry),
     )
 
 
 def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
     """Build the app. `loaded` injects an already-loaded model (tests); otherwise the lifespan loads one."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(max_tasks=settings.metrics_max_tasks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,56 +92,112 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
             yield
         finally:
             state.engine.stop()
+            state.inputs.close()
 
     app = FastAPI(
         title="prefix-serve",
         version=__version__,
         description="Serve many Prefix-Tuning (PEFT) tasks from one frozen language model.",
         lifespan=lifespan,
+        # Starlette's trailing-slash redirect builds its Location from the client's Host header (an open redirect,
+        # answered before auth): a path with a stray slash is a plain 404 instead.
+        redirect_slashes=False,
     )
-    app.include_router(health.router)
-    app.include_router(metrics_route.router)
-    app.include_router(generate.router, dependencies=[Depends(require("generate"))])
-    app.include_router(prefixes.router)
-    app.include_router(openai.router, dependencies=[Depends(require("generate"))])
+    # Each router declares its own auth (`require(...)` dependencies); AuthMiddleware enforces the same declarations.
+    routers = [health.router, metrics_route.router, generate.router, prefixes.router, openai.router]
+    for router in routers:
+        app.include_router(router)
     _install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    # Added innermost first: request context (ids, metrics, access log) wraps auth, which runs from the headers
+    # before the body cap and before anything reads the body.
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_json_body_bytes=settings.max_json_body_bytes
+    )
+    app.add_middleware(AuthMiddleware, routers=routers)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON in the shape of the route's API (service.api.error_bodies), with a message that names the
+    problem; nothing a client sends should reach the 500 handler."""
+
     @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         retry_after = exc.details.get("retry_after_s")
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         if isinstance(exc, UnauthorizedError):
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(status_code=exc.status_code, content=exc.to_json(), headers=headers)
+        content = service_error_body(request.url.path, exc)
+        return JSONResponse(status_code=exc.status_code, content=content, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
+        fields = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg')}")
-        return JSONResponse(
-            status_code=422,
-            content={
-                "error": "; ".join(problems) or "invalid request",
-                "type": "validation_error",
-                "detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()],
-            },
-        )
+            where = _location(err.get("loc", ()))
+            fields.append(where)
+            problems.append(f"{where}: {err.get('msg')}{_got(err)}")
+        message = "; ".join(problems) or "invalid request"
+        details = {
+            "field": fields[0] if fields else None,
+            "detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()],
+        }
+        content = error_body(request.url.path, 422, message, "validation_error", details)
+        return JSONResponse(status_code=422, content=content)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400:  # FastAPI's "error parsing the body" (bad UTF-8, broken multipart): bad input
-            return JSONResponse(status_code=422, content={"error": f"body: {exc.detail}", "type": "validation_error"})
-        return JSONResponse(
-            status_code=exc.status_code, content={"error": str(exc.detail), "type": "http_error"}, headers=exc.headers
-        )
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": JSON is parsed earlier, so a broken form
+            message = (
+                "body: the multipart/form-data body could not be parsed (a missing or wrong boundary, or a malformed "
+                "part header); send task_id, adapter_config and adapter_model as a multipart form"
+            )
+            content = error_body(path, 422, message, "validation_error", {"field": "body"})
+            return JSONResponse(status_code=422, content=content)
+        detail = str(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no route {request.method} {path[:200]} (see /docs for the API)"
+        elif exc.status_code == 405:
+            detail = f"method {request.method} is not allowed on {path[:200]}"
+        content = error_body(path, exc.status_code, detail, "http_error")
+        return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(status_code=500, content={"error": "internal server error", "type": "internal_error"})
+        content = error_body(request.url.path, 500, "internal server error", "internal_error")
+        return JSONResponse(status_code=500, content=content)
+
+
+def _location(loc: tuple | list) -> str:
+    """`("body", "parameters", "temperature")` -> `parameters.temperature`; `("body", "messages", 0, "name")` ->
+    `messages[0].name`, as the client would write the path."""
+    where = ""
+    for part in loc:
+        if part == "body" and not where:
+            continue
+        if isinstance(part, int):
+            where += f"[{part}]"
+        else:
+            where += f".{part}" if where else str(part)
+    return where or "body"
+
+
+def _got(err: dict) -> str:
+    """What the client sent, for type errors (`max_new_tokens: true` -> "got boolean true"): short and JSON-typed."""
+    if err.get("type") in ("missing", "extra_forbidden") or "input" not in err:
+        return ""
+    value = err["input"]
+    if isinstance(value, (dict, list)):
+        return f", got a JSON {'object' if isinstance(value, dict) else 'array'}"
+    try:
+        shown = json.dumps(value)
+    except (TypeError, ValueError):
+        return ""
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    kind = json_type(value)
+    return f", got {kind} {shown}"

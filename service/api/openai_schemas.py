@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from service.api.schemas import StopSequence
+from service.api.schemas import STRICT_BODY, StopSequence
 
 OpenAIFinishReason = Literal["stop", "length"]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
     include_usage: bool = Field(default=False, description="Send a last chunk (empty `choices`) carrying `usage`.")
 
@@ -27,7 +27,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """What /v1/completions and /v1/chat/completions share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
     model: str = Field(
         min_length=1, max_length=256, description="A task id (GET /v1/models lists them) or the base model's name."
@@ -67,18 +67,20 @@ class CompletionRequest(SamplingFields):
 
 
 class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
     role: str = Field(min_length=1, max_length=64, description="system, user, assistant... as the chat template knows.")
     content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    name: str | None = Field(
+        default=None, description="Not supported (the chat template would drop it): a non-null name is a 422."
+    )
 
     def text(self) -> str:
         if self.content is None:

@@ -15,12 +15,21 @@ StopSequence = Annotated[str, Field(min_length=1)]
 FinishReasonLiteral = Literal["length", "eos_token", "stop_sequence", "cancelled"]
 
 
+# Request bodies are validated strictly: `true` is not an integer, "yes" is not a boolean, "3" is not a number (lax
+# coercion silently turned `max_new_tokens: true` into 1), and NaN/Infinity are not numbers at all.
+STRICT_BODY = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
     max_new_tokens: int | None = Field(default=None, ge=1, description="Defaults to the server's setting.")
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    do_sample: bool = Field(
+        default=False,
+        description="Sample instead of greedy decoding. As in TGI, setting temperature, top_k, top_p or seed also "
+        "samples, whatever do_sample says.",
+    )
+    temperature: float | None = Field(default=None, gt=0.0, le=100.0, description="Sampling temperature (1.0 if unset).")
     top_k: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
@@ -29,11 +38,17 @@ class GenerateParameters(BaseModel):
     )
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
+    @property
+    def samples(self) -> bool:
+        """TGI's rule: a sampling parameter only makes sense when sampling, so giving one turns sampling on (greedy
+        decoding would ignore it silently, and `details.seed` would be null)."""
+        return self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p, self.seed))
+
     def to_sampling(self, default_max_new_tokens: int) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self.max_new_tokens or default_max_new_tokens,
-            do_sample=self.do_sample,
-            temperature=self.temperature,
+            do_sample=self.samples,
+            temperature=self.temperature if self.temperature is not None else 1.0,
             top_k=self.top_k,
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,
@@ -43,7 +58,7 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
     task_id: str = Field(pattern=TASK_ID_REGEX, description="Which task's prefix to generate with.")
     inputs: str = Field(min_length=1, description="The prompt.")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from service.engine import Engine
+from service.inputs import InputProcessor
 from service.metrics import Metrics
 from service.model_loader import LoadedModel
 from service.registry import PrefixRegistry
@@ -25,6 +26,7 @@ class ServiceState:
     engine: Engine
     metrics: Metrics
     api_keys: ApiKeys
+    inputs: InputProcessor  # builds every route's engine requests (service.inputs)
 
 
 def get_state(request: Request) -> ServiceState:

@@ -1,4 +1,5 @@
-"""GET /metrics: Prometheus text format."""
+"""GET /metrics: Prometheus text format. Its labels name tasks, so with API keys configured it needs a generate key
+(unless PREFIX_SERVE_METRICS_REQUIRE_KEY=false, for a scraper that cannot send one)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
+from service.api.auth import require
 from service.api.state import ServiceState, get_state
 from service.metrics import PROMETHEUS_CONTENT_TYPE
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(
+    tags=["metrics"], dependencies=[Depends(require("generate", only_if=lambda s: s.metrics_require_key))]
+)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

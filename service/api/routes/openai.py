@@ -10,8 +10,9 @@ Semantics, where OpenAI's and TGI's differ:
   - usage.prompt_tokens counts the prompt's tokens, not the prefix's virtual tokens;
   - n, best_of, echo, logprobs, penalties, logit_bias, tools... are declared but only their neutral values are
     accepted: anything else is a 422 naming the parameter, never silently ignored.
-Errors keep the project's JSON shape `{"error": message, "type": code, ...}` (the official clients raise their usual
-exception classes from the status code: 404 NotFoundError, 422 UnprocessableEntityError, 429 RateLimitError).
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (service.api.error_bodies), so the
+official clients show the message and raise their usual exception classes from the status code: 404 NotFoundError,
+422 UnprocessableEntityError, 429 RateLimitError.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Annotated, Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 
 from service.api.openai_schemas import (
     AssistantMessage,
@@ -42,42 +44,46 @@ from service.api.openai_schemas import (
     Usage,
     SamplingFields,
 )
-from service.api.routes.generate import checked_request
-from service.api.schemas import ErrorResponse
+from service.api.auth import require
+from service.api.body_route import CheckedBodyRoute
 from service.api.sse import event_stream, sse
 from service.api.state import ServiceState, get_state
 from service.engine import TokenEvent
-from service.errors import InvalidRequestError, ServiceError
-from service.prefix import TaskPrefix
+from service.errors import InvalidRequestError, ModelNotFoundError
+from service.inputs import ChatTurn, FieldNames
 from service.requests import FinishReason, GenerationRequest, GenerationResult, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], route_class=CheckedBodyRoute, dependencies=[Depends(require("generate"))]
+)
 
 State = Annotated[ServiceState, Depends(get_state)]
 
 OWNER = "prefix-serve"
 _STARTED = int(time.time())  # the base model's `created`
 
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, rate_limit_error...")
+    param: str | None = Field(description="The request field at fault, when there is one.")
+    code: str = Field(description="The specific error, e.g. model_not_found, context_length_exceeded.")
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
 _ERRORS: dict[int | str, dict] = {
-    404: {"model": ErrorResponse, "description": "Unknown model (task id)"},
-    422: {"model": ErrorResponse, "description": "Bad or unsupported parameters, or prompt too long"},
-    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds"},
-    504: {"model": ErrorResponse, "description": "The request ran past the server's deadline"},
+    404: {"model": OpenAIError, "description": "Unknown model (task id)"},
+    413: {"model": OpenAIError, "description": "Body over PREFIX_SERVE_MAX_JSON_BODY_BYTES"},
+    415: {"model": OpenAIError, "description": "The body is not application/json"},
+    422: {"model": OpenAIError, "description": "Bad or unsupported parameters, or prompt too long"},
+    429: {"model": OpenAIError, "description": "Queue full; retry after the Retry-After header's seconds"},
+    504: {"model": OpenAIError, "description": "The request ran past the server's deadline"},
 }
-
-
-class ModelNotFoundError(ServiceError):
-    status_code = 404
-    code = "model_not_found"
-
-    def __init__(self, model: str, base: str) -> None:
-        super().__init__(
-            f"model '{model}' does not exist: use a task id from GET /v1/models (upload one with POST /prefixes) "
-            f"or the base model '{base}'",
-            model=model,
-        )
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -134,11 +140,12 @@ async def completions(body: CompletionRequest, http: Request, state: State) -> A
                 f"prompt: exactly one prompt per request is supported, got a list of {len(prompt)}", field="prompt"
             )
         prompt = prompt[0]
-    prefix = _resolve_model(state, body.model)
     params = _sampling(body, body.max_tokens, state.settings.default_max_new_tokens)
-    prompt_ids = list(state.model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
     completion_id = f"cmpl-{uuid.uuid4().hex}"
-    request = _engine_request(state, prefix, prompt_ids, params, "prompt", "max_tokens", completion_id)
+    request = await state.inputs.text_request(
+        body.model, prompt, params, fields=FieldNames("prompt", "max_tokens"), base_model_allowed=True,
+        request_id=completion_id,
+    )
     http.state.task_id = body.model  # a served model (task or base): safe as a metrics label
     created = int(time.time())
 
@@ -151,7 +158,7 @@ async def completions(body: CompletionRequest, http: Request, state: State) -> A
             empty = CompletionResponse(id=completion_id, created=created, model=body.model, choices=[], usage=usage)
             return sse(empty)
 
-        return _stream(state, request, body, first=None, chunk=chunk, usage_chunk=usage_chunk)
+        return _stream(state, request, body, http.url.path, first=None, chunk=chunk, usage_chunk=usage_chunk)
 
     result = await state.engine.generate(request)
     state.metrics.observe_generation(body.model, result)
@@ -183,11 +190,11 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: St
         if body.max_completion_tokens is not None
         else (body.max_tokens, "max_tokens")
     )
-    prefix = _resolve_model(state, body.model)
     params = _sampling(body, max_tokens, state.settings.default_max_new_tokens)
-    prompt_ids = _render_chat(state, body)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    request = _engine_request(state, prefix, prompt_ids, params, "messages", max_field, completion_id)
+    request = await state.inputs.chat_request(
+        body.model, _turns(body), params, fields=FieldNames("messages", max_field), request_id=completion_id
+    )
     http.state.task_id = body.model
     created = int(time.time())
 
@@ -204,7 +211,9 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: St
             empty = ChatCompletionChunk(id=completion_id, created=created, model=body.model, choices=[], usage=usage)
             return sse(empty)
 
-        return _stream(state, request, body, first=chunk(None, None), chunk=chunk, usage_chunk=usage_chunk)
+        return _stream(
+            state, request, body, http.url.path, first=chunk(None, None), chunk=chunk, usage_chunk=usage_chunk
+        )
 
     result = await state.engine.generate(request)
     state.metrics.observe_generation(body.model, result)
@@ -218,26 +227,17 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: St
     )
 
 
-def _render_chat(state: ServiceState, body: ChatCompletionRequest) -> list[int]:
-    tokenizer = state.model.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError(
-            f"the base model '{state.model.name}' has no chat template, so /v1/chat/completions cannot format "
-            "messages; use /v1/completions with a prompt you format yourself",
-            field="messages",
-        )
-    messages = []
-    for message in body.messages:
-        item = {"role": message.role, "content": message.text()}
+def _turns(body: ChatCompletionRequest) -> list[ChatTurn]:
+    turns = []
+    for index, message in enumerate(body.messages):
         if message.name is not None:
-            item["name"] = message.name
-        messages.append(item)
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError (e.g. raise_exception("roles must alternate"))
-        raise InvalidRequestError(f"messages: the chat template rejected them: {exc}", field="messages") from exc
-    # The template writes any BOS itself: tokenising with special tokens again would double it (as transformers does).
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            # The chat template has no place for it: dropping it silently would change who the model thinks spoke.
+            raise InvalidRequestError(
+                f"messages[{index}].name: not supported (this server's chat template cannot show it); omit it",
+                field=f"messages[{index}].name",
+            )
+        turns.append(ChatTurn(role=message.role, content=message.text()))
+    return turns
 
 
 # ------------------------------------------------------------------------------------------------ shared
@@ -291,15 +291,6 @@ def _reject_unsupported(body: SamplingFields, extra: list[str]) -> None:
         raise InvalidRequestError("unsupported parameters: " + "; ".join(problems), field=fields[0], fields=fields)
 
 
-def _resolve_model(state: ServiceState, model: str) -> TaskPrefix | None:
-    """The task's prefix now (a later replace or delete won't touch this request), or None for the base model."""
-    if model in state.registry:
-        return state.registry.get(model)  # a delete in between answers TaskNotFoundError: 404 as well
-    if model == state.model.name:
-        return None
-    raise ModelNotFoundError(model, state.model.name)
-
-
 def _sampling(body: SamplingFields, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     do_sample = temperature > 0.0
@@ -313,21 +304,6 @@ def _sampling(body: SamplingFields, max_tokens: int | None, default_max_tokens: 
         stop=body.stop_sequences(),
         seed=body.seed,
     )
-
-
-def _engine_request(
-    state: ServiceState,
-    prefix: TaskPrefix | None,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    prompt_field: str,
-    max_field: str,
-    request_id: str,
-) -> GenerationRequest:
-    """Every server limit /generate applies, its errors naming the fields this API's clients sent."""
-    request = checked_request(state, prompt_ids, prefix, params, prompt_field=prompt_field, max_field=max_field)
-    request.request_id = request_id
-    return request
 
 
 def _finish(result: GenerationResult) -> OpenAIFinishReason:
@@ -365,6 +341,7 @@ def _stream(
     state: ServiceState,
     request: GenerationRequest,
     body: SamplingFields,
+    path: str,
     *,
     first: str | None,
     chunk: Callable[[str, OpenAIFinishReason | None], str],
@@ -401,6 +378,6 @@ def _stream(
                 yield usage_chunk(_usage(result))
             yield "data: [DONE]\n\n"
 
-    return event_stream(chunks(), events)
+    return event_stream(chunks(), events, path=path)
 
 

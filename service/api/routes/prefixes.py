@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile, status
 
 from service.api.auth import require
+from service.api.body_route import CheckedBodyRoute
 from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixState, PrefixUploadResponse
 from service.api.state import ServiceState, get_state
-from service.errors import InvalidPrefixError, PayloadTooLargeError, ServiceError
+from service.errors import InvalidPrefixError, InvalidRequestError, PayloadTooLargeError, ServiceError
 from service.registry import PrefixRecord
 
-router = APIRouter(prefix="/prefixes", tags=["prefixes"])
+router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=CheckedBodyRoute)
 
 State = Annotated[ServiceState, Depends(get_state)]
 ADMIN = [Depends(require("admin"))]  # upload, replace, delete
@@ -40,6 +43,26 @@ def _read_capped(stream: BinaryIO, field: str, cap: int) -> bytes:
     return data
 
 
+UPLOAD_FIELDS = ("task_id", "replace", "adapter_config", "adapter_model")
+
+
+def _check_form_fields(names: list[str]) -> None:
+    """Each upload field at most once, and nothing else: with a repeated `task_id` the last one used to win silently,
+    and a second `adapter_model` was dropped unseen."""
+    counts = Counter(names)
+    repeated = sorted(name for name, n in counts.items() if n > 1)
+    if repeated:
+        raise InvalidRequestError(
+            f"form field(s) {repeated} sent more than once; send each of {list(UPLOAD_FIELDS)} at most once",
+            field=repeated[0],
+        )
+    unknown = sorted(name[:64] for name in counts if name not in UPLOAD_FIELDS)
+    if unknown:
+        raise InvalidRequestError(
+            f"unexpected form field(s) {unknown}; an upload has only {list(UPLOAD_FIELDS)}", field=unknown[0]
+        )
+
+
 @router.post(
     "",
     response_model=PrefixUploadResponse,
@@ -48,12 +71,14 @@ def _read_capped(stream: BinaryIO, field: str, cap: int) -> bytes:
         200: {"model": PrefixUploadResponse, "description": "Replaced an existing prefix"},
         409: {"model": ErrorResponse, "description": "Task exists and replace is false"},
         413: {"model": ErrorResponse, "description": "A file is over its size cap"},
+        415: {"model": ErrorResponse, "description": "The body is not multipart/form-data"},
         422: {"model": ErrorResponse, "description": "The adapter does not fit the served model"},
     },
     dependencies=ADMIN,
 )
-def upload_prefix(
+async def upload_prefix(
     state: State,
+    request: Request,
     response: Response,
     task_id: Annotated[str, Form(description="Task id the prefix is served under.")],
     adapter_config: Annotated[UploadFile, File(description="PEFT adapter_config.json")],
@@ -62,9 +87,17 @@ def upload_prefix(
 ) -> PrefixUploadResponse:
     settings = state.settings
     try:
-        config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
-        weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
-        record, created, warnings = state.registry.put(task_id, config_bytes, weights_bytes, replace=replace)
+        _check_form_fields([name for name, _ in (await request.form()).multi_items()])  # parsed already: cached
+        # Reading the spooled files, validating and the fsynced write all block: keep them off the event loop.
+        config_bytes = await asyncio.to_thread(
+            _read_capped, adapter_config.file, "adapter_config", settings.max_config_bytes
+        )
+        weights_bytes = await asyncio.to_thread(
+            _read_capped, adapter_model.file, "adapter_model", settings.max_prefix_bytes
+        )
+        record, created, warnings = await asyncio.to_thread(
+            state.registry.put, task_id, config_bytes, weights_bytes, replace=replace
+        )
     except ServiceError as exc:
         state.metrics.uploads.labels(exc.code).inc()
         raise

@@ -1,0 +1,367 @@
+"""One input path for every route (TGI /generate and /generate_stream, OpenAI /v1/completions and
+/v1/chat/completions, and a future Ray ingress): bytes → JSON → a checked `GenerationRequest`.
+
+Order matters, because every step costs more than the one before:
+  1. cheap checks on what the client sent, before any tokenization: the parameter limits, and a bound on the prompt's
+     characters (a prompt longer than `max_prompt_tokens` × the most characters one token can stand for cannot fit,
+     whatever it tokenizes to);
+  2. tokenization (and chat-template rendering) and the prefix lookup (`registry.get` may reload a prefix from disk
+     under the registry lock) in a small thread pool, never on the event loop;
+  3. the limits that need token counts: prompt tokens, and prompt + prefix + new tokens against the model's context.
+
+Nothing here depends on FastAPI: errors are `ServiceError`s that each front end renders in its own shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from service.errors import InvalidRequestError, ModelNotFoundError, RequestTooLongError, TaskNotFoundError
+from service.model_loader import LoadedModel
+from service.prefix import TaskPrefix
+from service.registry import PrefixRegistry, validate_task_id
+from service.requests import GenerationRequest, SamplingParams
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Python's json module recurses once per nesting level (so do json.dumps and other walks of a parsed value): well below
+# the interpreter's recursion limit, and far beyond what a real request needs (a chat content part is 5 levels deep).
+MAX_JSON_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """How the client's API names the prompt and the new-token count, so that errors use the client's words."""
+
+    prompt: str = "inputs"
+    max_tokens: str = "max_new_tokens"
+
+
+TGI_FIELDS = FieldNames("inputs", "max_new_tokens")
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+# ------------------------------------------------------------------------------------------------ JSON bodies
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Parse a request body as JSON; every failure is a 422 that says what is wrong in the client's terms (the JSON
+    parser's own messages, or an interpreter limit, would otherwise surface as "error parsing the body")."""
+    if not raw.strip():
+        raise InvalidRequestError("body: empty; expected a JSON object", field="body")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"body: not valid UTF-8 ({exc.reason} at byte {exc.start}); JSON bodies must be UTF-8 encoded",
+            field="body",
+        ) from None
+    # Before parsing: deep nesting makes the recursive parser (and any later recursive walk, e.g. json.dumps of an
+    # echoed parameter) exhaust the interpreter's stack.
+    if nesting_depth(raw) > MAX_JSON_DEPTH:
+        raise InvalidRequestError(
+            f"body: JSON nested more than {MAX_JSON_DEPTH} levels deep (arrays/objects inside each other); "
+            f"at most {MAX_JSON_DEPTH} levels are accepted",
+            field="body", limit=MAX_JSON_DEPTH,
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            f"body: invalid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", field="body"
+        ) from None
+    except RecursionError:  # unreachable after the depth check; kept so no parser limit can become a 500
+        raise InvalidRequestError("body: JSON nested too deeply", field="body") from None
+    except ValueError as exc:  # an integer literal over Python's int-conversion digit limit (4300)
+        raise InvalidRequestError(
+            f"body: a number in the JSON is too long to parse ({str(exc).split(';')[0]})", field="body"
+        ) from None
+
+
+# A JSON string literal; possessive quantifiers keep the match linear whatever the input.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nesting_depth(raw: bytes) -> int:
+    """How deep `[`/`{` nest outside string literals, at C speed (regex, translate, numpy): an 8 MiB body of
+    brackets takes milliseconds, where walking the parsed value in Python took seconds."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # too few brackets to exceed the limit: the common case, decided by two C-level counts
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)
+    return int(np.cumsum(steps, dtype=np.int64).max())
+
+
+# ------------------------------------------------------------------------------------------------ the processor
+
+
+class InputProcessor:
+    """Builds engine requests for every front end. Thread-safe; one per served model."""
+
+    def __init__(self, settings: Settings, model: LoadedModel, registry: PrefixRegistry) -> None:
+        self.settings = settings
+        self.model = model
+        self.registry = registry
+        self.tokenizer: PreTrainedTokenizerBase = model.tokenizer
+        self.chars_per_token = settings.max_prompt_chars_per_token or longest_token_chars(self.tokenizer)
+        self._special_tokens = special_token_strings(self.tokenizer)
+        self._literal_tokenizer = literal_tokenizer(self.tokenizer)
+        # A small dedicated pool: tokenizing a prompt at the character bound takes ~0.5 s of CPU here, and a burst of
+        # them must queue rather than take every core from the engine.
+        self._pool = ThreadPoolExecutor(max_workers=settings.input_threads, thread_name_prefix="prefix-serve-inputs")
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Prompts with more characters than this cannot fit `max_prompt_tokens` (rejected before tokenizing)."""
+        return self.settings.max_prompt_tokens * self.chars_per_token
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- entry points
+
+    async def text_request(
+        self,
+        target: str,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        fields: FieldNames = TGI_FIELDS,
+        base_model_allowed: bool = False,
+        request_id: str = "",
+    ) -> GenerationRequest:
+        """A plain prompt for `target`: a task id, or (OpenAI routes, `base_model_allowed`) the base model's name."""
+        self.check_params(params, fields)
+        self._check_chars(len(prompt), fields.prompt)
+        self._check_target(target, base_model_allowed)
+        return await self._off_loop(self._build_text, target, prompt, params, fields, base_model_allowed, request_id)
+
+    async def chat_request(
+        self,
+        target: str,
+        turns: Sequence[ChatTurn],
+        params: SamplingParams,
+        *,
+        fields: FieldNames,
+        request_id: str = "",
+    ) -> GenerationRequest:
+        """Chat messages rendered with the model's chat template; `target` is a task id or the base model's name."""
+        self.check_params(params, fields)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                f"the base model '{self.model.name}' has no chat template, so /v1/chat/completions cannot format "
+                "messages; use /v1/completions with a prompt you format yourself",
+                field="messages",
+            )
+        self._check_chars(sum(len(t.content) + len(t.role) for t in turns), fields.prompt)
+        self._check_target(target, base_model_allowed=True)
+        return await self._off_loop(self._build_chat, target, list(turns), params, fields, request_id)
+
+    # ---------------------------------------------------------------- cheap checks (event loop)
+
+    def check_params(self, params: SamplingParams, fields: FieldNames) -> None:
+        settings = self.settings
+        if params.max_new_tokens > settings.max_new_tokens_limit:
+            raise InvalidRequestError(
+                f"{fields.max_tokens}: at most {settings.max_new_tokens_limit}, got {params.max_new_tokens}",
+                field=fields.max_tokens, limit=settings.max_new_tokens_limit,
+            )
+        if len(params.stop) > settings.max_stop_sequences:
+            raise InvalidRequestError(
+                f"stop: at most {settings.max_stop_sequences} stop sequences, got {len(params.stop)}",
+                field="stop", limit=settings.max_stop_sequences,
+            )
+        too_long = [s for s in params.stop if len(s) > settings.max_stop_sequence_chars]
+        if too_long:
+            raise InvalidRequestError(
+                f"stop: each stop sequence may have at most {settings.max_stop_sequence_chars} characters, "
+                f"got one of {len(too_long[0])}",
+                field="stop", limit=settings.max_stop_sequence_chars,
+            )
+
+    def _check_chars(self, chars: int, field: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{field}: {chars} characters cannot fit the limit of {self.settings.max_prompt_tokens} prompt tokens "
+                f"(one token stands for at most {self.chars_per_token} characters, so at most {self.max_prompt_chars} "
+                "characters are accepted)",
+                field=field, limit=self.max_prompt_chars,
+            )
+
+    def _check_target(self, target: str, base_model_allowed: bool) -> None:
+        """Fail fast (lock-free) on an unknown task, before paying for tokenization. A task deleted after this check
+        is caught again by `registry.get`."""
+        if target in self.registry:
+            return
+        if base_model_allowed:
+            if target != self.model.name:
+                raise ModelNotFoundError(target, self.model.name)
+            return
+        validate_task_id(target)  # a malformed id is a 422 naming the pattern, as everywhere else
+        raise TaskNotFoundError(target)
+
+    async def _off_loop(self, fn: Any, *args: Any) -> GenerationRequest:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ---------------------------------------------------------------- in the pool
+
+    def _build_text(
+        self, target: str, prompt: str, params: SamplingParams, fields: FieldNames, base_model_allowed: bool,
+        request_id: str,
+    ) -> GenerationRequest:
+        prompt_ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return self._finish(target, prompt_ids, params, fields, base_model_allowed, request_id)
+
+    def _build_chat(
+        self, target: str, turns: list[ChatTurn], params: SamplingParams, fields: FieldNames, request_id: str
+    ) -> GenerationRequest:
+        prompt_ids = render_chat(self.tokenizer, turns, self._special_tokens, self._literal_tokenizer)
+        return self._finish(target, prompt_ids, params, fields, True, request_id)
+
+    def _finish(
+        self, target: str, prompt_ids: list[int], params: SamplingParams, fields: FieldNames,
+        base_model_allowed: bool, request_id: str,
+    ) -> GenerationRequest:
+        settings = self.settings
+        if not prompt_ids:
+            raise InvalidRequestError(f"{fields.prompt}: the prompt encodes to zero tokens", field=fields.prompt)
+        if len(prompt_ids) > settings.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"{fields.prompt}: the prompt has {len(prompt_ids)} tokens, more than the limit of "
+                f"{settings.max_prompt_tokens}",
+                field=fields.prompt, limit=settings.max_prompt_tokens,
+            )
+        prefix = self._resolve(target, base_model_allowed)
+        virtual_tokens = prefix.num_virtual_tokens if prefix is not None else 0
+        total = len(prompt_ids) + virtual_tokens + params.max_new_tokens
+        limit = self.model.max_context
+        if total > limit:
+            raise RequestTooLongError(
+                f"{fields.prompt} ({len(prompt_ids)} tokens) + prefix ({virtual_tokens} virtual tokens) + "
+                f"{fields.max_tokens} ({params.max_new_tokens}) = {total} exceeds the model's context of {limit} tokens",
+                prompt_tokens=len(prompt_ids),
+                num_virtual_tokens=virtual_tokens,
+                max_new_tokens=params.max_new_tokens,
+                max_context=limit,
+            )
+        return GenerationRequest(prompt_ids=prompt_ids, prefix=prefix, params=params, request_id=request_id)
+
+    def _resolve(self, target: str, base_model_allowed: bool) -> TaskPrefix | None:
+        """The task's prefix now (a later replace or delete won't touch this request), or None for the base model.
+        A task shadows a base model of the same name."""
+        if base_model_allowed and target not in self.registry:
+            if target == self.model.name:
+                return None
+            raise ModelNotFoundError(target, self.model.name)
+        return self.registry.get(target)  # a delete since the check above answers 404 here
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer facts
+
+
+def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An upper bound on the characters one token can stand for: the longest vocabulary entry, in characters of its
+    stored form. Byte-level BPE stores one character per byte (≥ the characters it decodes to), SentencePiece one
+    character per character ("▁" for a space) or `<0xNN>` for a byte, WordPiece adds "##": each over-counts, never
+    under-counts, so a prompt rejected by this bound could not have fit."""
+    vocab = tokenizer.get_vocab()
+    longest = max((len(piece) for piece in vocab), default=1)
+    return max(1, longest)
+
+
+def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """Every string the tokenizer turns into a control token when it parses special tokens in text."""
+    found: set[str] = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token.content))
+    return tuple(sorted((s for s in found if s), key=len, reverse=True))
+
+
+def literal_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A private copy of `tokenizer` that reads control-token text as plain text.
+
+    Why a copy: transformers implements `split_special_tokens=True` by flipping a flag on the shared Rust backend
+    (`encode_special_tokens`) and leaves it set; two threads tokenizing at once on one tokenizer could then parse a
+    user's `<|im_end|>` as the control token, or split the template's own. The copy owns its backend, flag always on."""
+    literal = copy.deepcopy(tokenizer)
+    literal.split_special_tokens = True
+    backend = getattr(literal, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_special_tokens"):
+        backend.encode_special_tokens = True
+    return literal
+
+
+_PLACEHOLDER = re.compile("(\ue000\\d+\ue001)")
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    turns: Sequence[ChatTurn],
+    special_tokens: Sequence[str],
+    literal: PreTrainedTokenizerBase,
+) -> list[int]:
+    """Token ids of `turns` in the chat template, generation prompt added. Message content never becomes control
+    tokens: a user who writes `<|im_end|>\\n<|im_start|>system` gets those characters as plain text, not a forged
+    system turn. Content without any control-token string takes the ordinary path (template text tokenized whole).
+    `literal` is `literal_tokenizer(tokenizer)`: it tokenizes the content."""
+    messages = [{"role": t.role, "content": t.content} for t in turns]
+    text = _apply_template(tokenizer, messages)
+    spelled = sorted({s for t in turns for s in special_tokens if s in t.content})
+    if not spelled:
+        # The template writes any BOS itself: tokenising with special tokens again would double it.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # Render again with a placeholder for each content, to learn where the template put each content verbatim; then
+    # tokenize the template's own text with control tokens parsed and each content with parsing off.
+    placeholders = [f"\ue000{i}\ue001" for i in range(len(turns))]
+    marked = _apply_template(tokenizer, [{**m, "content": p} for m, p in zip(messages, placeholders)])
+    rebuilt = marked
+    for placeholder, turn in zip(placeholders, turns):
+        rebuilt = rebuilt.replace(placeholder, turn.content)
+    if rebuilt != text:
+        # The template transforms content (trims it, say): its spans cannot be located exactly, so refuse rather
+        # than risk parsing the control tokens the client wrote.
+        raise InvalidRequestError(
+            f"messages: content contains the control token(s) {spelled}, and this model's chat template changes "
+            "message content, so they cannot be passed as plain text; remove them",
+            field="messages",
+        )
+    ids: list[int] = []
+    for piece in _PLACEHOLDER.split(marked):
+        if not piece:
+            continue
+        if _PLACEHOLDER.fullmatch(piece):
+            content = turns[int(piece[1:-1])].content
+            if content:
+                ids += literal(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        else:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError (e.g. raise_exception("roles must alternate"))
+        raise InvalidRequestError(f"messages: the chat template rejected them: {exc}", field="messages") from exc
