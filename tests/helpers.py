@@ -342,7 +342,7 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [*prefix_serve_command(), "serve", "--model", str(self.model_dir), "--prefix-dir", str(self.store),
-             "--port", str(self.port), "--device", "cpu", "--log-level", "warning"],
+             "--port", str(self.port), "--device", "cpu", "--dtype", "float32", "--log-level", "warning"],
             stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )  # fmt: skip
         log.close()

@@ -98,8 +98,22 @@ def test_resolve_device_cuda_index_out_of_range(monkeypatch: pytest.MonkeyPatch)
         resolve_device("cuda:3")
 
 
-def test_resolve_dtype_auto() -> None:
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_resolve_dtype_auto_on_cpu(
+    monkeypatch: pytest.MonkeyPatch, native_bf16: bool, expected: torch.dtype
+) -> None:
+    """bfloat16 only where the CPU computes it natively (the data behind it: service/bench/dtype_agreement.py)."""
+    import service.model_loader as loader
+
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+
+
+def test_cpu_bf16_detection_reads_this_machine() -> None:
+    from service.model_loader import cpu_has_native_bf16
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert cpu_has_native_bf16() == (" avx512_bf16" in flags or " amx_bf16" in flags)
 
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
