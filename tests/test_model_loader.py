@@ -60,7 +60,7 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 
 
 def _cpu_settings(**kwargs: Any) -> Settings:
-    return Settings(device="cpu", dtype="auto", **kwargs)
+    return Settings(device="cpu", dtype="float32", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
