@@ -409,3 +409,17 @@ def slowed_forward(model: torch.nn.Module, seconds: float) -> Iterator[None]:
         yield
     finally:
         hook.remove()
+
+
+def run_engine(engine: Any, coro_factory: Any) -> Any:
+    """Start `engine`, await `coro_factory()` on a fresh event loop, stop the engine whatever happens."""
+    import asyncio
+
+    async def main() -> Any:
+        engine.start()
+        try:
+            return await coro_factory()
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
