@@ -365,6 +365,7 @@ class ContinuousBatchingEngine(Engine):
         self.stats.waiting = len(self._waiting)
         if not len(slots):
             return
+        self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(slots))
         prefilling = any(row.prefilling for row in slots.rows)
         started = time.perf_counter()
         stepped = slots.step()
@@ -403,7 +404,6 @@ class ContinuousBatchingEngine(Engine):
         self.stats.prefix_bank_bytes = self._slots.bank.nbytes
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.stats.kv_bytes)
         self.stats.running_rows = len(self._slots)
-        self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(self._slots))
 
     # -- padded layout --------------------------------------------------------------------------------------------
 

@@ -120,7 +120,7 @@ class SlotBatch:
         for row in self.rows:
             if budget <= 0:
                 break
-            if row.prefilling:
+            if row.prefilling and not row.finished:
                 n = min(len(row.request.prompt_ids) - row.cached, budget)
                 chunks.append((row, n))
                 budget -= n
