@@ -211,37 +211,46 @@ class ContinuousBatchingEngine(Engine):
         return self._events(handle, with_text)
 
     async def _events(self, handle: _Handle, with_text: bool) -> AsyncIterator[Event]:
+        """Turn the worker's token ids into TokenEvents with text and one FinalEvent (output processing runs here,
+        on the caller's loop). A step's items arrive together, so the row's last token is seen with its result and
+        its event carries all the text still owed (the final decode can complete a held-back character)."""
         output = OutputProcessor(self.runner.decode, handle.request.params.stop, with_text)
         tokens: list[int] = []
+        item: TokenEvent | _Finished | BaseException | None = None
         try:
             while True:
-                item = await handle.events.get()
+                item = item if item is not None else await handle.events.get()
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, TokenEvent):
-                    tokens.append(item.token_id)
-                    text = output.push(item.token_id)
-                    if output.stopped_text is not None:  # a stop sequence ends the request here
-                        handle.stopped = True
-                        yield TokenEvent(item.token_id, text, item.index)
-                        yield FinalEvent(self._stopped_result(handle, tokens, output.stopped_text))
-                        return
-                    yield TokenEvent(item.token_id, text, item.index) if text else item
-                    continue
-                result = item.result
-                result.text = output.final_text(result.token_ids)
-                if with_text:
-                    tail = output.final_delta(result.text)
-                    if tail:  # the last token completed text held back (an incomplete character at the end)
-                        yield TokenEvent(result.token_ids[-1], tail, len(result.token_ids) - 1)
-                yield FinalEvent(result)
-                return
+                if isinstance(item, _Finished):  # no token in this delivery (e.g. the deadline passed)
+                    yield FinalEvent(self._finish_text(item.result, output))
+                    return
+                tokens.append(item.token_id)
+                text = output.push(item.token_id)
+                if output.stopped_text is not None:  # a stop sequence ends the request here
+                    handle.stopped = True
+                    yield TokenEvent(item.token_id, text, item.index)
+                    yield FinalEvent(self._stopped_result(handle, tokens, output.stopped_text))
+                    return
+                following = handle.events.get_nowait() if not handle.events.empty() else None
+                if isinstance(following, _Finished):
+                    result = self._finish_text(following.result, output)
+                    yield TokenEvent(item.token_id, text + output.final_delta(result.text), item.index)
+                    yield FinalEvent(result)
+                    return
+                yield TokenEvent(item.token_id, text, item.index) if text else item
+                item = following
         finally:
             # Normal end, client disconnect (generator closed) or task cancellation: the worker retires the row.
             if not handle.stopped:
                 handle.cancelled = True
             if handle.admitted_at is None:
                 self._inbox.put(_WAKE)
+
+    @staticmethod
+    def _finish_text(result: GenerationResult, output: OutputProcessor) -> GenerationResult:
+        result.text = output.final_text(result.token_ids)
+        return result
 
     def _stopped_result(self, handle: _Handle, tokens: list[int], text: str) -> GenerationResult:
         now = time.monotonic()
