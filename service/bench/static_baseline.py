@@ -37,7 +37,8 @@ class _StepClock(BaseStreamer):
 @torch.inference_mode()
 def _generate_batch(
     runner: ModelRunner, items: list[WorkItem], prefixes: dict[str, TaskPrefix] | None, clock: _StepClock
-) -> None:
+) -> int:
+    """Run one static batch; returns the KV bytes its cache held at the end (its peak: the cache only grows)."""
     device = runner.device
     lengths = [len(item.prompt_ids) for item in items]
     width = max(lengths)
@@ -46,12 +47,12 @@ def _generate_batch(
     for i, item in enumerate(items):
         input_ids[i, width - lengths[i] :] = torch.tensor(item.prompt_ids)
         prompt_mask[i, width - lengths[i] :] = 1
-    kwargs: dict[str, Any] = {}
+    cache = DynamicCache()
     mask = prompt_mask
     if prefixes is not None:
         kv = torch.stack([prefixes[item.task_id].kv for item in items])  # (B, L, 2, H, V, D); one V in the bench
         kv = kv.to(device=device, dtype=runner.dtype)
-        kwargs[runner.cache_arg] = DynamicCache([(kv[:, layer, 0], kv[:, layer, 1]) for layer in range(kv.shape[1])])
+        cache = DynamicCache([(kv[:, layer, 0], kv[:, layer, 1]) for layer in range(kv.shape[1])])
         mask = torch.cat([torch.ones((len(items), kv.shape[4]), dtype=torch.long), prompt_mask], dim=1)
     new_tokens = max(item.max_new_tokens for item in items)
     runner.model.generate(
@@ -62,8 +63,9 @@ def _generate_batch(
         do_sample=False,
         pad_token_id=runner.pad_token_id,
         streamer=clock,
-        **kwargs,
+        **{runner.cache_arg: cache},
     )
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def run_static_system(
@@ -81,12 +83,13 @@ def run_static_system(
         _generate_batch(runner, warmup[:concurrency], prefixes, _StepClock())
     timings: list[RequestTiming] = []
     step_gaps: list[float] = []
+    peak_kv = 0
     started = time.perf_counter()
     for first in range(0, len(workload), concurrency):
         items = workload[first : first + concurrency]
         clock = _StepClock()
         batch_start = time.perf_counter()
-        _generate_batch(runner, items, prefixes, clock)
+        peak_kv = max(peak_kv, _generate_batch(runner, items, prefixes, clock))
         end = time.perf_counter()
         token_times = clock.times[1:]  # the first put() is the prompt
         gaps = [b - a for a, b in zip(token_times, token_times[1:])]
@@ -97,4 +100,5 @@ def run_static_system(
     wall = time.perf_counter() - started
     result = RunResult(name, concurrency, wall, timings, float(min(concurrency, len(workload))))
     result.step_times = step_gaps
+    result.peak_kv_bytes = peak_kv
     return result
