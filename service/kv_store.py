@@ -73,7 +73,10 @@ class SlotStore:
         """(rows, width) the store will have once a request reserving `reservation` columns takes a slot."""
         slot = self._free[0]
         rows = self.rows if slot < self.rows else min(self.num_slots, max(slot + 1, 2 * self.rows))
-        width = self.width if reservation <= self.width else min(self.max_width, max(reservation, 2 * self.width))
+        # Grow by a quarter at least (rounded to 32 columns), not by doubling: memory held is rows x width, and the
+        # longest reservation is rarely far past the last one.
+        grown = -(-max(reservation, self.width + self.width // 4) // 32) * 32
+        width = self.width if reservation <= self.width else min(self.max_width, grown)
         return rows, width
 
     def allocate(self, reservation: int) -> int:

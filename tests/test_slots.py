@@ -89,7 +89,7 @@ def test_a_tasks_prefix_is_stored_once_for_all_its_rows(runner, prefixes) -> Non
     batch.step()
     assert len(batch.bank.entries) == 1 and batch.bank.referenced_tokens == prefix.num_virtual_tokens
     assert batch.bank.keys.untyped_storage().nbytes() + batch.bank.values.untyped_storage().nbytes() == bank_bytes
-    assert batch.store.width == 3 + 4, "slots hold only each row's own tokens (prompt + new), no prefix copy"
+    assert max(batch.store.reserved) == 3 + 4, "slots hold only each row's own tokens (prompt + new), no prefix"
     # The padded layout (the fallback) holds a copy of the prefix in every row.
     padded = DecodeBatch.prefill(runner, [req(prefix, [8 + i, 9, 10], 4) for i in range(8)])
     per_token = batch.store.geometry.bytes_per_token
