@@ -16,6 +16,7 @@ from service.api.schemas import (
     StreamEvent,
     StreamToken,
 )
+from service import templates
 from service.api.state import ServiceState, get_state
 from service.engine import TokenEvent
 from service.errors import InvalidRequestError, RequestTooLongError, ServiceError
@@ -35,8 +36,10 @@ _ERRORS: dict[int | str, dict] = {
 def build_request(state: ServiceState, body: GenerateRequest) -> GenerationRequest:
     """Resolve the task's prefix now (a later replace/delete won't touch this request) and check the limits."""
     params = body.parameters.to_sampling(state.settings.default_max_new_tokens)
-    prefix = state.registry.get(body.task_id)
-    prompt_ids = state.model.tokenizer(body.inputs, add_special_tokens=True)["input_ids"]
+    prefix, record = state.registry.lookup(body.task_id)
+    # --- task template (issue 12, service/templates.py): fill the task's prompt_template unless raw_prompt ---
+    prompt = templates.render(record.prompt_template, body.inputs, raw=body.raw_prompt)
+    prompt_ids = state.model.tokenizer(prompt, add_special_tokens=True)["input_ids"]
     return checked_request(state, list(prompt_ids), prefix, params)
 
 

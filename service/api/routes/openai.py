@@ -42,6 +42,7 @@ from service.api.openai_schemas import (
     Usage,
     SamplingFields,
 )
+from service import templates
 from service.api.routes.generate import checked_request
 from service.api.schemas import ErrorResponse
 from service.api.sse import event_stream, sse
@@ -49,6 +50,7 @@ from service.api.state import ServiceState, get_state
 from service.engine import TokenEvent
 from service.errors import InvalidRequestError, ServiceError
 from service.prefix import TaskPrefix
+from service.registry import PrefixRecord
 from service.requests import FinishReason, GenerationRequest, GenerationResult, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ class ModelNotFoundError(ServiceError):
 def list_models(state: State) -> ModelList:
     """The base model (parent null) and every stored task (parent = the base model)."""
     base = state.model.name
-    tasks = [_task_card(record.task_id, record.created_at, base) for record in state.registry.list()]
+    tasks = [_task_card(record, base) for record in state.registry.list()]
     cards = [] if base in state.registry else [_base_card(base)]
     return ModelList(data=cards + tasks)
 
@@ -96,7 +98,7 @@ def list_models(state: State) -> ModelList:
 def retrieve_model(model: str, state: State) -> ModelCard:
     base = state.model.name
     if model in state.registry:
-        return _task_card(model, state.registry.record(model).created_at, base)
+        return _task_card(state.registry.record(model), base)
     if model == base:
         return _base_card(base)
     raise ModelNotFoundError(model, base)
@@ -106,8 +108,11 @@ def _base_card(base: str) -> ModelCard:
     return ModelCard(id=base, created=_STARTED, owned_by=OWNER, parent=None, root=base)
 
 
-def _task_card(task_id: str, created_at: str, base: str) -> ModelCard:
-    return ModelCard(id=task_id, created=_unix(created_at), owned_by=OWNER, parent=base, root=base)
+def _task_card(record: PrefixRecord, base: str) -> ModelCard:
+    return ModelCard(
+        id=record.task_id, created=_unix(record.created_at), owned_by=OWNER, parent=base, root=base,
+        prompt_template=record.prompt_template, description=record.description,
+    )  # fmt: skip
 
 
 def _unix(iso: str) -> int:
@@ -134,8 +139,10 @@ async def completions(body: CompletionRequest, http: Request, state: State) -> A
                 f"prompt: exactly one prompt per request is supported, got a list of {len(prompt)}", field="prompt"
             )
         prompt = prompt[0]
-    prefix = _resolve_model(state, body.model)
+    prefix, template = _resolve_model(state, body.model)
     params = _sampling(body, body.max_tokens, state.settings.default_max_new_tokens)
+    # --- task template (issue 12, service/templates.py): fill the task's prompt_template unless raw_prompt ---
+    prompt = templates.render(template, prompt, raw=body.raw_prompt)
     prompt_ids = list(state.model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     request = _engine_request(state, prefix, prompt_ids, params, "prompt", "max_tokens", completion_id)
@@ -183,9 +190,15 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: St
         if body.max_completion_tokens is not None
         else (body.max_tokens, "max_tokens")
     )
-    prefix = _resolve_model(state, body.model)
+    prefix, template = _resolve_model(state, body.model)
     params = _sampling(body, max_tokens, state.settings.default_max_new_tokens)
-    prompt_ids = _render_chat(state, body)
+    # --- task template (issue 12, service/templates.py): a templated task gets its template filled with the last
+    # user message instead of the chat template, unless raw_prompt ---
+    if template is not None and not body.raw_prompt:
+        prompt = templates.render(template, _last_user_message(body))
+        prompt_ids = list(state.model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    else:
+        prompt_ids = _render_chat(state, body)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     request = _engine_request(state, prefix, prompt_ids, params, "messages", max_field, completion_id)
     http.state.task_id = body.model
@@ -215,6 +228,17 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: St
         model=body.model,
         choices=[ChatChoice(message=message, finish_reason=_finish(result))],
         usage=_usage(result),
+    )
+
+
+def _last_user_message(body: ChatCompletionRequest) -> str:
+    for message in reversed(body.messages):
+        if message.role == "user":
+            return message.text()
+    raise InvalidRequestError(
+        f"messages: task '{body.model}' has a prompt_template, which is filled with the last user message, but there "
+        "is no message with role 'user' (send one, or raw_prompt=true to use the chat template)",
+        field="messages",
     )
 
 
@@ -291,12 +315,14 @@ def _reject_unsupported(body: SamplingFields, extra: list[str]) -> None:
         raise InvalidRequestError("unsupported parameters: " + "; ".join(problems), field=fields[0], fields=fields)
 
 
-def _resolve_model(state: ServiceState, model: str) -> TaskPrefix | None:
-    """The task's prefix now (a later replace or delete won't touch this request), or None for the base model."""
+def _resolve_model(state: ServiceState, model: str) -> tuple[TaskPrefix | None, str | None]:
+    """The task's prefix now (a later replace or delete won't touch this request) and its prompt template, or
+    (None, None) for the base model."""
     if model in state.registry:
-        return state.registry.get(model)  # a delete in between answers TaskNotFoundError: 404 as well
+        prefix, record = state.registry.lookup(model)  # a delete in between answers TaskNotFoundError: 404 as well
+        return prefix, record.prompt_template
     if model == state.model.name:
-        return None
+        return None, None
     raise ModelNotFoundError(model, state.model.name)
 
 

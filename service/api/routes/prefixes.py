@@ -1,7 +1,10 @@
-"""Prefix management: upload (PEFT adapter files), list, show, delete. Prefixes enter the service only here."""
+"""Prefix management: upload (PEFT adapter files, or a text the model turns into a prefix), list, show, download,
+delete. Prefixes enter the service only here."""
 
 from __future__ import annotations
 
+import io
+import zipfile
 from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
@@ -9,8 +12,10 @@ from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
 from service.api.auth import require
 from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixState, PrefixUploadResponse
 from service.api.state import ServiceState, get_state
-from service.errors import InvalidPrefixError, PayloadTooLargeError, ServiceError
-from service.registry import PrefixRecord
+from service.errors import InvalidPrefixError, PayloadTooLargeError, ServiceError, TaskExistsError
+from service.registry import PrefixRecord, TaskInfo, validate_task_id
+from service.templates import validate_description, validate_template
+from service.text_prefix import make_text_adapter
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"])
 
@@ -27,6 +32,9 @@ def _info(record: PrefixRecord) -> PrefixInfo:
         sha256=record.sha256,
         created_at=record.created_at,
         base_model_name_or_path=record.base_model_name_or_path,
+        prompt_template=record.prompt_template,
+        description=record.description,
+        source=record.source,
     )
 
 
@@ -47,8 +55,8 @@ def _read_capped(stream: BinaryIO, field: str, cap: int) -> bytes:
     responses={
         200: {"model": PrefixUploadResponse, "description": "Replaced an existing prefix"},
         409: {"model": ErrorResponse, "description": "Task exists and replace is false"},
-        413: {"model": ErrorResponse, "description": "A file is over its size cap"},
-        422: {"model": ErrorResponse, "description": "The adapter does not fit the served model"},
+        413: {"model": ErrorResponse, "description": "A file is over its size cap, or the text over its token limit"},
+        422: {"model": ErrorResponse, "description": "The adapter does not fit the served model, or a bad field"},
     },
     dependencies=ADMIN,
 )
@@ -56,15 +64,58 @@ def upload_prefix(
     state: State,
     response: Response,
     task_id: Annotated[str, Form(description="Task id the prefix is served under.")],
-    adapter_config: Annotated[UploadFile, File(description="PEFT adapter_config.json")],
-    adapter_model: Annotated[UploadFile, File(description="PEFT adapter_model.safetensors")],
+    adapter_config: Annotated[UploadFile | None, File(description="PEFT adapter_config.json")] = None,
+    adapter_model: Annotated[UploadFile | None, File(description="PEFT adapter_model.safetensors")] = None,
+    text: Annotated[
+        str | None,
+        Form(description="Instead of adapter files: a text (an instruction, a few-shot block) the frozen model reads "
+             "once; its per-layer K/V become the prefix (V = its token count)."),
+    ] = None,
+    prompt_template: Annotated[
+        str | None, Form(description="How requests are wrapped: a string with exactly one {inputs} slot.")
+    ] = None,
+    description: Annotated[str | None, Form(description="A short description of the task.")] = None,
     replace: Annotated[bool, Form(description="Overwrite an existing prefix of this task.")] = False,
 ) -> PrefixUploadResponse:
+    # A sync route: FastAPI runs it in its thread pool, so a text task's forward pass never blocks the event loop.
     settings = state.settings
     try:
-        config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
-        weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
-        record, created, warnings = state.registry.put(task_id, config_bytes, weights_bytes, replace=replace)
+        validate_task_id(task_id)
+        info = TaskInfo(
+            prompt_template=validate_template(prompt_template, max_chars=settings.max_template_chars),
+            description=validate_description(description, max_chars=settings.max_description_chars),
+        )
+        has_files = adapter_config is not None or adapter_model is not None
+        if text is not None and has_files:
+            raise InvalidPrefixError(
+                "text", "either adapter files or a text", "both",
+                message="send either the adapter files (adapter_config + adapter_model) or a text, not both",
+            )  # fmt: skip
+        if text is not None:
+            if not replace and task_id in state.registry:  # fail before the forward pass; re-checked by put
+                raise TaskExistsError(task_id)
+            made = make_text_adapter(
+                state.model.model, state.model.tokenizer, state.model.geometry, text,
+                base_model_name_or_path=state.model.name, max_tokens=settings.max_text_task_tokens,
+            )  # fmt: skip
+            config_bytes, weights_bytes = made.config_bytes, made.weights_bytes
+            info = TaskInfo(
+                prompt_template=info.prompt_template, description=info.description, source="text", text=text
+            )
+        else:
+            for name, part in (("adapter_config", adapter_config), ("adapter_model", adapter_model)):
+                if part is None:
+                    raise InvalidPrefixError(
+                        name, "a file", "nothing",
+                        message=f"{name}: missing; send adapter_config and adapter_model (a PEFT adapter), "
+                        "or a text field instead",
+                    )  # fmt: skip
+            assert adapter_config is not None and adapter_model is not None
+            config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
+            weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
+        record, created, warnings = state.registry.put(
+            task_id, config_bytes, weights_bytes, replace=replace, info=info
+        )
     except ServiceError as exc:
         state.metrics.uploads.labels(exc.code).inc()
         raise
@@ -86,6 +137,31 @@ def list_prefixes(state: State) -> PrefixList:
 @router.get("/{task_id}", response_model=PrefixState, responses={404: {"model": ErrorResponse}}, dependencies=READ)
 def get_prefix(task_id: str, state: State) -> PrefixState:
     return _state(state, state.registry.record(task_id))
+
+
+@router.get(
+    "/{task_id}/adapter",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "A zip of the PEFT adapter directory"},
+        404: {"model": ErrorResponse},
+    },
+    dependencies=READ,
+)
+def download_adapter(task_id: str, state: State) -> Response:
+    """The task's PEFT files as a zip (adapter_config.json, adapter_model.safetensors, and task.json when the task
+    has one): `PeftModel.from_pretrained(model, dir)` loads the unzipped folder, and `prefix-serve train
+    --init-task` can start from it."""
+    files = state.registry.adapter_files(task_id)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in files.items():
+            archive.writestr(f"{task_id}/{name}", data)
+    return Response(
+        content=buffer.getvalue(),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{task_id}.zip"'},
+    )
 
 
 @router.delete(
