@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--systems", default=",".join(SYSTEMS))
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
+    bench.add_argument("--few-shot", action="store_true",
+                       help="Instead: a few-shot block in every prompt vs stored as a task made from text, at --clients "
+                            "(service/bench/fewshot.py); uses the first value of --new-tokens.")
+    bench.add_argument("--few-shot-tokens", type=int, default=1000, help="With --few-shot: the block's size in tokens.")
     bench.set_defaults(func=main)
 
 
@@ -91,6 +95,10 @@ def main(args: argparse.Namespace) -> int:
     loaded = _load(args)
     runner = ModelRunner(loaded.model, loaded.tokenizer)
     verify_prefix_support(runner, loaded.geometry)
+    if args.few_shot:  # issue 12: its own systems, in service/bench/fewshot.py
+        from service.bench.fewshot import run_few_shot
+
+        return run_few_shot(args, loaded)
     args.out.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory() as tmp:
