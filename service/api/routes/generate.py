@@ -8,6 +8,7 @@ from typing import Annotated, AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from service import templates
 from service.api.schemas import (
     ErrorResponse,
     GenerateDetails,
@@ -16,7 +17,6 @@ from service.api.schemas import (
     StreamEvent,
     StreamToken,
 )
-from service import templates
 from service.api.state import ServiceState, get_state
 from service.engine import TokenEvent
 from service.errors import InvalidRequestError, RequestTooLongError, ServiceError

@@ -26,6 +26,7 @@ from typing import Annotated, Any, AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from service import templates
 from service.api.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -42,7 +43,6 @@ from service.api.openai_schemas import (
     Usage,
     SamplingFields,
 )
-from service import templates
 from service.api.routes.generate import checked_request
 from service.api.schemas import ErrorResponse
 from service.api.sse import event_stream, sse
