@@ -77,7 +77,8 @@ def _upload(args: argparse.Namespace) -> int:
         return 2
     adapter_dir = Path(args.adapter_dir) if args.adapter_dir is not None else None
     try:
-        data = {"task_id": args.task_id, "replace": "true" if args.replace else "false", **_task_fields(adapter_dir, args)}
+        data = {"task_id": args.task_id, "replace": "true" if args.replace else "false"}
+        data.update(_task_fields(adapter_dir, args))
         if args.text is not None:
             data["text"] = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as exc:

@@ -72,7 +72,10 @@ def _upload(client: TestClient, loaded: LoadedModel, tmp_path: Path, task_id: st
     return client.post(
         "/prefixes",
         data={"task_id": task_id, **fields},
-        files={"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", weights)},
+        files={
+            "adapter_config": ("adapter_config.json", config),
+            "adapter_model": ("adapter_model.safetensors", weights),
+        },
     )
 
 
@@ -95,9 +98,10 @@ def test_generate_fills_the_template_and_raw_prompt_opts_out(
     assert templated == _generate(client, "tpl", filled, raw_prompt=True)
     assert templated != _generate(client, "tpl", "t30 t31", raw_prompt=True), "the template must matter"
 
-    response = client.post("/generate", json={"task_id": "tpl", "inputs": "t30 t31", "parameters": {"max_new_tokens": 6}})
+    body = {"task_id": "tpl", "inputs": "t30 t31", "parameters": {"max_new_tokens": 6}}
+    response = client.post("/generate", json=body)
     assert response.json()["details"]["prompt_tokens"] == 5  # the filled template's tokens
-    stream = client.post("/generate_stream", json={"task_id": "tpl", "inputs": "t30 t31", "parameters": {"max_new_tokens": 6}})
+    stream = client.post("/generate_stream", json=body)
     assert stream.status_code == 200 and sse_events(stream.text)[-1]["generated_text"] == templated
 
     completion = client.post(
@@ -105,7 +109,8 @@ def test_generate_fills_the_template_and_raw_prompt_opts_out(
     )
     assert completion.status_code == 200 and completion.json()["choices"][0]["text"] == templated
     raw = client.post(
-        "/v1/completions", json={"model": "tpl", "prompt": filled, "max_tokens": 6, "temperature": 0, "raw_prompt": True}
+        "/v1/completions",
+        json={"model": "tpl", "prompt": filled, "max_tokens": 6, "temperature": 0, "raw_prompt": True},
     )
     assert raw.json()["choices"][0]["text"] == templated
 
@@ -121,13 +126,16 @@ def test_chat_on_a_templated_task_fills_the_template_with_the_last_user_message(
         {"role": "assistant", "content": "t45"},
         {"role": "user", "content": "t30 t31"},
     ]
-    chat = client.post("/v1/chat/completions", json={"model": "tpl", "messages": messages, "max_tokens": 6, "temperature": 0})
+    chat = client.post(
+        "/v1/chat/completions", json={"model": "tpl", "messages": messages, "max_tokens": 6, "temperature": 0}
+    )
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"] == expected
     assert chat.json()["usage"]["prompt_tokens"] == 5
 
     no_user = client.post(
-        "/v1/chat/completions", json={"model": "tpl", "messages": [{"role": "system", "content": "t5"}], "temperature": 0}
+        "/v1/chat/completions",
+        json={"model": "tpl", "messages": [{"role": "system", "content": "t5"}], "temperature": 0},
     )
     assert no_user.status_code == 422 and "role 'user'" in no_user.json()["error"]
     # raw_prompt falls back to the chat template, which the tiny tokenizer lacks: that route's own clear 422.

@@ -105,8 +105,9 @@ def test_text_task_is_exact_on_the_embedded_model(embedded_model: LoadedModel, t
     runner = ModelRunner(loaded.model, loaded.tokenizer)
     text_ids = loaded.tokenizer(text)["input_ids"]
     inputs = ["cat =>", "blue car =>", "good morning =>"]
-    requests = [GenerationRequest(loaded.tokenizer(x)["input_ids"], registry.get("fr"), SamplingParams(max_new_tokens=8))
-                for x in inputs]  # fmt: skip
+    prefix = registry.get("fr")
+    greedy = SamplingParams(max_new_tokens=8)
+    requests = [GenerationRequest(loaded.tokenizer(x)["input_ids"], prefix, greedy) for x in inputs]
     results = [r.token_ids for r in generate(runner, requests)]
     for x, got in zip(inputs, results):
         concatenated = text_ids + loaded.tokenizer(x)["input_ids"]
@@ -130,7 +131,8 @@ def client(settings: Settings, loaded: LoadedModel) -> Iterator[TestClient]:
 
 
 def _greedy(client: TestClient, task_id: str, inputs: str, n: int = NEW_TOKENS) -> str:
-    response = client.post("/generate", json={"task_id": task_id, "inputs": inputs, "parameters": {"max_new_tokens": n}})
+    body = {"task_id": task_id, "inputs": inputs, "parameters": {"max_new_tokens": n}}
+    response = client.post("/generate", json=body)
     assert response.status_code == 200, response.text
     return response.json()["generated_text"]
 

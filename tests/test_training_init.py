@@ -54,7 +54,8 @@ def test_initial_prefix_equals_the_activations_of_the_init_text() -> None:
         prompt = peft_model.get_prompt(batch_size=1)
     kv = text_kv(loaded.model, ids, loaded.geometry)  # (L, 2, H, V, D)
     for layer in range(loaded.geometry.num_layers):
-        keys, values = (prompt.layers[layer].keys, prompt.layers[layer].values) if hasattr(prompt, "layers") else prompt[layer]
+        cached = prompt.layers[layer]  # a transformers Cache
+        keys, values = cached.keys, cached.values
         assert torch.allclose(keys[0], kv[layer, 0]) and torch.allclose(values[0], kv[layer, 1])
 
     # And PEFT's forward with that prefix predicts what the base model predicts after the text itself.

@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.add_argument("--few-shot", action="store_true",
-                       help="Instead: a few-shot block in every prompt vs stored as a task made from text, at --clients "
+                       help="Instead: a few-shot block in every prompt vs stored as a task made from text, at "
+                            "--clients "
                             "(service/bench/fewshot.py); uses the first value of --new-tokens.")
     bench.add_argument("--few-shot-tokens", type=int, default=1000, help="With --few-shot: the block's size in tokens.")
     bench.set_defaults(func=main)

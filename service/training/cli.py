@@ -298,7 +298,6 @@ def _train(args: argparse.Namespace) -> int:
         print(f"held-out: loss {last.eval_loss:.4f}, exact match {em['correct']}/{em['total']} "
               f"({100 * em['accuracy']:.1f}%)")  # fmt: skip
     if prompt_template:
-        example = train_examples[0].prompt
         print(f"task.json holds its prompt template {prompt_template!r}: send plain inputs, e.g. "
               f"POST /generate {json.dumps({'task_id': args.task_id, 'inputs': 'your text'})}")  # fmt: skip
     else:
