@@ -5,6 +5,9 @@ Systems (tokens/s ratios are reported at --clients):
   per-task   this service, --batching per-task
   mixed      this service, --batching mixed (continuous, tasks share batches)
   no-prefix  the bare base model under `mixed`, to show what the prefixes cost
+
+--few-shot runs a separate pair instead (service/bench/fewshot.py): a ~1,000-token few-shot block in every prompt
+vs the same block stored once as a task made from text, at --clients.
 """
 
 from __future__ import annotations
