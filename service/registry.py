@@ -5,6 +5,8 @@ On-disk layout, one folder per task under `root`:
     root/<task_id>/adapter_config.json       the uploaded config, verbatim
     root/<task_id>/adapter_model.safetensors the uploaded weights, verbatim
     root/<task_id>/metadata.json             sha256 + size of the safetensors bytes, created_at, num_virtual_tokens
+    root/<task_id>/task.json                 optional: prompt_template, description, source ("adapter" or "text") and,
+                                             for a task made from text, the text (PEFT ignores the file)
 
 Crash safety: an upload is validated completely before anything touches disk, written into a dot-named temp
 folder (fsynced), then renamed into place. A replace renames the old folder aside (`.old-...`), renames the new one
@@ -34,7 +36,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -51,6 +53,7 @@ from service.metrics import Metrics
 from service.prefix import TaskPrefix, prompt_embeddings_to_kv
 from service.prefix_cache import TieredPrefixCache, Tier
 from service.prefix_format import ValidatedAdapter, validate_adapter
+from service.templates import validate_description, validate_template
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "metadata.json"
 METADATA_VERSION = 1
+TASK_FILE = "task.json"
 
 _TMP_PREFIX = ".tmp-"  # a write in progress
 _OLD_PREFIX = ".old-"  # the previous version during a replace
@@ -77,9 +81,50 @@ class PrefixRecord:
     sha256: str  # of the stored safetensors file
     created_at: str  # ISO-8601 UTC
     base_model_name_or_path: str | None
+    prompt_template: str | None = None  # with one {inputs} slot; the routes fill it (service/templates.py)
+    description: str | None = None
+    source: Literal["adapter", "text"] = "adapter"  # "text": a task made from text (POST /prefixes with `text`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What task.json holds beside the PEFT files: how to prompt the task, and where its prefix came from."""
+
+    prompt_template: str | None = None
+    description: str | None = None
+    source: Literal["adapter", "text"] = "adapter"
+    text: str | None = None  # the text a task made from text was computed from
+
+    @property
+    def is_empty(self) -> bool:
+        return self == TaskInfo()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": 1, **{k: v for k, v in asdict(self).items() if v is not None}}
+
+    @classmethod
+    def from_json(cls, data: object, *, max_template_chars: int, max_description_chars: int) -> TaskInfo:
+        """Parse a stored task.json; ValueError (the task is then skipped at load) when it is malformed."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{TASK_FILE} is not a JSON object")
+        source = data.get("source", "adapter")
+        if source not in ("adapter", "text"):
+            raise ValueError(f"{TASK_FILE}: source must be 'adapter' or 'text', got {source!r}")
+        text = data.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{TASK_FILE}: text must be a string")
+        for name in ("prompt_template", "description"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise ValueError(f"{TASK_FILE}: {name} must be a string")
+        try:
+            template = validate_template(data.get("prompt_template"), max_chars=max_template_chars)
+            description = validate_description(data.get("description"), max_chars=max_description_chars)
+        except ServiceError as exc:
+            raise ValueError(f"{TASK_FILE}: {exc.message}") from None
+        return cls(prompt_template=template, description=description, source=source, text=text)
 
 
 def validate_task_id(task_id: str) -> str:
@@ -112,6 +157,9 @@ class PrefixRegistry:
         max_prefix_bytes: int,
         max_config_bytes: int,
         max_prefixes: int | None = None,
+        max_text_tokens: int | None = None,
+        max_template_chars: int = 4096,
+        max_description_chars: int = 1000,
         device_budget_bytes: int = 0,
         host_budget_bytes: int = 0,
         metrics: Metrics | None = None,
@@ -125,6 +173,10 @@ class PrefixRegistry:
         self.max_prefix_bytes = max_prefix_bytes
         self.max_config_bytes = max_config_bytes
         self.max_prefixes = max_prefixes
+        # A task made from text (source "text") may be longer than a trained prefix: V up to max_text_tokens.
+        self.max_text_tokens = max_text_tokens if max_text_tokens is not None else max_virtual_tokens
+        self.max_template_chars = max_template_chars
+        self.max_description_chars = max_description_chars
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._entries: Mapping[str, PrefixRecord] = MappingProxyType({})
@@ -144,6 +196,33 @@ class PrefixRegistry:
             if task_id not in self._entries:
                 raise TaskNotFoundError(task_id)
             return self._cache.get(task_id, lambda: self._load_task(task_id, self.root / task_id)[0])
+
+    def lookup(self, task_id: str) -> tuple[TaskPrefix, PrefixRecord]:
+        """The task's prefix and its record, of the same version (taken together under the lock, so a replace
+        cannot pair one version's template with another's prefix)."""
+        validate_task_id(task_id)
+        with self._lock:
+            record = self._entries.get(task_id)
+            if record is None:
+                raise TaskNotFoundError(task_id)
+            prefix = self._cache.get(task_id, lambda: self._load_task(task_id, self.root / task_id)[0])
+            return prefix, record
+
+    def adapter_files(self, task_id: str) -> dict[str, bytes]:
+        """The stored files of a task, as PEFT loads them (adapter_config.json, adapter_model.safetensors) plus
+        task.json when there is one. Read under the lock, so the files belong to one version."""
+        validate_task_id(task_id)
+        with self._lock:
+            record = self._entries.get(task_id)
+            if record is None:
+                raise TaskNotFoundError(task_id)
+            path = self.root / task_id
+            files = {name: (path / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+            if (path / TASK_FILE).is_file():
+                files[TASK_FILE] = (path / TASK_FILE).read_bytes()
+        if hashlib.sha256(files[WEIGHTS_FILE]).hexdigest() != record.sha256:
+            raise RuntimeError(f"stored weights of task {task_id!r} do not match their recorded sha256")
+        return files
 
     def record(self, task_id: str) -> PrefixRecord:
         return self._entry(task_id)
@@ -207,13 +286,20 @@ class PrefixRegistry:
         digest = hashlib.sha256(weights_bytes).hexdigest()
         if metadata.get("sha256") != digest or metadata.get("bytes") != len(weights_bytes):
             raise ValueError(f"{WEIGHTS_FILE} does not match the sha256/size recorded in {METADATA_FILE} (corrupt?)")
-        validated = self._validate(config_bytes, weights_bytes)
+        info = TaskInfo()
+        if (path / TASK_FILE).is_file():
+            info = TaskInfo.from_json(
+                json.loads((path / TASK_FILE).read_text(encoding="utf-8")),
+                max_template_chars=self.max_template_chars,
+                max_description_chars=self.max_description_chars,
+            )
+        validated = self._validate(config_bytes, weights_bytes, info)
         for text in validated.warnings:
             logger.warning("prefix store: task %r: %s", task_id, text)
         created_at = metadata.get("created_at")
         if not isinstance(created_at, str):
             raise ValueError(f"{METADATA_FILE} lacks created_at")
-        return self._make_entry(task_id, validated, digest, len(weights_bytes), created_at)
+        return self._make_entry(task_id, validated, digest, len(weights_bytes), created_at, info)
 
     def _recover_leftovers(self) -> None:
         """Undo or finish what a crash interrupted. Caller holds the lock."""
@@ -239,20 +325,30 @@ class PrefixRegistry:
     # ------------------------------------------------------------------ writing
 
     def put(
-        self, task_id: str, config_bytes: bytes, weights_bytes: bytes, *, replace: bool = False
+        self,
+        task_id: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        *,
+        replace: bool = False,
+        info: TaskInfo | None = None,
     ) -> tuple[PrefixRecord, bool, builtins.list[str]]:
-        """Validate and store a task's adapter. Returns (record, created, warnings); created is False when an
-        existing prefix was replaced. TaskExistsError (409) if the task exists and replace is False."""
+        """Validate and store a task's adapter (and its task.json when `info` says anything). Returns (record,
+        created, warnings); created is False when an existing prefix was replaced. TaskExistsError (409) if the
+        task exists and replace is False."""
         validate_task_id(task_id)
         if not replace and task_id in self._entries:  # fail fast; re-checked under the lock
             raise TaskExistsError(task_id)
         self._check_capacity(task_id)
 
         # Everything that can reject the upload happens before the disk is touched.
-        validated = self._validate(config_bytes, weights_bytes)
+        info = info or TaskInfo()
+        validate_template(info.prompt_template, max_chars=self.max_template_chars)
+        validate_description(info.description, max_chars=self.max_description_chars)
+        validated = self._validate(config_bytes, weights_bytes, info)
         digest = hashlib.sha256(weights_bytes).hexdigest()
         created_at = _utc_now()
-        prefix, record = self._make_entry(task_id, validated, digest, len(weights_bytes), created_at)
+        prefix, record = self._make_entry(task_id, validated, digest, len(weights_bytes), created_at, info)
         metadata = {
             "format_version": METADATA_VERSION,
             "sha256": digest,
@@ -271,6 +367,8 @@ class PrefixRegistry:
             _write_durably(tmp / CONFIG_FILE, config_bytes)
             _write_durably(tmp / WEIGHTS_FILE, weights_bytes)
             _write_durably(tmp / METADATA_FILE, json.dumps(metadata, indent=2).encode("utf-8"))
+            if not info.is_empty:
+                _write_durably(tmp / TASK_FILE, json.dumps(info.to_json(), indent=2).encode("utf-8"))
             _fsync_dir(tmp)
 
             with self._lock:
@@ -350,20 +448,33 @@ class PrefixRegistry:
                 limit=self.max_prefixes,
             )
 
-    def _validate(self, config_bytes: bytes, weights_bytes: bytes) -> ValidatedAdapter:
+    def _validate(self, config_bytes: bytes, weights_bytes: bytes, info: TaskInfo | None = None) -> ValidatedAdapter:
+        max_virtual_tokens, max_prefix_bytes = self.max_virtual_tokens, self.max_prefix_bytes
+        if info is not None and info.source == "text":
+            # Made by this server from a text: up to max_text_tokens, whatever size that takes in float32.
+            max_virtual_tokens = self.max_text_tokens
+            text_bytes = self.max_text_tokens * self.geometry.numbers_per_virtual_token * 4 + (1 << 20)
+            max_prefix_bytes = max(max_prefix_bytes, text_bytes)
         return validate_adapter(
             config_bytes,
             weights_bytes,
             self.geometry,
             served_model_name=self.served_model_name,
-            max_virtual_tokens=self.max_virtual_tokens,
-            max_prefix_bytes=self.max_prefix_bytes,
+            max_virtual_tokens=max_virtual_tokens,
+            max_prefix_bytes=max_prefix_bytes,
             max_config_bytes=self.max_config_bytes,
         )
 
     def _make_entry(
-        self, task_id: str, validated: ValidatedAdapter, digest: str, nbytes: int, created_at: str
+        self,
+        task_id: str,
+        validated: ValidatedAdapter,
+        digest: str,
+        nbytes: int,
+        created_at: str,
+        info: TaskInfo | None = None,
     ) -> tuple[TaskPrefix, PrefixRecord]:
+        info = info or TaskInfo()
         kv = prompt_embeddings_to_kv(validated.prompt_embeddings, self.geometry, dtype=self.dtype, device=self.device)
         # Finite in float32 is not enough: a value beyond float16's range (65504) becomes inf in the model dtype.
         if not bool(torch.isfinite(kv).all()):
@@ -380,6 +491,9 @@ class PrefixRegistry:
             sha256=digest,
             created_at=created_at,
             base_model_name_or_path=validated.base_model_name_or_path,
+            prompt_template=info.prompt_template,
+            description=info.description,
+            source=info.source,
         )
         return prefix, record
 

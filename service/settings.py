@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     max_config_bytes: int = Field(default=64 * 1024, ge=1, description="Size cap of an uploaded adapter_config.json.")
 
     max_prefixes: int = Field(default=1000, ge=1, description="Most prefixes the store holds.")
+    max_text_task_tokens: int = Field(
+        default=2048, ge=1,
+        description="Longest text a task made from text may have (its V), in tokens; such a prefix is counted in the "
+        "KV budget like any other. SmolLM2: ~46 KB of float32 K/V per token.",
+    )
+    max_template_chars: int = Field(default=4096, ge=16, description="Longest prompt_template of a task.")
+    max_description_chars: int = Field(default=1000, ge=1, description="Longest description of a task.")
     prefix_device_budget_bytes: int = Field(
         default=0, ge=0, description="Prefix KV bytes kept on the device (0 = no limit); LRU beyond it moves to host."
     )

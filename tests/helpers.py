@@ -409,3 +409,32 @@ def slowed_forward(model: torch.nn.Module, seconds: float) -> Iterator[None]:
         yield
     finally:
         hook.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny random decoder-only models of several families (tests/test_parity.py's ARCHITECTURES, and the tests of
+# tasks made from text). initializer_range is raised so that a prefix clearly changes the output.
+
+TINY_DECODER_SPECS: dict[str, dict[str, Any]] = {
+    "llama-gqa": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2),
+    "opt": dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                word_embed_proj_dim=32),
+    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64),
+    "qwen2-gqa": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64),
+}  # fmt: skip
+
+
+def tiny_decoder(arch: str, seed: int = 0, vocab_size: int = 128) -> PreTrainedModel:
+    """A tiny random model of one of TINY_DECODER_SPECS, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY_DECODER_SPECS[arch])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.5, **spec)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()

@@ -10,6 +10,9 @@ Systems (tokens/s ratios are reported at --clients):
 
 With several --dtype values (e.g. float32,bfloat16) static and the engine systems run once per dtype; rows of the
 second and later dtypes are named e.g. `mixed-bfloat16`. peft runs in the first dtype.
+
+--few-shot runs a separate pair instead (service/bench/fewshot.py): a ~1,000-token few-shot block in every prompt
+vs the same block stored once as a task made from text, at --clients, in the first --dtype.
 """
 
 from __future__ import annotations
@@ -68,6 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--systems", default=",".join(SYSTEMS))
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
+    bench.add_argument("--few-shot", action="store_true",
+                       help="Instead: a few-shot block in every prompt vs stored as a task made from text, at "
+                            "--clients "
+                            "(service/bench/fewshot.py); uses the first value of --new-tokens.")
+    bench.add_argument("--few-shot-tokens", type=int, default=1000, help="With --few-shot: the block's size in tokens.")
     bench.set_defaults(func=main)
 
 
@@ -104,6 +112,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: unknown --dtype {bad or args.dtype!r}; choose from auto, float32, bfloat16, float16", file=sys.stderr)
         return 2
     concurrencies = sorted({int(c) for c in args.concurrency.split(",") if c} | {args.clients})
+    if args.few_shot:  # its own pair of systems, in service/bench/fewshot.py
+        from service.bench.fewshot import run_few_shot
+
+        loaded = _load(args, dtypes[0])
+        verify_prefix_support(ModelRunner(loaded.model, loaded.tokenizer), loaded.geometry)
+        return run_few_shot(args, loaded)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
