@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,6 +56,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
         device_budget_bytes=settings.prefix_device_budget_bytes,
         host_budget_bytes=settings.prefix_host_budget_bytes,
         metrics=metrics,
+        shared=settings.shared_prefix_store,
     )
     registry.load_all()
     engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
@@ -67,17 +68,31 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
     )
 
 
-def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
-    """Build the app. `loaded` injects an already-loaded model (tests); otherwise the lifespan loads one."""
+StateBuilder = Callable[[Settings, Metrics], Awaitable[ServiceState]]
+
+
+def create_app(
+    settings: Settings | None = None,
+    loaded: LoadedModel | None = None,
+    *,
+    build: StateBuilder | None = None,
+    health_router: APIRouter | None = None,
+) -> FastAPI:
+    """Build the app. `loaded` injects an already-loaded model (tests); otherwise the lifespan loads one. `build`
+    replaces the whole state (the Ray ingress: a remote engine, no weights) and `health_router` the /health route."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = loaded or await asyncio.to_thread(load_base_model, settings)
-        state = await asyncio.to_thread(build_state, settings, model, metrics)
+        if build is not None:
+            state = await build(settings, metrics)
+        else:
+            model = loaded or await asyncio.to_thread(load_base_model, settings)
+            state = await asyncio.to_thread(build_state, settings, model, metrics)
         state.engine.start()
         app.state.service = state
+        model = state.model
         logger.info(
             "serving %s on %s (%s) with %d prefixes", model.name, model.device, model.dtype, len(state.registry)
         )
@@ -92,7 +107,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         description="Serve many Prefix-Tuning (PEFT) tasks from one frozen language model.",
         lifespan=lifespan,
     )
-    app.include_router(health.router)
+    app.include_router(health_router or health.router)
     app.include_router(metrics_route.router)
     app.include_router(generate.router, dependencies=[Depends(require("generate"))])
     app.include_router(prefixes.router)
