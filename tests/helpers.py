@@ -182,3 +182,38 @@ class ThreadedServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processes
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (e.g. a private Ray temp dir: only that cluster's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def prometheus_values(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """{labels: value} of one metric in a Prometheus text exposition."""
+    values: dict[frozenset[tuple[str, str]], float] = {}
+    for line in text.splitlines():
+        if not line.startswith(name) or line[len(name) : len(name) + 1] not in ("{", " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        labels: set[tuple[str, str]] = set()
+        if "{" in head:
+            for pair in head[head.index("{") + 1 : head.rindex("}")].split('",'):
+                key, _, raw = pair.partition("=")
+                labels.add((key.strip(), raw.strip().strip('"')))
+        values[frozenset(labels)] = float(value)
+    return values
