@@ -5,6 +5,8 @@ Systems (tokens/s ratios are reported at --clients):
   per-task   this service, --batching per-task
   mixed      this service, --batching mixed (continuous, tasks share batches)
   no-prefix  the bare base model under `mixed`, to show what the prefixes cost
+  ray-N      `mixed` as N replicas on Ray Serve (a private local cluster; needs prefix-serve[ray]); not in the
+             default set, run at --clients only
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from service.batch import ModelRunner, verify_prefix_support
 from service.bench.peft_baseline import load_peft_model
 from service.bench.report import markdown_table, plot, ratios_table, write_json
+from service.bench.ray_system import ray_replicas, run_ray_system
 from service.bench.run import run_engine_system, run_peft_system
 from service.bench.workload import make_workload, synthetic_tokenizer, write_random_prefixes
 from service.logging_setup import configure_logging
@@ -34,7 +37,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("peft", "per-task", "mixed", "no-prefix")
+SYSTEMS = ("peft", "per-task", "mixed", "no-prefix")  # the default set; ray-N (e.g. ray-2) on request
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,9 +86,14 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 def main(args: argparse.Namespace) -> int:
     configure_logging("info", "text")  # one progress line per finished run
     systems = [s for s in args.systems.split(",") if s]
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = {s for s in systems if s not in SYSTEMS and ray_replicas(s) is None}
     if unknown:
-        print(f"error: unknown systems {sorted(unknown)}; choose from {SYSTEMS}", file=sys.stderr)
+        print(f"error: unknown systems {sorted(unknown)}; choose from {SYSTEMS} or ray-N", file=sys.stderr)
+        return 2
+    ray_systems = [s for s in systems if ray_replicas(s)]
+    if ray_systems and args.random_init is not None:
+        print("error: ray-N systems load the model in each replica: use --model or the default, not --random-init",
+              file=sys.stderr)
         return 2
     concurrencies = sorted({int(c) for c in args.concurrency.split(",") if c} | {args.clients})
     loaded = _load(args)
@@ -125,6 +133,13 @@ def main(args: argparse.Namespace) -> int:
                 result = run_engine_system(system, runner, prefixes, workload, concurrency=concurrency,
                                            policy=policy, use_prefix=use_prefix, warmup=warmup)
                 _record(result, rows, results)
+            for system in ray_systems if concurrency == args.clients else []:
+                ray_settings = Settings(model=args.model, device=args.device, dtype=args.dtype,
+                                        prefix_dir=Path(tmp) / "store", **({"cache_dir": args.cache_dir}
+                                                                            if args.cache_dir else {}))
+                result = run_ray_system(system, ray_replicas(system) or 1, ray_settings, prefixes, workload,
+                                        concurrency=concurrency, warmup=warmup)
+                _record(result, rows, results)
             if "peft" in systems and concurrency == args.clients:
                 peft_model = load_peft_model(loaded.model, adapters)
                 result = run_peft_system("peft", peft_model, workload, concurrency=concurrency, warmup=warmup[:2])
@@ -163,11 +178,14 @@ def _ratios(rows: list[dict[str, Any]], clients: int) -> dict[str, float | None]
     def ratio(a: str, b: str) -> float | None:
         return round(at[a] / at[b], 3) if a in at and b in at and at[b] else None
 
-    return {
+    ratios = {
         f"mixed / peft @ {clients}": ratio("mixed", "peft"),
         f"mixed / per-task @ {clients}": ratio("mixed", "per-task"),
         f"mixed / no-prefix @ {clients}": ratio("mixed", "no-prefix"),
     }
+    for system in sorted(s for s in at if ray_replicas(s)):
+        ratios[f"{system} / mixed @ {clients}"] = ratio(system, "mixed")
+    return ratios
 
 
 def _environment(loaded: LoadedModel) -> dict[str, Any]:

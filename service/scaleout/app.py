@@ -15,7 +15,7 @@ annotations (the routes themselves live in service.api and are unaffected).
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Dict, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Optional, Tuple
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -25,7 +25,7 @@ from service.api.state import ServiceState
 from service.engine import TokenEvent
 from service.metrics import Metrics
 from service.scaleout.ingress import DeploymentView, build_ingress_state, health_router, install_deployment_metrics
-from service.scaleout.protocol import RemoteRequest, StreamStart, error_body
+from service.scaleout.protocol import RemoteRequest, StreamError, StreamStart
 from service.scaleout.remote_engine import RemoteEngine
 from service.scaleout.replica import ReplicaCore
 from service.settings import Settings
@@ -141,7 +141,7 @@ class Ingress:
             routed.labels(replica, task or "", "pinned" if pinned else "balanced").inc()
 
         engine = RemoteEngine(
-            self._call,
+            handle_call(self._model),
             limits=engine_limits(settings),
             affinity_max_inflight=settings.ray_affinity_max_inflight,
             replicas=lambda: max(1, self._view.live_count(), settings.replicas),
@@ -163,16 +163,26 @@ class Ingress:
             await asyncio.sleep(self._settings.ray_stats_interval_s)
             await self._poll_once()
 
-    async def _call(self, request: RemoteRequest, multiplexed_model_id: Optional[str], stream: bool) -> AsyncIterator[Any]:
+
+def handle_call(model: DeploymentHandle) -> Callable[..., AsyncIterator[Any]]:
+    """The remote engine's `OpenCall` over the model deployment's handle."""
+
+    async def call(request: RemoteRequest, multiplexed_model_id: Optional[str], stream: bool) -> AsyncIterator[Any]:
         options: Dict[str, Any] = {"stream": stream}
         if multiplexed_model_id:
             options["multiplexed_model_id"] = multiplexed_model_id
-        handle = self._model.options(**options)
+        handle = model.options(**options)
         if stream:
             responses = handle.stream.remote(request)
+            started = False
             try:
                 async for item in responses:
+                    started = True
                     yield item
+            except Exception as exc:  # noqa: BLE001 - e.g. the replica died: a status, not a pickled exception
+                logger.exception("request %s to a replica failed", request.request_id or "-")
+                status, body = _replica_failure(exc)
+                yield StreamError(status=status, body=body) if started else StreamStart(status, replica="", body=body)
             finally:
                 responses.cancel()  # no-op once finished; on a disconnect it cancels the replica's generator
             return
@@ -183,12 +193,18 @@ class Ingress:
             response.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. the replica died: a status, not a pickled exception
-            logger.exception("ingress: request %s to a replica failed", request.request_id or "-")
-            status, body = error_body(exc)
+            logger.exception("request %s to a replica failed", request.request_id or "-")
+            status, body = _replica_failure(exc)
             yield StreamStart(status=status, replica="", body=body)
             return
         for item in items:
             yield item
+
+    return call
+
+
+def _replica_failure(exc: BaseException) -> Tuple[int, Dict[str, Any]]:
+    return 503, {"error": f"a model replica failed: {type(exc).__name__}; retry", "type": "replica_unavailable"}
 
 
 def build(args: Optional[Dict[str, Any]] = None) -> Any:
