@@ -20,7 +20,7 @@ from service.api.app import engine_limits
 from service.batch import ModelRunner, verify_prefix_support
 from service.engine import ContinuousBatchingEngine, Event
 from service.errors import ServiceError
-from service.model_loader import load_base_model
+from service.model_loader import LoadedModel, load_base_model
 from service.prefix import TaskPrefix
 from service.registry import PrefixRegistry, validate_task_id
 from service.requests import GenerationRequest
@@ -33,10 +33,11 @@ PrefixLoader = Callable[[str], Awaitable[TaskPrefix]]  # multiplexed id -> prefi
 
 
 class ReplicaCore:
-    def __init__(self, settings: Settings, replica_id: str) -> None:
+    def __init__(self, settings: Settings, replica_id: str, loaded: LoadedModel | None = None) -> None:
+        """Loads the configured model (or uses `loaded`, e.g. a test's) and starts the engine."""
         started = time.perf_counter()
         self.replica_id = replica_id
-        loaded = load_base_model(settings)
+        loaded = loaded or load_base_model(settings)
         self.loaded = loaded
         runner = ModelRunner(loaded.model, loaded.tokenizer)
         verify_prefix_support(runner, loaded.geometry)
