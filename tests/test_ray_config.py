@@ -1,5 +1,5 @@
-"""The Ray Serve config file and the KubeRay RayService example: valid YAML, valid Serve schema, valid prefix-serve
-settings, and consistent with each other (no cluster needed)."""
+"""The Ray Serve config file and the KubeRay RayService example (valid YAML, valid Serve schema, valid prefix-serve
+settings, consistent with each other) and the launcher's checks; no cluster needed."""
 
 from __future__ import annotations
 
@@ -61,3 +61,13 @@ def test_serve_app_module_keeps_real_annotations() -> None:
     import service.scaleout.app as serve_app
 
     assert getattr(serve_app, "annotations", None) is not __future__.annotations
+
+
+def test_launcher_refuses_replicas_the_cluster_cannot_place() -> None:
+    from service.scaleout.launch import resource_problem
+
+    settings = Settings(replicas=3)
+    problem = resource_problem(settings, {"CPU": 2.0}, gpus_per_replica=0)
+    assert problem is not None and "3 replicas x 1 CPU = 3 CPUs" in problem and "has 2" in problem
+    assert resource_problem(Settings(replicas=2), {"CPU": 2.0}, gpus_per_replica=0) is None
+    assert "GPU" in (resource_problem(Settings(replicas=2), {"CPU": 8.0, "GPU": 1.0}, gpus_per_replica=1) or "")

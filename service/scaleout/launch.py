@@ -36,6 +36,20 @@ def start_ray(settings: Settings) -> bool:
     return True
 
 
+def resource_problem(settings: Settings, resources: dict[str, float], gpus_per_replica: float) -> str | None:
+    """Why the replicas cannot all be placed on a cluster with these resources (Serve would wait forever), or None."""
+    replicas = max(1, settings.replicas)
+    for name, each in (("CPU", settings.ray_cpus_per_replica), ("GPU", gpus_per_replica)):
+        need, have = replicas * each, float(resources.get(name, 0.0))
+        if need > have:
+            return (
+                f"{replicas} replicas x {each:g} {name} = {need:g} {name}s, but the Ray cluster has {have:g}: "
+                f"lower --replicas or PREFIX_SERVE_RAY_{name}S_PER_REPLICA"
+                + (" (or raise PREFIX_SERVE_RAY_NUM_CPUS)" if name == "CPU" else "")
+            )
+    return None
+
+
 def deploy(settings: Settings) -> None:
     """Start Serve's HTTP proxy on settings.host:port and deploy the application; blocks until it is healthy."""
     from ray import serve
@@ -86,8 +100,19 @@ def serve_on_ray(settings: Settings) -> int:
     except ImportError:
         logger.error(ray_missing_message())
         return 2
+    import ray
+
+    from service.scaleout.app import gpus_per_replica
+
     started = time.perf_counter()
     started_cluster = start_ray(settings)
+    problem = resource_problem(settings, ray.cluster_resources(), gpus_per_replica(settings))
+    if problem and started_cluster:
+        logger.error(problem)
+        shutdown(started_cluster)
+        return 2
+    if problem:  # a joined cluster may autoscale
+        logger.warning("%s; waiting for the cluster to grow", problem)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stop.set())
