@@ -57,12 +57,14 @@ class StatsBoard:
         self._reports: Dict[str, Dict[str, Any]] = {}
 
     def report(self, snapshot: Dict[str, Any]) -> None:
-        self._reports[str(snapshot["replica"])] = snapshot
+        # Stamped with the board's clock: replicas on other nodes may have skewed clocks.
+        self._reports[str(snapshot["replica"])] = {**snapshot, "received_at": time.monotonic()}
 
     def snapshot(self) -> Dict[str, Dict[str, Any]]:
-        cutoff = time.time() - 600  # forget replicas gone for ten minutes
-        self._reports = {k: v for k, v in self._reports.items() if float(v.get("reported_at", 0)) >= cutoff}
-        return dict(self._reports)
+        """Each replica's latest report, with `age_s`: seconds since it arrived."""
+        now = time.monotonic()
+        self._reports = {k: v for k, v in self._reports.items() if now - v["received_at"] < 600}  # gone 10 min: forget
+        return {k: {**v, "age_s": now - v["received_at"]} for k, v in self._reports.items()}
 
 
 @serve.deployment

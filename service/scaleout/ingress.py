@@ -109,14 +109,17 @@ class DeploymentView:
         self.polled_at: float | None = None
 
     def update(self, reports: dict[str, dict[str, Any]]) -> None:
+        """Reports as polled; each has `age_s` (seconds since the board received it, on the board's clock)."""
         self.reports = dict(reports)
-        self.polled_at = time.time()
+        self.polled_at = time.monotonic()
+
+    def age(self, report: dict[str, Any]) -> float:
+        since_poll = time.monotonic() - self.polled_at if self.polled_at is not None else 0.0
+        return float(report.get("age_s", 0.0)) + since_poll
 
     def live(self) -> list[dict[str, Any]]:
-        now = time.time()
         return sorted(
-            (r for r in self.reports.values() if now - float(r.get("reported_at", 0)) <= self.stale_after_s),
-            key=lambda r: str(r["replica"]),
+            (r for r in self.reports.values() if self.age(r) <= self.stale_after_s), key=lambda r: str(r["replica"])
         )
 
     def live_count(self) -> int:
@@ -218,7 +221,6 @@ def health_router(view: DeploymentView) -> APIRouter:
             raise DeploymentUnavailableError(
                 f"no model replica has reported in the last {view.stale_after_s:g} s", replicas=0
             )
-        now = time.time()
         return DeploymentHealthResponse(
             status="ok",
             model=state.model.name,
@@ -230,7 +232,7 @@ def health_router(view: DeploymentView) -> APIRouter:
                 ReplicaHealth(
                     replica=str(r["replica"]), node=str(r.get("node", "")), device=str(r["device"]),
                     dtype=str(r["dtype"]), running_rows=int(r.get("running_rows", 0)), waiting=int(r.get("waiting", 0)),
-                    seconds_since_report=round(now - float(r.get("reported_at", now)), 3),
+                    seconds_since_report=round(view.age(r), 3),
                 )
                 for r in live
             ],

@@ -135,5 +135,4 @@ class ReplicaCore:
             "prefix_loads": self.prefix_loads,
             "prefix_load_seconds": round(self.prefix_load_s, 6),
             "torch_threads": torch.get_num_threads(),
-            "reported_at": time.time(),
         }
