@@ -102,10 +102,10 @@ class Settings(BaseSettings):
     ray_prefixes_per_replica: int = Field(
         default=64, ge=1, description="Task versions each replica keeps loaded (its LRU of device-resident prefixes)."
     )
-    ray_affinity_max_inflight: int = Field(
-        default=4, ge=0,
-        description="Requests of one task in flight at an ingress up to which they are routed to replicas holding "
-        "the task's prefix; beyond it they go to the least loaded replica (which loads it), so a hot task spreads.",
+    ray_affinity_imbalance: int = Field(
+        default=2, ge=0,
+        description="A request goes to a replica already holding its task's prefix unless that replica has more than "
+        "this many requests in flight beyond the least loaded one; then to the least loaded (which loads it).",
     )
     ray_stats_interval_s: float = Field(
         default=1.0, gt=0, description="How often replicas report engine stats for /health and /metrics."

@@ -78,12 +78,12 @@ class RayServer:
     def metric(self, name: str) -> dict[frozenset[tuple[str, str]], float]:
         return prometheus_values(self.admin.get("/metrics").text, name)
 
-    def routed(self, task: str, routing: str | None = None) -> dict[str, float]:
-        """Requests of `task` each replica accepted so far (by `routing`, or both)."""
+    def routed(self, task: str) -> dict[str, float]:
+        """Requests of `task` each replica accepted so far."""
         per_replica: dict[str, float] = {}
         for labels, value in self.metric("prefix_serve_routed_requests_total").items():
             label = dict(labels)
-            if label["task"] == task and routing in (None, label["routing"]):
+            if label["task"] == task:
                 per_replica[label["replica"]] = per_replica.get(label["replica"], 0.0) + value
         return per_replica
 
@@ -204,20 +204,16 @@ def test_greedy_output_matches_the_single_process_server(ray_server: RayServer, 
 
 def test_a_hot_task_spreads_over_both_replicas(ray_server: RayServer, reference: dict[str, str]) -> None:
     for task in ("date-iso", "sentiment"):
-        before = {routing: ray_server.routed(task, routing) for routing in ("pinned", "balanced")}
+        before = ray_server.routed(task)
         requests = [body(r) for r in REQUESTS if r["task_id"] == task] * 8  # 16 at once
         responses = ray_server.burst(requests)
         assert all(r.status_code == 200 for r in responses)
         assert [r.json()["generated_text"] for r in responses] == [reference[r["inputs"]] for r in requests]
-        after = {routing: ray_server.routed(task, routing) for routing in ("pinned", "balanced")}
-        split = {
-            routing: {r: after[routing][r] - before[routing].get(r, 0.0) for r in after[routing]} for routing in after
-        }
-        served = {r: sum(split[routing].get(r, 0.0) for routing in split) for r in set().union(*after.values())}
-        print(f"\n{task}: 16 concurrent requests per replica (pinned + balanced): "
-              + ", ".join(f"{split['pinned'].get(r, 0):g} + {split['balanced'].get(r, 0):g}" for r in sorted(served)))
+        after = ray_server.routed(task)
+        served = {replica: after[replica] - before.get(replica, 0.0) for replica in after}
+        print(f"\n{task}: 16 concurrent requests per replica: {sorted(served.values())}")
         assert sum(served.values()) == 16
-        assert len([n for n in served.values() if n > 0]) == 2, served
+        assert min(served.values()) >= 5, served  # the router balances (8/8 when arrivals are simultaneous)
 
 
 def test_upload_replace_delete_reach_every_replica(ray_server: RayServer, reference: dict[str, str]) -> None:
@@ -226,6 +222,9 @@ def test_upload_replace_delete_reach_every_replica(ray_server: RayServer, refere
     complaints = read_adapter(SHIPPED / "complaints")
     created = admin.post("/prefixes", data={"task_id": "fresh"}, files=upload_files(*sentiment))
     assert created.status_code == 201, created.text
+    for _ in range(3):  # one at a time: affinity keeps them on the replica that loaded the prefix
+        assert admin.post("/generate", json=body({**REQUESTS[0], "task_id": "fresh"})).status_code == 200
+    assert sorted(ray_server.routed("fresh").values()) == [3.0]
 
     def burst_as(task: str, source: dict[str, Any]) -> None:
         before = ray_server.routed(task)

@@ -109,24 +109,6 @@ def test_checks_made_before_accepting_raise_at_once() -> None:
     assert len(opened) == 4 and fake.calls == []  # nothing was sent for the refused one
 
 
-def test_hot_task_goes_balanced_beyond_the_affinity_limit() -> None:
-    fake = FakeReplicas()
-
-    async def burst() -> None:
-        fake.gate = asyncio.Event()
-        eng = engine(fake, affinity_max_inflight=2, limits=EngineLimits(max_kv_tokens=64, max_waiting=32))
-        tasks = [asyncio.create_task(collect(eng.stream(request(prefix())))) for _ in range(5)]
-        while len(fake.calls) < 5:
-            await asyncio.sleep(0)
-        fake.gate.set()
-        await asyncio.gather(*tasks)
-        assert eng.inflight == 0 and not eng.inflight_by_task
-
-    asyncio.run(burst())
-    pinned = [model_id is not None for _, model_id, _ in fake.calls]
-    assert pinned == [True, True, False, False, False]
-
-
 def test_replica_overload_is_retried_then_reported() -> None:
     busy = [StreamStart(429, "r1", {"error": "the queue is full", "type": "overloaded", "retry_after_s": 1})]
     fake = FakeReplicas(scripts=[busy, busy])

@@ -93,7 +93,7 @@ def scaled(loaded: LoadedModel, adapters: dict[str, tuple[bytes, bytes]], tmp_pa
         routed = install_deployment_metrics(metrics, view)
         engine = RemoteEngine(
             replica, limits=engine_limits(settings),
-            on_routed=lambda r, t, pinned: routed.labels(r, t or "", "pinned" if pinned else "balanced").inc(),
+            on_routed=lambda replica, task: routed.labels(replica, task or "base").inc(),
         )
         registry = PrefixRegistry(
             settings.prefix_dir, loaded.geometry, device=torch.device("cpu"), dtype=loaded.dtype,

@@ -87,8 +87,7 @@ async def _drive(
 
     limits = EngineLimits(max_running_rows=concurrency, max_kv_tokens=1 << 30, max_waiting=len(workload) + 64)
     engine = RemoteEngine(
-        handle_call(model), limits=limits, affinity_max_inflight=settings.ray_affinity_max_inflight,
-        replicas=lambda: settings.replicas,
+        handle_call(model), limits=limits, replicas=lambda: settings.replicas,
     )
 
     async def submit(item: WorkItem) -> RequestTiming:

@@ -18,6 +18,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Dict, Optional, Tuple
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from service.api.app import create_app, engine_limits
@@ -28,6 +29,7 @@ from service.scaleout.ingress import DeploymentView, build_ingress_state, health
 from service.scaleout.protocol import RemoteRequest, StreamError, StreamStart
 from service.scaleout.remote_engine import RemoteEngine
 from service.scaleout.replica import ReplicaCore
+from service.scaleout.router import TaskAffinityRouter
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -139,17 +141,19 @@ class Ingress:
     async def _build_state(self, settings: Settings, metrics: Metrics) -> ServiceState:
         routed = install_deployment_metrics(metrics, self._view)
 
-        def on_routed(replica: str, task: Optional[str], pinned: bool) -> None:
-            routed.labels(replica, task or "", "pinned" if pinned else "balanced").inc()
+        base_name: Dict[str, str] = {}  # the served model's name, once the state is built
 
-        engine = RemoteEngine(
+        def on_routed(replica: str, task: Optional[str]) -> None:
+            routed.labels(replica, task or base_name.get("name", "")).inc()
+
+        engine = RemoteEngine(  # every request carries its task version; TaskAffinityRouter balances
             handle_call(self._model),
             limits=engine_limits(settings),
-            affinity_max_inflight=settings.ray_affinity_max_inflight,
             replicas=lambda: max(1, self._view.live_count(), settings.replicas),
             on_routed=on_routed,
         )
         state = await asyncio.to_thread(build_ingress_state, settings, metrics, engine, gpus_per_replica(settings))
+        base_name["name"] = state.model.name
         await self._poll_once()
         engine.background.append(asyncio.get_running_loop().create_task(self._poll_forever()))
         return state
@@ -228,6 +232,10 @@ def build_application(settings: Settings) -> Any:
         ray_actor_options={"num_cpus": settings.ray_cpus_per_replica, "num_gpus": gpus_per_replica(settings)},
         health_check_period_s=10,
         health_check_timeout_s=60,
+        request_router_config=RequestRouterConfig(
+            request_router_class=TaskAffinityRouter,
+            request_router_kwargs={"imbalance": settings.ray_affinity_imbalance},
+        ),
     ).bind(settings, stats)
     return Ingress.options(
         num_replicas=settings.ray_ingress_replicas,

@@ -172,14 +172,13 @@ class ReplicaCollector:
 
 def install_deployment_metrics(metrics: Metrics, view: DeploymentView) -> Counter:
     """Bind the deployment's gauges and register the replica series on the ingress's registry. Returns the routing
-    counter (`prefix_serve_routed_requests{replica, task, routing}`) the remote engine increments."""
+    counter (`prefix_serve_routed_requests{replica, task}`) the remote engine increments."""
     metrics.bind_gauges(lambda: view.total("waiting"), lambda: view.total("running_rows"))
     metrics.registry.register(ReplicaCollector(view))
     return Counter(
         "prefix_serve_routed_requests",
-        "Requests accepted by a replica, by replica, task and routing (pinned: by prefix affinity; balanced: least "
-        "loaded of two).",
-        ["replica", "task", "routing"],
+        "Requests accepted by a replica, by replica and task.",
+        ["replica", "task"],
         registry=metrics.registry,
     )
 

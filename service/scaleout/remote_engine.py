@@ -7,10 +7,9 @@ deployment's handle (and tests with a fake).
 What it decides, per request:
   - before accepting (raising at once, like the local engine): the KV budget of one replica, and a bound on the
     requests in flight through this ingress (replicas x (max_waiting + max_running_rows)), so overload is a real 429;
-  - routing: while at most `affinity_max_inflight` requests of the task are in flight here, the request carries the
-    multiplexed id `task@sha256` and Serve prefers replicas that already hold that version; beyond that it goes
-    without one, to the less loaded of two random replicas (Serve's power-of-two choice), which loads the prefix
-    and from then on also counts as holding it. So a hot task spreads over replicas instead of pinning one;
+  - routing: the request carries the multiplexed id `task@sha256`; the deployment's router (`router.py`) prefers a
+    replica holding that version unless it is busier than the least loaded one by more than a threshold, so a hot
+    task spreads over replicas instead of pinning one;
   - a replica's 429 (its own queue full) before any token is retried on another pick, up to `overload_retries`;
   - a replica that no longer finds the version in the store (replaced or deleted meanwhile) gets the request again
     with the prefix tensor attached: a request always runs with the version it was accepted with.
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from dataclasses import replace
 from typing import AsyncGenerator, AsyncIterator, Callable, Protocol
 
@@ -41,7 +39,7 @@ class OpenCall(Protocol):
         ...
 
 
-RoutedHook = Callable[[str, str | None, bool], None]  # (replica, task or None, pinned by affinity)
+RoutedHook = Callable[[str, str | None], None]  # (replica that accepted, task or None)
 
 
 class RemoteEngine(Engine):
@@ -50,7 +48,6 @@ class RemoteEngine(Engine):
         call: OpenCall,
         *,
         limits: EngineLimits,
-        affinity_max_inflight: int = 4,
         replicas: Callable[[], int] = lambda: 1,
         overload_retries: int = 3,
         retry_delay_s: float = 0.05,
@@ -58,13 +55,11 @@ class RemoteEngine(Engine):
     ) -> None:
         self._call = call
         self.limits = limits
-        self.affinity_max_inflight = affinity_max_inflight
         self._replicas = replicas
         self.overload_retries = overload_retries
         self.retry_delay_s = retry_delay_s
         self.on_routed = on_routed
         self.inflight = 0  # accepted and not finished
-        self.inflight_by_task: Counter[str] = Counter()  # sent to a replica and not finished, per task
         self.background: list[asyncio.Task[None]] = []  # e.g. the stats poller; cancelled by stop()
 
     def start(self) -> None:
@@ -125,51 +120,41 @@ class RemoteEngine(Engine):
         )
         overloaded = 0
         task_id = remote.task_id
-        if task_id is not None:
-            self.inflight_by_task[task_id] += 1
-        try:
-            while True:
-                # Counted with this request: the first `affinity_max_inflight` of a burst go by affinity.
-                pinned = (
-                    remote.kv is None and task_id is not None and self.inflight_by_task[task_id] <= self.affinity_max_inflight
+        while True:
+            # The resent-with-tensor fallback carries no id: no replica should cache a version the store lacks.
+            multiplexed = remote.model_id if remote.kv is None and task_id is not None else None
+            items = self._call(remote, multiplexed, stream)
+            try:
+                start = await anext(items, None)
+                if not isinstance(start, StreamStart):
+                    raise RuntimeError(f"replica stream began with {type(start).__name__}, not its status")
+                if start.status == 200:
+                    if self.on_routed is not None:
+                        self.on_routed(start.replica, remote.task_id)
+                    async for item in items:
+                        if isinstance(item, StreamError):
+                            raise RemoteServiceError(item.status, item.body)
+                        if not isinstance(item, (TokenEvent, FinalEvent)):
+                            raise RuntimeError(f"unexpected item from a replica: {type(item).__name__}")
+                        yield item
+                        if isinstance(item, FinalEvent):
+                            return
+                    raise RuntimeError("replica stream ended without a result")
+            finally:
+                await items.aclose()  # on a client disconnect too: cancels the replica's row
+            body = start.body or {}
+            if prefix is not None and remote.kv is None and body.get("type") in _RESEND_WITH_PREFIX:
+                logger.info(
+                    "task %r changed in the store while request %s was on its way; resending its prefix",
+                    remote.task_id, remote.request_id or "-",
                 )
-                items = self._call(remote, remote.model_id if pinned else None, stream)
-                try:
-                    start = await anext(items, None)
-                    if not isinstance(start, StreamStart):
-                        raise RuntimeError(f"replica stream began with {type(start).__name__}, not its status")
-                    if start.status == 200:
-                        if self.on_routed is not None:
-                            self.on_routed(start.replica, remote.task_id, pinned)
-                        async for item in items:
-                            if isinstance(item, StreamError):
-                                raise RemoteServiceError(item.status, item.body)
-                            if not isinstance(item, (TokenEvent, FinalEvent)):
-                                raise RuntimeError(f"unexpected item from a replica: {type(item).__name__}")
-                            yield item
-                            if isinstance(item, FinalEvent):
-                                return
-                        raise RuntimeError("replica stream ended without a result")
-                finally:
-                    await items.aclose()  # on a client disconnect too: cancels the replica's row
-                body = start.body or {}
-                if prefix is not None and remote.kv is None and body.get("type") in _RESEND_WITH_PREFIX:
-                    logger.info(
-                        "task %r changed in the store while request %s was on its way; resending its prefix",
-                        remote.task_id, remote.request_id or "-",
-                    )
-                    remote = replace(remote, kv=prefix.kv.detach().to("cpu"))
-                    continue
-                if start.status == 429 and overloaded < self.overload_retries:
-                    overloaded += 1
-                    await asyncio.sleep(self.retry_delay_s * overloaded)
-                    continue
-                raise RemoteServiceError(start.status, body)
-        finally:
-            if task_id is not None:
-                self.inflight_by_task[task_id] -= 1
-                if self.inflight_by_task[task_id] <= 0:
-                    del self.inflight_by_task[task_id]
+                remote = replace(remote, kv=prefix.kv.detach().to("cpu"))
+                continue
+            if start.status == 429 and overloaded < self.overload_retries:
+                overloaded += 1
+                await asyncio.sleep(self.retry_delay_s * overloaded)
+                continue
+            raise RemoteServiceError(start.status, body)
 
 
 class _Accepted:
