@@ -6,7 +6,8 @@ Modules:
   - `remote_engine`: the ingress-side `Engine` that calls the model deployment's handle;
   - `replica`: the model replica's core (engine + shared store + per-replica stats), free of Ray;
   - `ingress`: the ingress's `ServiceState` (tokenizer and config only, no weights) and deployment-wide health/metrics;
+  - `router`: the model deployment's Serve request router (task-version affinity as a hint, load as the rule);
   - `app`: the Ray Serve deployments and the application builder (`serve run service.scaleout.app:app`);
   - `launch`: `prefix-serve serve --replicas N`.
-Only `app` and `launch` import Ray.
+Only `router`, `app` and `launch` import Ray.
 """
