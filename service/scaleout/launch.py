@@ -95,17 +95,19 @@ def shutdown(started_cluster: bool) -> None:
 def serve_on_ray(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM. Returns the process exit code."""
     try:
-        import ray  # noqa: F401
+        import ray
         from ray import serve  # noqa: F401
     except ImportError:
         logger.error(ray_missing_message())
         return 2
-    import ray
-
     from service.scaleout.app import gpus_per_replica
 
     started = time.perf_counter()
-    started_cluster = start_ray(settings)
+    try:
+        started_cluster = start_ray(settings)
+    except Exception as exc:  # noqa: BLE001 - e.g. no cluster at --ray-address: one clear line, exit 1
+        logger.error("could not start or join a Ray cluster (%s): %s", settings.ray_address or "local", exc)
+        return 1
     problem = resource_problem(settings, ray.cluster_resources(), gpus_per_replica(settings))
     if problem and started_cluster:
         logger.error(problem)
