@@ -42,7 +42,8 @@ def test_rayservice_manifest_is_valid_and_consistent() -> None:
     settings = check_serve_config(yaml.safe_load(service["spec"]["serveConfigV2"]))
 
     cluster = service["spec"]["rayClusterConfig"]
-    gpus = sum(int(group["rayStartParams"]["num-gpus"]) * int(group["replicas"]) for group in cluster["workerGroupSpecs"])
+    groups = cluster["workerGroupSpecs"]
+    gpus = sum(int(group["rayStartParams"]["num-gpus"]) * int(group["replicas"]) for group in groups)
     assert settings.ray_gpus_per_replica and settings.replicas * settings.ray_gpus_per_replica == gpus
     claim = kinds["PersistentVolumeClaim"]["metadata"]["name"]
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]

@@ -86,7 +86,9 @@ class ReplicaCore:
             return TaskPrefix(task_id=request.task_id, kv=kv, sha256=request.sha256)
         return await cached(request.model_id)
 
-    async def stream(self, request: RemoteRequest, cached: PrefixLoader) -> AsyncIterator[StreamStart | StreamError | Event]:
+    async def stream(
+        self, request: RemoteRequest, cached: PrefixLoader
+    ) -> AsyncIterator[StreamStart | StreamError | Event]:
         try:
             prefix = await self._prefix(request, cached)
             engine_request = GenerationRequest(
