@@ -214,6 +214,9 @@ class PrefixRegistry:
         is logged and skipped (it stays on disk for inspection), never fatal."""
         with self._lock, self._store_lock(exclusive=True):
             self._recover_leftovers()
+            if self.shared:  # a generation file half-written by a writer that crashed (none is writing: we hold the lock)
+                for stray in self.root.glob(f"{GENERATION_FILE}.*"):
+                    stray.unlink(missing_ok=True)
             self._generation_seen = self._read_generation()
             entries: dict[str, PrefixRecord] = {}
             for path in sorted(self.root.iterdir()):

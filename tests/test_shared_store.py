@@ -111,8 +111,10 @@ def test_start_up_does_not_sweep_another_writers_live_temp_folder(tmp_path: Path
         (folder / "adapter_model.safetensors").write_bytes(b"partial")
     old = time.time() - SHARED_TMP_STALE_S - 60
     os.utime(stale, (old, old))
+    half_written = tmp_path / f"{GENERATION_FILE}.{uuid.uuid4().hex}"  # a writer crashed while bumping it
+    half_written.write_text("")
     shared(tmp_path, geometry)
-    assert live.exists() and not stale.exists()
+    assert live.exists() and not stale.exists() and not half_written.exists()
 
 
 def test_load_task_loads_one_version(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
