@@ -214,7 +214,7 @@ class PrefixRegistry:
         is logged and skipped (it stays on disk for inspection), never fatal."""
         with self._lock, self._store_lock(exclusive=True):
             self._recover_leftovers()
-            if self.shared:  # a generation file half-written by a writer that crashed (none is writing: we hold the lock)
+            if self.shared:  # generation files a crashed writer left half-written (we hold the lock: none is live)
                 for stray in self.root.glob(f"{GENERATION_FILE}.*"):
                     stray.unlink(missing_ok=True)
             self._generation_seen = self._read_generation()
