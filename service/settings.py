@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     ray_temp_dir: Path | None = Field(default=None, description="Temp/session folder of the local Ray cluster.")
     ray_cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each model replica.")
     ray_gpus_per_replica: float | None = Field(
-        default=None, ge=0, description="GPUs per model replica (default: 1 where CUDA is visible, else 0)."
+        default=None, ge=0, description="GPUs per model replica (default: 1 when the Ray cluster has GPUs, else 0)."
     )
     ray_ingress_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP ingress (no model).")
     ray_prefixes_per_replica: int = Field(

@@ -44,8 +44,13 @@ def _replica_id() -> str:
 
 
 def gpus_per_replica(settings: Settings) -> float:
+    """The setting, else 1 when the Ray cluster (or, outside one, this machine) has GPUs, else 0."""
     if settings.ray_gpus_per_replica is not None:
         return settings.ray_gpus_per_replica
+    import ray
+
+    if ray.is_initialized():  # a CPU-only head node deploying onto GPU workers must still ask for GPUs
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     import torch
 
     return 1.0 if torch.cuda.is_available() else 0.0
