@@ -180,6 +180,9 @@ def test_health_and_metrics_describe_the_whole_deployment(ray_server: RayServer)
     assert {r["device"] for r in health["replica_details"]} == {"cpu"}
     assert ray_server.metric("prefix_serve_replicas") == {frozenset(): 2.0}
     assert len(ray_server.metric("prefix_serve_replica_running_rows")) == 2
+    assert httpx.get(ray_server.url + "/docs").status_code == 200
+    paths = httpx.get(ray_server.url + "/openapi.json").json()["paths"]
+    assert {"/generate", "/generate_stream", "/prefixes", "/v1/completions", "/v1/chat/completions"} <= set(paths)
 
 
 def test_auth_is_enforced_by_the_ingress(ray_server: RayServer) -> None:
