@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = _settings_from_args(
             args,
             ["model", "prefix_dir", "host", "port", "device", "dtype", "cache_dir", "log_level", "log_format",
-             "batching", "allow_unauthenticated"],
+             "batching", "allow_unauthenticated", "replicas", "ray_address"],
         )
     except ValidationError as exc:  # e.g. a blank API key: say which setting, not a traceback
         configure_logging("info", "text")
@@ -55,6 +55,10 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         logger.error(problem)
         return 2
+    if settings.replicas > 0 or settings.ray_address:
+        from service.scaleout.launch import serve_on_ray
+
+        return serve_on_ray(settings)
     app = create_app(settings)
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
@@ -148,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--allow-unauthenticated", action="store_true", default=None,
         help="Allow binding a non-loopback address with no API keys configured.",
+    )
+    serve.add_argument(
+        "--replicas", type=int,
+        help="Scale out on Ray Serve with N model replicas behind one HTTP ingress (needs prefix-serve[ray]).",
+    )
+    serve.add_argument(
+        "--ray-address", help="Join this Ray cluster (e.g. auto) instead of starting a local one; implies Ray Serve.",
     )
     serve.set_defaults(func=_serve)
 

@@ -1,5 +1,6 @@
 """One input path for every route (TGI /generate and /generate_stream, OpenAI /v1/completions and
-/v1/chat/completions, and a future Ray ingress): bytes → JSON → a checked `GenerationRequest`.
+/v1/chat/completions), in the single process and on the Ray Serve ingress: bytes → JSON → a checked
+`GenerationRequest`.
 
 Order matters, because every step costs more than the one before:
   1. cheap checks on what the client sent, before any tokenization: the parameter limits, and a bound on the prompt's

@@ -19,13 +19,7 @@ def validate_template(template: str | None, *, max_chars: int, field: str = "pro
         return None
     if not isinstance(template, str):
         raise InvalidPrefixError(field, f"a string with one {INPUTS_SLOT}", type(template).__name__)
-    if len(template) > max_chars:
-        raise InvalidPrefixError(
-            field, f"at most {max_chars} characters", f"{len(template)} characters",
-            message=f"{field}: at most {max_chars} characters, got {len(template)}",
-        )  # fmt: skip
-    if "\x00" in template:
-        raise InvalidPrefixError(field, "text without NUL characters", "a NUL character")
+    _check_text(template, field, max_chars)
     count = template.count(INPUTS_SLOT)
     if count != 1:
         raise InvalidPrefixError(
@@ -40,14 +34,19 @@ def validate_description(description: str | None, *, max_chars: int, field: str 
     """Return the description (None or blank -> None) or raise a 422."""
     if description is None or not description.strip():
         return None
-    if len(description) > max_chars:
-        raise InvalidPrefixError(
-            field, f"at most {max_chars} characters", f"{len(description)} characters",
-            message=f"{field}: at most {max_chars} characters, got {len(description)}",
-        )  # fmt: skip
-    if "\x00" in description:
-        raise InvalidPrefixError(field, "text without NUL characters", "a NUL character")
+    _check_text(description, field, max_chars)
     return description.strip()
+
+
+def _check_text(value: str, field: str, max_chars: int) -> None:
+    """A 422 when a stored text field is too long or holds a NUL character."""
+    if len(value) > max_chars:
+        raise InvalidPrefixError(
+            field, f"at most {max_chars} characters", f"{len(value)} characters",
+            message=f"{field}: at most {max_chars} characters, got {len(value)}",
+        )  # fmt: skip
+    if "\x00" in value:
+        raise InvalidPrefixError(field, "text without NUL characters", "a NUL character")
 
 
 def render(template: str | None, inputs: str, *, raw: bool = False) -> str:

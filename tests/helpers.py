@@ -401,6 +401,20 @@ def random_task_prefix(model: PreTrainedModel, task_id: str, num_virtual_tokens:
     return TaskPrefix(task_id, kv, f"sha-{task_id}-{seed}")
 
 
+def run_engine(engine: Any, coro_factory: Any) -> Any:
+    """Start `engine`, run the coroutine `coro_factory()` makes to completion in a fresh event loop, stop the engine."""
+    import asyncio
+
+    async def main() -> Any:
+        engine.start()
+        try:
+            return await coro_factory()
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
+
+
 @contextlib.contextmanager
 def slowed_forward(model: torch.nn.Module, seconds: float) -> Iterator[None]:
     """Make every forward pass of `model` take at least `seconds` longer, whichever batch layout calls it."""
@@ -438,3 +452,37 @@ def tiny_decoder(arch: str, seed: int = 0, vocab_size: int = 128) -> PreTrainedM
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.5, **spec)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+# Processes
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (e.g. a private Ray temp dir: only that cluster's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def prometheus_values(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """{labels: value} of one metric in a Prometheus text exposition."""
+    values: dict[frozenset[tuple[str, str]], float] = {}
+    for line in text.splitlines():
+        if not line.startswith(name) or line[len(name) : len(name) + 1] not in ("{", " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        labels: set[tuple[str, str]] = set()
+        if "{" in head:
+            for pair in head[head.index("{") + 1 : head.rindex("}")].split('",'):
+                key, _, raw = pair.partition("=")
+                labels.add((key.strip(), raw.strip().strip('"')))
+        values[frozenset(labels)] = float(value)
+    return values

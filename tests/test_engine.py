@@ -16,7 +16,7 @@ from service.geometry import geometry_from_config
 from service.prefix import TaskPrefix
 from service.registry import PrefixRegistry
 from service.requests import FinishReason, GenerationRequest, GenerationResult, SamplingParams
-from tests.helpers import make_peft_prefix_model, read_adapter, save_adapter, tiny_llama, tiny_tokenizer
+from tests.helpers import make_peft_prefix_model, read_adapter, run_engine, save_adapter, tiny_llama, tiny_tokenizer
 
 TASKS = {"alpha": 4, "beta": 9, "gamma": 2, "delta": 6}  # task -> num_virtual_tokens
 
@@ -42,17 +42,6 @@ def request(prefixes: dict[str, TaskPrefix], task: str | None, prompt: list[int]
 
 def alone(runner: ModelRunner, req: GenerationRequest) -> GenerationResult:
     return generate(runner, [GenerationRequest(req.prompt_ids, req.prefix, req.params)])[0]
-
-
-def run_engine(engine: ContinuousBatchingEngine, coro_factory) -> Any:
-    async def main() -> Any:
-        engine.start()
-        try:
-            return await coro_factory()
-        finally:
-            engine.stop()
-
-    return asyncio.run(main())
 
 
 def test_join_mid_flight_of_other_tasks_long_generations_is_exact(setup) -> None:

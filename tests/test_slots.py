@@ -15,7 +15,7 @@ from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import DeadlineExceededError
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, GenerationResult, SamplingParams
-from tests.helpers import random_task_prefix, tiny_llama, tiny_tokenizer
+from tests.helpers import random_task_prefix, run_engine, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,6 @@ def req(prefix: TaskPrefix | None, prompt: list[int], new: int) -> GenerationReq
 
 def solo(runner: ModelRunner, request: GenerationRequest) -> list[int]:
     return padded_generate(runner, [GenerationRequest(request.prompt_ids, request.prefix, request.params)])[0].token_ids
-
-
-def run(engine: ContinuousBatchingEngine, coro_factory):
-    async def main():
-        engine.start()
-        try:
-            return await coro_factory()
-        finally:
-            engine.stop()
-
-    return asyncio.run(main())
 
 
 def test_a_row_admitted_into_a_freed_slot_produces_its_solo_tokens(runner, prefixes) -> None:
@@ -82,7 +71,7 @@ def test_two_hundred_requests_through_a_small_slot_pool_match_their_solo_results
     async def scenario() -> list[GenerationResult]:
         return await asyncio.gather(*(engine.generate(r) for r in requests))
 
-    results = run(engine, scenario)
+    results = run_engine(engine, scenario)
     assert engine.stats.max_batch_rows_seen == 4, "the pool was full, so slots were reused"
     assert engine.stats.finished == 200 and engine.stats.running_rows == 0
     assert [r.token_ids for r in results] == [solo(runner, r) for r in requests]
@@ -127,7 +116,7 @@ def test_deadline_is_enforced_between_prefill_chunks(runner, prefixes) -> None:
     started = time.monotonic()
     try:
         with pytest.raises(DeadlineExceededError):
-            run(engine, lambda: engine.generate(req(prefixes["a"], [5 + i % 100 for i in range(300)], 4)))
+            run_engine(engine, lambda: engine.generate(req(prefixes["a"], [5 + i % 100 for i in range(300)], 4)))
     finally:
         hook.remove()
     assert time.monotonic() - started < 1.0, "the request was ended within a few chunks of its deadline"
@@ -157,7 +146,7 @@ def test_queue_gauge_follows_cancelled_queued_requests(runner, prefixes) -> None
 
     hook = runner.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))  # the long request outlives the test
     try:
-        before, after = run(engine, scenario)
+        before, after = run_engine(engine, scenario)
     finally:
         hook.remove()
     assert before == 3 and after == 0

@@ -246,7 +246,9 @@ def test_the_template_counts_toward_the_character_bound_before_tokenizing(
         calls: list[object] = []
         tokenizer = client.app.state.service.inputs.tokenizer
         original = type(tokenizer).__call__
-        monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+        monkeypatch.setattr(
+            type(tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or original(self, *a, **k)
+        )
         requests = [
             ("/generate", {"task_id": "tpl", "inputs": inputs}),
             ("/generate_stream", {"task_id": "tpl", "inputs": inputs}),

@@ -1,7 +1,8 @@
 """A route class that checks a request body before FastAPI's own parser sees it. A JSON body is parsed by
 `service.inputs.parse_json_body`: FastAPI answers bad UTF-8, a 5,000-digit integer or deep nesting with a bare "There
 was an error parsing the body", and a `Content-Type: text/plain` body with a validation error that never mentions the
-content type; here each is a 4xx that says what is wrong. A form route (the upload) wants multipart/form-data (or a urlencoded form, which cannot carry files)."""
+content type; here each is a 4xx that says what is wrong. A form route (the upload) wants multipart/form-data (or a
+urlencoded form, which cannot carry files)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,14 @@ from service.api.auth import require
 from service.api.body_route import CheckedBodyRoute
 from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixState, PrefixUploadResponse
 from service.api.state import ServiceState, get_state
-from service.errors import InvalidPrefixError, InvalidRequestError, PayloadTooLargeError, ServiceError, TaskExistsError
+from service.errors import (
+    InvalidPrefixError,
+    InvalidRequestError,
+    NotAvailableHereError,
+    PayloadTooLargeError,
+    ServiceError,
+    TaskExistsError,
+)
 from service.registry import PrefixRecord, TaskInfo, validate_task_id
 from service.templates import validate_description, validate_template
 from service.text_prefix import make_text_adapter
@@ -81,7 +88,8 @@ def _check_form_fields(names: list[str]) -> None:
         200: {"model": PrefixUploadResponse, "description": "Replaced an existing prefix"},
         409: {"model": ErrorResponse, "description": "Task exists and replace is false"},
         413: {"model": ErrorResponse, "description": "A file is over its size cap, or the text over its token limit"},
-        415: {"model": ErrorResponse, "description": "The body is not multipart/form-data"},
+        415: {"model": ErrorResponse, "description": "The body is not a form"},
+        501: {"model": ErrorResponse, "description": "A text task on the Ray ingress (it holds no weights)"},
         422: {"model": ErrorResponse, "description": "The adapter does not fit the served model, or a bad field"},
     },
     dependencies=ADMIN,
@@ -144,6 +152,13 @@ def _store(
             message="send either the adapter files (adapter_config + adapter_model) or a text, not both",
         )  # fmt: skip
     if text is not None:
+        if _without_weights(state):
+            raise NotAvailableHereError(
+                "text: tasks made from text need the model's weights, and this Ray Serve ingress holds none; make the "
+                "task on a single-process server on the same store (PREFIX_SERVE_SHARED_PREFIX_STORE=true, same "
+                "--prefix-dir: the deployment sees it at once), or upload its adapter files",
+                field="text",
+            )
         if not replace and task_id in state.registry:  # fail before the forward pass; re-checked by put
             raise TaskExistsError(task_id)
         made = make_text_adapter(
@@ -164,6 +179,12 @@ def _store(
         config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
         weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
     return state.registry.put(task_id, config_bytes, weights_bytes, replace=replace, info=info)
+
+
+def _without_weights(state: ServiceState) -> bool:
+    """The Ray ingress's model is a skeleton on the meta device (service/scaleout/ingress.py)."""
+    parameter = next(state.model.model.parameters(), None)
+    return parameter is not None and parameter.device.type == "meta"
 
 
 def _state(state: ServiceState, record: PrefixRecord) -> PrefixState:
