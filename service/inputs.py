@@ -277,12 +277,33 @@ class InputProcessor:
         self._check_chat_chars(target, turns, template, fields)  # again: the version taken may differ from the peek
         if template is not None:
             # A task with a prompt template was trained on that wrapping, not on chat turns: fill it with the last
-            # user message, tokenized as a plain prompt is.
-            prompt = templates.render(template, last_user_message(target, turns))
-            prompt_ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            # user message.
+            prompt_ids = self._templated_message_ids(template, last_user_message(target, turns))
         else:
             prompt_ids = render_chat(self.tokenizer, turns, self._special_tokens, self._literal_tokenizer)
         return self._finish(prompt_ids, prefix, params, fields, request_id)
+
+    def _templated_message_ids(self, template: str, message: str) -> list[int]:
+        """The filled template's ids. As in the chat template (`render_chat`), a chat message never becomes control
+        tokens: a message that spells one (`<|im_end|>`) is tokenized literally between the template's own two
+        parts; any other message takes the plain path, so its ids are exactly what /generate reads for it."""
+        if not any(token in message for token in self._special_tokens):
+            return list(self.tokenizer(templates.render(template, message), add_special_tokens=True)["input_ids"])
+        before, _, after = template.partition(templates.INPUTS_SLOT)
+        # What the tokenizer adds around a text (BOS in front, for some an EOS behind), learnt from the template alone.
+        with_specials = list(self.tokenizer(before + after, add_special_tokens=True)["input_ids"])
+        plain = list(self.tokenizer(before + after, add_special_tokens=False)["input_ids"])
+        lead = next(
+            (k for k in range(len(with_specials) - len(plain) + 1) if with_specials[k : k + len(plain)] == plain),
+            len(with_specials),
+        )
+        ids = with_specials[:lead]
+        if before:
+            ids += self.tokenizer(before, add_special_tokens=False)["input_ids"]
+        ids += self._literal_tokenizer(message, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if after:
+            ids += self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        return ids + with_specials[lead + len(plain) :]
 
     def _finish(
         self, prompt_ids: list[int], prefix: TaskPrefix | None, params: SamplingParams, fields: FieldNames,

@@ -263,3 +263,4 @@ def test_the_template_counts_toward_the_character_bound_before_tokenizing(
         raw = client.post("/generate", json={"task_id": "tpl", "inputs": inputs, "raw_prompt": True,
                                              "parameters": {"max_new_tokens": 1}})
         assert raw.status_code == 200, raw.text
+
