@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = _settings_from_args(
             args,
             ["model", "prefix_dir", "host", "port", "device", "dtype", "cache_dir", "log_level", "log_format",
-             "batching", "allow_unauthenticated"],
+             "batching", "allow_unauthenticated", "replicas", "ray_address"],
         )
     except ValidationError as exc:  # e.g. a blank API key: say which setting, not a traceback
         configure_logging("info", "text")
@@ -55,6 +55,10 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         logger.error(problem)
         return 2
+    if settings.replicas > 0 or settings.ray_address:
+        from service.scaleout.launch import serve_on_ray
+
+        return serve_on_ray(settings)
     app = create_app(settings)
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
@@ -63,32 +67,64 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_fields(adapter_dir: Path | None, args: argparse.Namespace) -> dict[str, str]:
+    """prompt_template / description: from the flags, else from the adapter directory's task.json (written by
+    `prefix-serve train` and by GET /prefixes/{id}/adapter)."""
+    stored: dict[str, Any] = {}
+    task_file = adapter_dir / "task.json" if adapter_dir is not None else None
+    if task_file is not None and task_file.is_file():
+        try:
+            loaded = json.loads(task_file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{task_file}: not valid JSON ({exc})") from None
+        stored = loaded if isinstance(loaded, dict) else {}
+    fields = {}
+    for name, flag in (("prompt_template", args.prompt_template), ("description", args.description)):
+        value = flag if flag is not None else stored.get(name)
+        if isinstance(value, str) and value:
+            fields[name] = value
+    return fields
+
+
 def _upload(args: argparse.Namespace) -> int:
     configure_logging("warning", "text")
-    adapter_dir = Path(args.adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    weights_path = adapter_dir / "adapter_model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            print(f"error: {path} not found (expected a PEFT adapter directory)", file=sys.stderr)
-            return 2
+    if (args.adapter_dir is None) == (args.text is None):
+        print("error: give an adapter directory or --text FILE (one of them)", file=sys.stderr)
+        return 2
+    adapter_dir = Path(args.adapter_dir) if args.adapter_dir is not None else None
+    try:
+        data = {"task_id": args.task_id, "replace": "true" if args.replace else "false"}
+        data.update(_task_fields(adapter_dir, args))
+        if args.text is not None:
+            data["text"] = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    files: dict[str, Any] = {}
+    if adapter_dir is not None:
+        config_path = adapter_dir / "adapter_config.json"
+        weights_path = adapter_dir / "adapter_model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                print(f"error: {path} not found (expected a PEFT adapter directory)", file=sys.stderr)
+                return 2
+        files = {
+            "adapter_config": ("adapter_config.json", config_path.read_bytes(), "application/json"),
+            "adapter_model": ("adapter_model.safetensors", weights_path.read_bytes(), "application/octet-stream"),
+        }
     api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with config_path.open("rb") as config_file, weights_path.open("rb") as weights_file:
-        try:
-            response = httpx.post(
-                args.url.rstrip("/") + "/prefixes",
-                headers=headers,
-                data={"task_id": args.task_id, "replace": "true" if args.replace else "false"},
-                files={
-                    "adapter_config": ("adapter_config.json", config_file, "application/json"),
-                    "adapter_model": ("adapter_model.safetensors", weights_file, "application/octet-stream"),
-                },
-                timeout=120,
-            )
-        except httpx.HTTPError as exc:
-            print(f"error: could not reach {args.url}: {exc}", file=sys.stderr)
-            return 1
+    try:
+        response = httpx.post(
+            args.url.rstrip("/") + "/prefixes",
+            headers=headers,
+            data=data,
+            files=files or None,  # a text task: a plain urlencoded form, which the route parses as well
+            timeout=300,
+        )
+    except httpx.HTTPError as exc:
+        print(f"error: could not reach {args.url}: {exc}", file=sys.stderr)
+        return 1
     body = response.text
     try:
         body = json.dumps(response.json(), indent=2)
@@ -117,10 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unauthenticated", action="store_true", default=None,
         help="Allow binding a non-loopback address with no API keys configured.",
     )
+    serve.add_argument(
+        "--replicas", type=int,
+        help="Scale out on Ray Serve with N model replicas behind one HTTP ingress (needs prefix-serve[ray]).",
+    )
+    serve.add_argument(
+        "--ray-address", help="Join this Ray cluster (e.g. auto) instead of starting a local one; implies Ray Serve.",
+    )
     serve.set_defaults(func=_serve)
 
-    upload = sub.add_parser("upload", help="Upload a PEFT prefix-tuning adapter directory to a running server.")
-    upload.add_argument("adapter_dir", help="Directory with adapter_config.json and adapter_model.safetensors.")
+    upload = sub.add_parser(
+        "upload", help="Upload a PEFT prefix-tuning adapter directory, or make a task from a text, on a running server."
+    )
+    upload.add_argument(
+        "adapter_dir", nargs="?",
+        help="Directory with adapter_config.json and adapter_model.safetensors (and optionally task.json).",
+    )  # fmt: skip
+    upload.add_argument("--text", metavar="FILE", help="Instead of an adapter: a task made from this UTF-8 text file.")
+    upload.add_argument("--prompt-template", help="The task's template with one {inputs} slot (default: task.json's).")
+    upload.add_argument("--description", help="A short description (default: task.json's).")
     upload.add_argument("--task-id", required=True)
     upload.add_argument("--url", default="http://127.0.0.1:8000")
     upload.add_argument("--replace", action="store_true", help="Overwrite the task's existing prefix.")

@@ -130,6 +130,27 @@ class DeadlineExceededError(ServiceError):
     code = "deadline_exceeded"
 
 
+class NotAvailableHereError(ServiceError):
+    """A feature this process cannot serve (e.g. a task made from text on the Ray ingress, which holds no weights)."""
+
+    status_code = 501
+    code = "not_implemented"
+
+
+class PrefixVersionError(ServiceError):
+    """A specific version (sha256) of a task's prefix was asked for, but the store holds another (or none)."""
+
+    status_code = 409
+    code = "prefix_version_changed"
+
+    def __init__(self, task_id: str, wanted: str, stored: str | None) -> None:
+        super().__init__(
+            f"task '{task_id}' changed while the request was in flight (wanted sha256 {wanted[:12]}, "
+            f"stored {stored[:12] if stored else 'none'})",
+            task_id=task_id, wanted_sha256=wanted, stored_sha256=stored,
+        )
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value

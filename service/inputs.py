@@ -1,12 +1,14 @@
 """One input path for every route (TGI /generate and /generate_stream, OpenAI /v1/completions and
-/v1/chat/completions, and a future Ray ingress): bytes → JSON → a checked `GenerationRequest`.
+/v1/chat/completions), in the single process and on the Ray Serve ingress: bytes → JSON → a checked
+`GenerationRequest`.
 
 Order matters, because every step costs more than the one before:
   1. cheap checks on what the client sent, before any tokenization: the parameter limits, and a bound on the prompt's
      characters (a prompt longer than `max_prompt_tokens` × the most characters one token can stand for cannot fit,
-     whatever it tokenizes to);
-  2. tokenization (and chat-template rendering) and the prefix lookup (`registry.get` may reload a prefix from disk
-     under the registry lock) in a small thread pool, never on the event loop;
+     whatever it tokenizes to; a task's prompt template adds its own characters, which count too);
+  2. the prefix lookup (`registry.lookup` may reload a prefix from disk under the registry lock; it returns the
+     task's prompt template of the same version), filling the task's template (service/templates.py), and
+     tokenization (or chat-template rendering) in a small thread pool, never on the event loop;
   3. the limits that need token counts: prompt tokens, and prompt + prefix + new tokens against the model's context.
 
 Nothing here depends on FastAPI: errors are `ServiceError`s that each front end renders in its own shape.
@@ -26,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from service import templates
 from service.errors import InvalidRequestError, ModelNotFoundError, RequestTooLongError, TaskNotFoundError
 from service.model_loader import LoadedModel
 from service.prefix import TaskPrefix
@@ -149,12 +152,17 @@ class InputProcessor:
         fields: FieldNames = TGI_FIELDS,
         base_model_allowed: bool = False,
         request_id: str = "",
+        raw_prompt: bool = False,
     ) -> GenerationRequest:
-        """A plain prompt for `target`: a task id, or (OpenAI routes, `base_model_allowed`) the base model's name."""
+        """A plain prompt for `target`: a task id, or (OpenAI routes, `base_model_allowed`) the base model's name.
+        The task's prompt template, if any, is filled with `prompt` unless `raw_prompt`."""
         self.check_params(params, fields)
-        self._check_chars(len(prompt), fields.prompt)
+        template = None if raw_prompt else self._peek_template(target)
+        self._check_chars(templated_chars(template, len(prompt)), fields.prompt)
         self._check_target(target, base_model_allowed)
-        return await self._off_loop(self._build_text, target, prompt, params, fields, base_model_allowed, request_id)
+        return await self._off_loop(
+            self._build_text, target, prompt, params, fields, base_model_allowed, request_id, raw_prompt
+        )
 
     async def chat_request(
         self,
@@ -164,18 +172,17 @@ class InputProcessor:
         *,
         fields: FieldNames,
         request_id: str = "",
+        raw_prompt: bool = False,
     ) -> GenerationRequest:
-        """Chat messages rendered with the model's chat template; `target` is a task id or the base model's name."""
+        """Chat messages for `target` (a task id or the base model's name): rendered with the model's chat template,
+        or, for a task with a prompt template (unless `raw_prompt`), that template filled with the last user
+        message."""
         self.check_params(params, fields)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError(
-                f"the base model '{self.model.name}' has no chat template, so /v1/chat/completions cannot format "
-                "messages; use /v1/completions with a prompt you format yourself",
-                field="messages",
-            )
-        self._check_chars(sum(len(t.content) + len(t.role) for t in turns), fields.prompt)
+        turns = list(turns)
+        template = None if raw_prompt else self._peek_template(target)
+        self._check_chat_chars(target, turns, template, fields)
         self._check_target(target, base_model_allowed=True)
-        return await self._off_loop(self._build_chat, target, list(turns), params, fields, request_id)
+        return await self._off_loop(self._build_chat, target, turns, params, fields, request_id, raw_prompt)
 
     # ---------------------------------------------------------------- cheap checks (event loop)
 
@@ -198,6 +205,30 @@ class InputProcessor:
                 f"got one of {len(too_long[0])}",
                 field="stop", limit=settings.max_stop_sequence_chars,
             )
+
+    def _check_chat_chars(self, target: str, turns: list[ChatTurn], template: str | None, fields: FieldNames) -> None:
+        """The character bound of what will be tokenized: the filled template, or every turn in the chat template
+        (which the model must have)."""
+        if template is not None:
+            self._check_chars(templated_chars(template, len(last_user_message(target, turns))), fields.prompt)
+            return
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                f"the base model '{self.model.name}' has no chat template, so /v1/chat/completions cannot format "
+                "messages; use /v1/completions with a prompt you format yourself",
+                field="messages",
+            )
+        self._check_chars(sum(len(t.content) + len(t.role) for t in turns), fields.prompt)
+
+    def _peek_template(self, target: str) -> str | None:
+        """The task's prompt template now (lock-free), for the cheap checks; the pool takes the one of the version it
+        generates with from `registry.lookup`."""
+        if target not in self.registry:
+            return None
+        try:
+            return self.registry.record(target).prompt_template
+        except TaskNotFoundError:  # deleted since: the target check answers it
+            return None
 
     def _check_chars(self, chars: int, field: str) -> None:
         if chars > self.max_prompt_chars:
@@ -227,20 +258,56 @@ class InputProcessor:
 
     def _build_text(
         self, target: str, prompt: str, params: SamplingParams, fields: FieldNames, base_model_allowed: bool,
-        request_id: str,
+        request_id: str, raw_prompt: bool,
     ) -> GenerationRequest:
+        prefix, template = self._resolve(target, base_model_allowed)
+        if template is not None and not raw_prompt:
+            # The version taken may have another template than the one peeked at: bound the filled text again.
+            self._check_chars(templated_chars(template, len(prompt)), fields.prompt)
+            prompt = templates.render(template, prompt)
         prompt_ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        return self._finish(target, prompt_ids, params, fields, base_model_allowed, request_id)
+        return self._finish(prompt_ids, prefix, params, fields, request_id)
 
     def _build_chat(
-        self, target: str, turns: list[ChatTurn], params: SamplingParams, fields: FieldNames, request_id: str
+        self, target: str, turns: list[ChatTurn], params: SamplingParams, fields: FieldNames, request_id: str,
+        raw_prompt: bool,
     ) -> GenerationRequest:
-        prompt_ids = render_chat(self.tokenizer, turns, self._special_tokens, self._literal_tokenizer)
-        return self._finish(target, prompt_ids, params, fields, True, request_id)
+        prefix, template = self._resolve(target, base_model_allowed=True)
+        template = None if raw_prompt else template
+        self._check_chat_chars(target, turns, template, fields)  # again: the version taken may differ from the peek
+        if template is not None:
+            # A task with a prompt template was trained on that wrapping, not on chat turns: fill it with the last
+            # user message.
+            prompt_ids = self._templated_message_ids(template, last_user_message(target, turns))
+        else:
+            prompt_ids = render_chat(self.tokenizer, turns, self._special_tokens, self._literal_tokenizer)
+        return self._finish(prompt_ids, prefix, params, fields, request_id)
+
+    def _templated_message_ids(self, template: str, message: str) -> list[int]:
+        """The filled template's ids. As in the chat template (`render_chat`), a chat message never becomes control
+        tokens: a message that spells one (`<|im_end|>`) is tokenized literally between the template's own two
+        parts; any other message takes the plain path, so its ids are exactly what /generate reads for it."""
+        if not any(token in message for token in self._special_tokens):
+            return list(self.tokenizer(templates.render(template, message), add_special_tokens=True)["input_ids"])
+        before, _, after = template.partition(templates.INPUTS_SLOT)
+        # What the tokenizer adds around a text (BOS in front, for some an EOS behind), learnt from the template alone.
+        with_specials = list(self.tokenizer(before + after, add_special_tokens=True)["input_ids"])
+        plain = list(self.tokenizer(before + after, add_special_tokens=False)["input_ids"])
+        lead = next(
+            (k for k in range(len(with_specials) - len(plain) + 1) if with_specials[k : k + len(plain)] == plain),
+            len(with_specials),
+        )
+        ids = with_specials[:lead]
+        if before:
+            ids += self.tokenizer(before, add_special_tokens=False)["input_ids"]
+        ids += self._literal_tokenizer(message, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if after:
+            ids += self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        return ids + with_specials[lead + len(plain) :]
 
     def _finish(
-        self, target: str, prompt_ids: list[int], params: SamplingParams, fields: FieldNames,
-        base_model_allowed: bool, request_id: str,
+        self, prompt_ids: list[int], prefix: TaskPrefix | None, params: SamplingParams, fields: FieldNames,
+        request_id: str,
     ) -> GenerationRequest:
         settings = self.settings
         if not prompt_ids:
@@ -251,7 +318,6 @@ class InputProcessor:
                 f"{settings.max_prompt_tokens}",
                 field=fields.prompt, limit=settings.max_prompt_tokens,
             )
-        prefix = self._resolve(target, base_model_allowed)
         virtual_tokens = prefix.num_virtual_tokens if prefix is not None else 0
         total = len(prompt_ids) + virtual_tokens + params.max_new_tokens
         limit = self.model.max_context
@@ -266,14 +332,34 @@ class InputProcessor:
             )
         return GenerationRequest(prompt_ids=prompt_ids, prefix=prefix, params=params, request_id=request_id)
 
-    def _resolve(self, target: str, base_model_allowed: bool) -> TaskPrefix | None:
-        """The task's prefix now (a later replace or delete won't touch this request), or None for the base model.
-        A task shadows a base model of the same name."""
+    def _resolve(self, target: str, base_model_allowed: bool) -> tuple[TaskPrefix | None, str | None]:
+        """The task's prefix now (a later replace or delete won't touch this request) and the prompt template of
+        that same version, or (None, None) for the base model. A task shadows a base model of the same name."""
         if base_model_allowed and target not in self.registry:
             if target == self.model.name:
-                return None
+                return None, None
             raise ModelNotFoundError(target, self.model.name)
-        return self.registry.get(target)  # a delete since the check above answers 404 here
+        prefix, record = self.registry.lookup(target)  # a delete since the check above answers 404 here
+        return prefix, record.prompt_template
+
+
+def templated_chars(template: str | None, inputs_chars: int) -> int:
+    """Characters of `template` filled with a text of `inputs_chars` characters (the text alone without one)."""
+    if template is None:
+        return inputs_chars
+    return len(template) - len(templates.INPUTS_SLOT) + inputs_chars
+
+
+def last_user_message(target: str, turns: Sequence[ChatTurn]) -> str:
+    """What a task's prompt template is filled with on the chat route."""
+    for turn in reversed(turns):
+        if turn.role == "user":
+            return turn.content
+    raise InvalidRequestError(
+        f"messages: task '{target}' has a prompt_template, which is filled with the last user message, but there "
+        "is no message with role 'user' (send one, or raw_prompt=true to use the chat template)",
+        field="messages",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer facts

@@ -73,9 +73,9 @@ class SlotStore:
         """(rows, width) the store will have once a request reserving `reservation` columns takes a slot."""
         slot = self._free[0]
         rows = self.rows if slot < self.rows else min(self.num_slots, max(slot + 1, 2 * self.rows))
-        # Grow by a quarter at least (rounded to 32 columns), not by doubling: memory held is rows x width, and the
+        # Grow by a quarter at least (rounded to 8 columns), not by doubling: memory held is rows x width, and the
         # longest reservation is rarely far past the last one.
-        grown = -(-max(reservation, self.width + self.width // 4) // 32) * 32
+        grown = -(-max(reservation, self.width + self.width // 4) // 8) * 8
         width = self.width if reservation <= self.width else min(self.max_width, grown)
         return rows, width
 

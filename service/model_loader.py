@@ -412,11 +412,9 @@ def check_all_weights_loaded(name: str, class_name: str, loading_info: dict[str,
     )
 
 
-def load_base_model(settings: Settings) -> LoadedModel:
-    """Load the configured base model (or the embedded default) onto the configured device and dtype."""
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-
+def resolve_model_source(settings: Settings) -> tuple[Path, str | None, str]:
+    """(model directory, .gguf file name in it or None, served name) of the configured model; builds the embedded
+    default's directory on first use. Raises FileNotFoundError/ValueError naming the bad --model."""
     gguf_file: str | None = None
     if settings.model:
         path = Path(settings.model).expanduser()
@@ -438,6 +436,14 @@ def load_base_model(settings: Settings) -> LoadedModel:
             model_dir, name = path, path.name
     else:
         model_dir, name = embedded_model_dir(settings.cache_dir), EMBEDDED_MODEL_NAME
+    return model_dir, gguf_file, name
+
+
+def load_base_model(settings: Settings) -> LoadedModel:
+    """Load the configured base model (or the embedded default) onto the configured device and dtype."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    model_dir, gguf_file, name = resolve_model_source(settings)
 
     started = time.perf_counter()
     source = f"{model_dir / gguf_file}" if gguf_file else str(model_dir)

@@ -5,12 +5,24 @@ On-disk layout, one folder per task under `root`:
     root/<task_id>/adapter_config.json       the uploaded config, verbatim
     root/<task_id>/adapter_model.safetensors the uploaded weights, verbatim
     root/<task_id>/metadata.json             sha256 + size of the safetensors bytes, created_at, num_virtual_tokens
+    root/<task_id>/task.json                 optional: prompt_template, description, source ("adapter" or "text") and,
+                                             for a task made from text, the text (PEFT ignores the file)
 
 Crash safety: an upload is validated completely before anything touches disk, written into a dot-named temp
 folder (fsynced), then renamed into place. A replace renames the old folder aside (`.old-...`), renames the new one
 in, fsyncs the parent, then deletes the old one. A delete renames aside (`.del-...`) before removing. Names starting
 with "." are never tasks; `load_all` deletes them, except that an `.old-` folder whose task folder is missing (a
 crash between the two renames of a replace) is renamed back, so a crash never loses the previous prefix.
+
+Shared-store mode (`shared=True`, for several processes or machines on one store, e.g. Ray Serve replicas):
+  - mutations also take an exclusive `flock` on `root/.lock` (readers of a whole task folder take it shared), so
+    writers in different processes serialise and no reader sees a half-swapped folder;
+  - existence (409) and capacity are decided on disk under that lock, not from this process's memory;
+  - every committed mutation rewrites `root/.generation` (a random token); readers compare it before answering and
+    rescan the store when it changed, so an upload, replace or delete through any process is seen by all;
+  - start-up recovery never sweeps another writer's live temp folder (a `.tmp-` folder is only removed once it is
+    older than SHARED_TMP_STALE_S);
+  - `load_task(task_id, sha256)` loads one task's prefix (optionally a specific version) without touching the rest.
 
 Concurrency: mutations are serialised by a lock. Listing readers take no lock: the records are an immutable
 snapshot dict whose reference is swapped whole under the lock (copy-on-write). `get` takes the lock, since it may
@@ -22,6 +34,7 @@ an eviction.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,12 +42,18 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterator, Literal, Mapping
+
+try:  # POSIX only; shared-store mode needs it
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -42,6 +61,7 @@ from service.errors import (
     InvalidPrefixError,
     InvalidTaskIdError,
     PrefixLimitError,
+    PrefixVersionError,
     ServiceError,
     TaskExistsError,
     TaskNotFoundError,
@@ -51,6 +71,7 @@ from service.metrics import Metrics
 from service.prefix import TaskPrefix, prompt_embeddings_to_kv
 from service.prefix_cache import TieredPrefixCache, Tier
 from service.prefix_format import ValidatedAdapter, validate_adapter
+from service.templates import validate_description, validate_template
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +82,14 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "metadata.json"
 METADATA_VERSION = 1
+TASK_FILE = "task.json"
 
 _TMP_PREFIX = ".tmp-"  # a write in progress
 _OLD_PREFIX = ".old-"  # the previous version during a replace
 _DEL_PREFIX = ".del-"  # a task being deleted
+LOCK_FILE = ".lock"  # shared mode: the cross-process lock (flock)
+GENERATION_FILE = ".generation"  # shared mode: rewritten on every committed mutation
+SHARED_TMP_STALE_S = 3600.0  # shared mode: a `.tmp-` folder younger than this may be another writer's live upload
 
 
 @dataclass(frozen=True)
@@ -77,9 +102,50 @@ class PrefixRecord:
     sha256: str  # of the stored safetensors file
     created_at: str  # ISO-8601 UTC
     base_model_name_or_path: str | None
+    prompt_template: str | None = None  # with one {inputs} slot; the routes fill it (service/templates.py)
+    description: str | None = None
+    source: Literal["adapter", "text"] = "adapter"  # "text": a task made from text (POST /prefixes with `text`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What task.json holds beside the PEFT files: how to prompt the task, and where its prefix came from."""
+
+    prompt_template: str | None = None
+    description: str | None = None
+    source: Literal["adapter", "text"] = "adapter"
+    text: str | None = None  # the text a task made from text was computed from
+
+    @property
+    def is_empty(self) -> bool:
+        return self == TaskInfo()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": 1, **{k: v for k, v in asdict(self).items() if v is not None}}
+
+    @classmethod
+    def from_json(cls, data: object, *, max_template_chars: int, max_description_chars: int) -> TaskInfo:
+        """Parse a stored task.json; ValueError (the task is then skipped at load) when it is malformed."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{TASK_FILE} is not a JSON object")
+        source = data.get("source", "adapter")
+        if source not in ("adapter", "text"):
+            raise ValueError(f"{TASK_FILE}: source must be 'adapter' or 'text', got {source!r}")
+        text = data.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{TASK_FILE}: text must be a string")
+        for name in ("prompt_template", "description"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise ValueError(f"{TASK_FILE}: {name} must be a string")
+        try:
+            template = validate_template(data.get("prompt_template"), max_chars=max_template_chars)
+            description = validate_description(data.get("description"), max_chars=max_description_chars)
+        except ServiceError as exc:
+            raise ValueError(f"{TASK_FILE}: {exc.message}") from None
+        return cls(prompt_template=template, description=description, source=source, text=text)
 
 
 def validate_task_id(task_id: str) -> str:
@@ -112,11 +178,18 @@ class PrefixRegistry:
         max_prefix_bytes: int,
         max_config_bytes: int,
         max_prefixes: int | None = None,
+        max_text_tokens: int | None = None,
+        max_template_chars: int = 4096,
+        max_description_chars: int = 1000,
         device_budget_bytes: int = 0,
         host_budget_bytes: int = 0,
         metrics: Metrics | None = None,
+        shared: bool = False,
     ) -> None:
+        if shared and fcntl is None:
+            raise RuntimeError("a shared prefix store needs POSIX file locks (fcntl), not available on this platform")
         self.root = Path(root)
+        self.shared = shared
         self.geometry = geometry
         self.device = torch.device(device)
         self.dtype = dtype
@@ -125,6 +198,10 @@ class PrefixRegistry:
         self.max_prefix_bytes = max_prefix_bytes
         self.max_config_bytes = max_config_bytes
         self.max_prefixes = max_prefixes
+        # A task made from text (source "text") may be longer than a trained prefix: V up to max_text_tokens.
+        self.max_text_tokens = max_text_tokens if max_text_tokens is not None else max_virtual_tokens
+        self.max_template_chars = max_template_chars
+        self.max_description_chars = max_description_chars
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._entries: Mapping[str, PrefixRecord] = MappingProxyType({})
@@ -133,6 +210,7 @@ class PrefixRegistry:
         )
         self._writing: set[str] = set()  # temp folders of puts in progress: load_all must not sweep them
         self._metrics = metrics
+        self._generation_seen: str | None = None  # shared mode: the store generation the snapshot reflects
 
     # ------------------------------------------------------------------ reading (lock-free snapshots)
 
@@ -140,10 +218,44 @@ class PrefixRegistry:
         """The task's prefix on the device (brought back from host memory or disk if it was evicted);
         TaskNotFoundError if there is none."""
         validate_task_id(task_id)
+        self._sync()
         with self._lock:
             if task_id not in self._entries:
                 raise TaskNotFoundError(task_id)
             return self._cache.get(task_id, lambda: self._load_task(task_id, self.root / task_id)[0])
+
+    def lookup(self, task_id: str) -> tuple[TaskPrefix, PrefixRecord]:
+        """The task's prefix and its record, of the same version (taken together under the lock, so a replace
+        cannot pair one version's template with another's prefix)."""
+        validate_task_id(task_id)
+        self._sync()
+        with self._lock:
+            record = self._entries.get(task_id)
+            if record is None:
+                raise TaskNotFoundError(task_id)
+            prefix = self._cache.get(task_id, lambda: self._load_task(task_id, self.root / task_id)[0])
+            return prefix, record
+
+    def adapter_files(self, task_id: str) -> dict[str, bytes]:
+        """The stored files of a task, as PEFT loads them (adapter_config.json, adapter_model.safetensors) plus
+        task.json when there is one. Read under the lock (and the store's shared lock), so the files belong to one
+        version."""
+        validate_task_id(task_id)
+        self._sync()
+        with self._lock, self._store_lock(exclusive=False):
+            record = self._entries.get(task_id)
+            if record is None:
+                raise TaskNotFoundError(task_id)
+            path = self.root / task_id
+            files = {name: (path / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+            if (path / TASK_FILE).is_file():
+                files[TASK_FILE] = (path / TASK_FILE).read_bytes()
+            # Shared store: another process may have committed a newer version since our snapshot; the files read
+            # under the store lock are one version, whose metadata says which.
+            expected = _stored_sha256(path) if self.shared else record.sha256
+        if hashlib.sha256(files[WEIGHTS_FILE]).hexdigest() != expected:
+            raise RuntimeError(f"stored weights of task {task_id!r} do not match their recorded sha256")
+        return files
 
     def record(self, task_id: str) -> PrefixRecord:
         return self._entry(task_id)
@@ -158,18 +270,24 @@ class PrefixRegistry:
         return self._cache
 
     def list(self) -> builtins.list[PrefixRecord]:
+        self._sync()
         entries = self._entries
         return [entries[task_id] for task_id in sorted(entries)]
 
     def __len__(self) -> int:
+        self._sync()
         return len(self._entries)
 
     def __contains__(self, task_id: object) -> bool:
         # An id that fails the pattern cannot be registered: answer False rather than raise from an `in` test.
-        return isinstance(task_id, str) and _TASK_ID_RE.fullmatch(task_id) is not None and task_id in self._entries
+        if not isinstance(task_id, str) or _TASK_ID_RE.fullmatch(task_id) is None:
+            return False
+        self._sync()
+        return task_id in self._entries
 
     def _entry(self, task_id: str) -> PrefixRecord:
         validate_task_id(task_id)
+        self._sync()
         entry = self._entries.get(task_id)
         if entry is None:
             raise TaskNotFoundError(task_id)
@@ -180,8 +298,12 @@ class PrefixRegistry:
     def load_all(self) -> None:
         """Load every stored task. Leftovers of interrupted writes are cleaned up; an unreadable or invalid task
         is logged and skipped (it stays on disk for inspection), never fatal."""
-        with self._lock:
+        with self._lock, self._store_lock(exclusive=True):
             self._recover_leftovers()
+            if self.shared:  # generation files a crashed writer left half-written (we hold the lock: none is live)
+                for stray in self.root.glob(f"{GENERATION_FILE}.*"):
+                    stray.unlink(missing_ok=True)
+            self._generation_seen = self._read_generation()
             entries: dict[str, PrefixRecord] = {}
             for path in sorted(self.root.iterdir()):
                 name = path.name
@@ -198,6 +320,22 @@ class PrefixRegistry:
             self._entries = MappingProxyType(entries)
         logger.info("prefix store: loaded %d task prefix(es) from %s", len(entries), self.root)
 
+    def load_task(self, task_id: str, sha256: str | None = None) -> TaskPrefix:
+        """Load one stored task's prefix from disk onto this registry's device, bypassing the snapshot and the cache
+        (a serving replica keeps its own LRU). With `sha256`, the stored version must be that one, else
+        PrefixVersionError (the task was replaced since the caller resolved it). TaskNotFoundError if absent."""
+        validate_task_id(task_id)
+        path = self.root / task_id
+        with self._store_lock(exclusive=False):
+            if not (path / METADATA_FILE).is_file():
+                raise TaskNotFoundError(task_id)
+            if sha256 is not None:
+                stored = _stored_sha256(path)
+                if stored != sha256:
+                    raise PrefixVersionError(task_id, sha256, stored)
+            prefix, _ = self._load_task(task_id, path)
+        return prefix
+
     def _load_task(self, task_id: str, path: Path) -> tuple[TaskPrefix, PrefixRecord]:
         config_bytes = (path / CONFIG_FILE).read_bytes()
         weights_bytes = (path / WEIGHTS_FILE).read_bytes()
@@ -207,13 +345,20 @@ class PrefixRegistry:
         digest = hashlib.sha256(weights_bytes).hexdigest()
         if metadata.get("sha256") != digest or metadata.get("bytes") != len(weights_bytes):
             raise ValueError(f"{WEIGHTS_FILE} does not match the sha256/size recorded in {METADATA_FILE} (corrupt?)")
-        validated = self._validate(config_bytes, weights_bytes)
+        info = TaskInfo()
+        if (path / TASK_FILE).is_file():
+            info = TaskInfo.from_json(
+                json.loads((path / TASK_FILE).read_text(encoding="utf-8")),
+                max_template_chars=self.max_template_chars,
+                max_description_chars=self.max_description_chars,
+            )
+        validated = self._validate(config_bytes, weights_bytes, info)
         for text in validated.warnings:
             logger.warning("prefix store: task %r: %s", task_id, text)
         created_at = metadata.get("created_at")
         if not isinstance(created_at, str):
             raise ValueError(f"{METADATA_FILE} lacks created_at")
-        return self._make_entry(task_id, validated, digest, len(weights_bytes), created_at)
+        return self._make_entry(task_id, validated, digest, len(weights_bytes), created_at, info)
 
     def _recover_leftovers(self) -> None:
         """Undo or finish what a crash interrupted. Caller holds the lock."""
@@ -221,6 +366,8 @@ class PrefixRegistry:
             name = path.name
             if not name.startswith(".") or not path.is_dir() or name in self._writing:
                 continue
+            if self.shared and name.startswith(_TMP_PREFIX) and not _older_than(path, SHARED_TMP_STALE_S):
+                continue  # possibly another process's upload in progress
             if name.startswith(_OLD_PREFIX):
                 task_id = _task_id_from_aside_name(name[len(_OLD_PREFIX) :])
                 target = self.root / task_id if task_id else None
@@ -239,20 +386,31 @@ class PrefixRegistry:
     # ------------------------------------------------------------------ writing
 
     def put(
-        self, task_id: str, config_bytes: bytes, weights_bytes: bytes, *, replace: bool = False
+        self,
+        task_id: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        *,
+        replace: bool = False,
+        info: TaskInfo | None = None,
     ) -> tuple[PrefixRecord, bool, builtins.list[str]]:
-        """Validate and store a task's adapter. Returns (record, created, warnings); created is False when an
-        existing prefix was replaced. TaskExistsError (409) if the task exists and replace is False."""
+        """Validate and store a task's adapter (and its task.json when `info` says anything). Returns (record,
+        created, warnings); created is False when an existing prefix was replaced. TaskExistsError (409) if the
+        task exists and replace is False."""
         validate_task_id(task_id)
+        self._sync()
         if not replace and task_id in self._entries:  # fail fast; re-checked under the lock
             raise TaskExistsError(task_id)
         self._check_capacity(task_id)
 
         # Everything that can reject the upload happens before the disk is touched.
-        validated = self._validate(config_bytes, weights_bytes)
+        info = info or TaskInfo()
+        validate_template(info.prompt_template, max_chars=self.max_template_chars)
+        validate_description(info.description, max_chars=self.max_description_chars)
+        validated = self._validate(config_bytes, weights_bytes, info)
         digest = hashlib.sha256(weights_bytes).hexdigest()
         created_at = _utc_now()
-        prefix, record = self._make_entry(task_id, validated, digest, len(weights_bytes), created_at)
+        prefix, record = self._make_entry(task_id, validated, digest, len(weights_bytes), created_at, info)
         metadata = {
             "format_version": METADATA_VERSION,
             "sha256": digest,
@@ -271,14 +429,17 @@ class PrefixRegistry:
             _write_durably(tmp / CONFIG_FILE, config_bytes)
             _write_durably(tmp / WEIGHTS_FILE, weights_bytes)
             _write_durably(tmp / METADATA_FILE, json.dumps(metadata, indent=2).encode("utf-8"))
+            if not info.is_empty:
+                _write_durably(tmp / TASK_FILE, json.dumps(info.to_json(), indent=2).encode("utf-8"))
             _fsync_dir(tmp)
 
-            with self._lock:
-                existed = task_id in self._entries
+            with self._lock, self._store_lock(exclusive=True):
                 target = self.root / task_id
+                # Shared store: another process may have added the task since our snapshot; the disk decides.
+                existed = target.exists() if self.shared else task_id in self._entries
                 if existed and not replace:
                     raise TaskExistsError(task_id)
-                self._check_capacity(task_id)
+                self._check_capacity(task_id, on_disk=self.shared)
                 if target.exists():
                     if not existed:
                         # A folder load_all skipped as unreadable: the task is absent as far as clients can see.
@@ -299,6 +460,7 @@ class PrefixRegistry:
                     retired = self.root / f"{_DEL_PREFIX}{task_id}-{uuid.uuid4().hex}"
                     os.rename(aside, retired)
                     aside = retired
+                self._bump_generation()
                 self._entries = MappingProxyType({**self._entries, task_id: record})
                 self._cache.put(prefix)
         except BaseException:
@@ -323,16 +485,22 @@ class PrefixRegistry:
     def delete(self, task_id: str) -> None:
         """Remove a task's prefix from memory and disk. TaskNotFoundError if absent."""
         validate_task_id(task_id)
-        with self._lock:
-            if task_id not in self._entries:
-                raise TaskNotFoundError(task_id)
+        self._sync()
+        with self._lock, self._store_lock(exclusive=True):
             target = self.root / task_id
+            # Shared store: the disk decides (another process may have deleted or added it).
+            if not (target.exists() if self.shared else task_id in self._entries):
+                if self.shared:
+                    self._entries = MappingProxyType({k: v for k, v in self._entries.items() if k != task_id})
+                    self._cache.drop(task_id)
+                raise TaskNotFoundError(task_id)
             aside = self.root / f"{_DEL_PREFIX}{task_id}-{uuid.uuid4().hex}"
             if target.exists():
                 os.rename(target, aside)  # the commit point; rmtree below may be slow or interrupted
                 _fsync_dir(self.root)
             else:
                 logger.warning("prefix store: task %r was already gone from %s", task_id, self.root)
+            self._bump_generation()
             self._entries = MappingProxyType({k: v for k, v in self._entries.items() if k != task_id})
             self._cache.drop(task_id)
         if self._metrics is not None:
@@ -343,27 +511,111 @@ class PrefixRegistry:
 
     # ------------------------------------------------------------------ helpers
 
-    def _check_capacity(self, task_id: str) -> None:
-        if self.max_prefixes is not None and task_id not in self._entries and len(self._entries) >= self.max_prefixes:
+    def _check_capacity(self, task_id: str, *, on_disk: bool = False) -> None:
+        if self.max_prefixes is None:
+            return
+        stored = self._stored_task_ids() if on_disk else set(self._entries)
+        if task_id not in stored and len(stored) >= self.max_prefixes:
             raise PrefixLimitError(
-                f"the store already holds {len(self._entries)} prefixes, its limit; delete one first",
+                f"the store already holds {len(stored)} prefixes, its limit; delete one first",
                 limit=self.max_prefixes,
             )
 
-    def _validate(self, config_bytes: bytes, weights_bytes: bytes) -> ValidatedAdapter:
+    def _stored_task_ids(self) -> set[str]:
+        """Task folders on disk (valid names, not dot-named); the caller holds the store lock."""
+        return {
+            p.name for p in self.root.iterdir()
+            if not p.name.startswith(".") and _TASK_ID_RE.fullmatch(p.name) is not None and p.is_dir()
+        }
+
+    # ------------------------------------------------------------------ shared-store mode
+
+    @contextlib.contextmanager
+    def _store_lock(self, *, exclusive: bool) -> Iterator[None]:
+        """The cross-process lock of a shared store (a no-op otherwise). Take it after `self._lock`, never before."""
+        if not self.shared:
+            yield
+            return
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _read_generation(self) -> str | None:
+        if not self.shared:
+            return None
+        try:
+            return (self.root / GENERATION_FILE).read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return ""
+
+    def _bump_generation(self) -> None:
+        """Shared mode: tell every other process the store changed. Caller holds the exclusive store lock."""
+        if not self.shared:
+            return
+        tmp = self.root / f"{GENERATION_FILE}.{uuid.uuid4().hex}"
+        tmp.write_text(uuid.uuid4().hex + "\n", encoding="ascii")
+        os.replace(tmp, self.root / GENERATION_FILE)
+
+    def _sync(self) -> None:
+        """Shared mode: when another process changed the store since our snapshot, rescan it. Tasks whose stored
+        sha256 is unchanged keep their loaded prefix; new or replaced ones are loaded, removed ones dropped."""
+        if not self.shared or self._read_generation() == self._generation_seen:
+            return
+        with self._lock, self._store_lock(exclusive=False):
+            generation = self._read_generation()
+            if generation == self._generation_seen:
+                return
+            entries: dict[str, PrefixRecord] = {}
+            for task_id in sorted(self._stored_task_ids()):
+                path = self.root / task_id
+                known = self._entries.get(task_id)
+                try:
+                    # Same weights and same commit (created_at): unchanged. A replace with the same weights but
+                    # another template or description is a new commit, and must be seen too.
+                    if known is not None and _stored_version(path) == (known.sha256, known.created_at):
+                        entries[task_id] = known
+                        continue
+                    prefix, entries[task_id] = self._load_task(task_id, path)
+                    self._cache.put(prefix)
+                except Exception as exc:  # noqa: BLE001 - as in load_all: skip what cannot be read
+                    logger.warning("prefix store: skipping task %r at %s: %s", task_id, path, _describe(exc))
+            for task_id in set(self._entries) - set(entries):
+                self._cache.drop(task_id)
+                if self._metrics is not None:  # deleted through another process: as in delete()
+                    self._metrics.forget_task(task_id)
+            self._entries = MappingProxyType(entries)
+            self._generation_seen = generation
+
+    def _validate(self, config_bytes: bytes, weights_bytes: bytes, info: TaskInfo | None = None) -> ValidatedAdapter:
+        max_virtual_tokens, max_prefix_bytes = self.max_virtual_tokens, self.max_prefix_bytes
+        if info is not None and info.source == "text":
+            # Made by this server from a text: up to max_text_tokens, whatever size that takes in float32.
+            max_virtual_tokens = self.max_text_tokens
+            text_bytes = self.max_text_tokens * self.geometry.numbers_per_virtual_token * 4 + (1 << 20)
+            max_prefix_bytes = max(max_prefix_bytes, text_bytes)
         return validate_adapter(
             config_bytes,
             weights_bytes,
             self.geometry,
             served_model_name=self.served_model_name,
-            max_virtual_tokens=self.max_virtual_tokens,
-            max_prefix_bytes=self.max_prefix_bytes,
+            max_virtual_tokens=max_virtual_tokens,
+            max_prefix_bytes=max_prefix_bytes,
             max_config_bytes=self.max_config_bytes,
         )
 
     def _make_entry(
-        self, task_id: str, validated: ValidatedAdapter, digest: str, nbytes: int, created_at: str
+        self,
+        task_id: str,
+        validated: ValidatedAdapter,
+        digest: str,
+        nbytes: int,
+        created_at: str,
+        info: TaskInfo | None = None,
     ) -> tuple[TaskPrefix, PrefixRecord]:
+        info = info or TaskInfo()
         kv = prompt_embeddings_to_kv(validated.prompt_embeddings, self.geometry, dtype=self.dtype, device=self.device)
         # Finite in float32 is not enough: a value beyond float16's range (65504) becomes inf in the model dtype.
         if not bool(torch.isfinite(kv).all()):
@@ -380,6 +632,9 @@ class PrefixRegistry:
             sha256=digest,
             created_at=created_at,
             base_model_name_or_path=validated.base_model_name_or_path,
+            prompt_template=info.prompt_template,
+            description=info.description,
+            source=info.source,
         )
         return prefix, record
 
@@ -390,6 +645,30 @@ def _task_id_from_aside_name(rest: str) -> str | None:
     if not sep or len(suffix) != 32 or _TASK_ID_RE.fullmatch(task_id) is None:
         return None
     return task_id
+
+
+def _stored_version(path: Path) -> tuple[str | None, str | None]:
+    """(sha256, created_at) a stored task folder's metadata records (None for what is unreadable)."""
+    try:
+        metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(metadata, dict):
+        return None, None
+    sha256, created_at = metadata.get("sha256"), metadata.get("created_at")
+    return (sha256 if isinstance(sha256, str) else None), (created_at if isinstance(created_at, str) else None)
+
+
+def _stored_sha256(path: Path) -> str | None:
+    """The sha256 a stored task folder's metadata records (None when unreadable)."""
+    return _stored_version(path)[0]
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return True
 
 
 def _write_durably(path: Path, data: bytes) -> None:

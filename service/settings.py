@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     max_config_bytes: int = Field(default=64 * 1024, ge=1, description="Size cap of an uploaded adapter_config.json.")
 
     max_prefixes: int = Field(default=1000, ge=1, description="Most prefixes the store holds.")
+    max_text_task_tokens: int = Field(
+        default=2048, ge=1,
+        description="Longest text a task made from text may have (its V), in tokens; such a prefix is counted in the "
+        "KV budget like any other. SmolLM2: ~46 KB of float32 K/V per token.",
+    )
+    max_template_chars: int = Field(default=4096, ge=16, description="Longest prompt_template of a task.")
+    max_description_chars: int = Field(default=1000, ge=1, description="Longest description of a task.")
     prefix_device_budget_bytes: int = Field(
         default=0, ge=0, description="Prefix KV bytes kept on the device (0 = no limit); LRU beyond it moves to host."
     )
@@ -113,6 +120,39 @@ class Settings(BaseSettings):
     input_threads: int = Field(default=2, ge=1, description="Threads that tokenize prompts and look up prefixes.")
     max_stop_sequences: int = Field(default=16, ge=0)
     max_stop_sequence_chars: int = Field(default=256, ge=1)
+
+    # Scale-out on Ray Serve (`prefix-serve serve --replicas N`; needs the `ray` extra). See README "Scale out".
+    replicas: int = Field(
+        default=0, ge=0, description="Model replicas on Ray Serve; 0 = the single-process server (the default)."
+    )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join (e.g. auto or ray://host:10001); empty = start a local one."
+    )
+    ray_num_cpus: int | None = Field(
+        default=None, ge=1, description="CPUs of the local Ray cluster this command starts (default: all)."
+    )
+    ray_temp_dir: Path | None = Field(default=None, description="Temp/session folder of the local Ray cluster.")
+    ray_cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each model replica.")
+    ray_gpus_per_replica: float | None = Field(
+        default=None, ge=0, description="GPUs per model replica (default: 1 when the Ray cluster has GPUs, else 0)."
+    )
+    ray_ingress_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP ingress (no model).")
+    ray_prefixes_per_replica: int = Field(
+        default=64, ge=1, description="Task versions each replica keeps loaded (its LRU of device-resident prefixes)."
+    )
+    ray_affinity_imbalance: int = Field(
+        default=2, ge=0,
+        description="A request goes to a replica already holding its task's prefix unless that replica has more than "
+        "this many requests in flight beyond the least loaded one; then to the least loaded (which loads it).",
+    )
+    ray_stats_interval_s: float = Field(
+        default=1.0, gt=0, description="How often replicas report engine stats for /health and /metrics."
+    )
+    shared_prefix_store: bool = Field(
+        default=False,
+        description="Store mode for several processes on one prefix folder (cross-process lock, changes seen by all); "
+        "always on under Ray.",
+    )
 
     @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod

@@ -401,18 +401,8 @@ def random_task_prefix(model: PreTrainedModel, task_id: str, num_virtual_tokens:
     return TaskPrefix(task_id, kv, f"sha-{task_id}-{seed}")
 
 
-@contextlib.contextmanager
-def slowed_forward(model: torch.nn.Module, seconds: float) -> Iterator[None]:
-    """Make every forward pass of `model` take at least `seconds` longer, whichever batch layout calls it."""
-    hook = model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
-    try:
-        yield
-    finally:
-        hook.remove()
-
-
 def run_engine(engine: Any, coro_factory: Any) -> Any:
-    """Start `engine`, await `coro_factory()` on a fresh event loop, stop the engine whatever happens."""
+    """Start `engine`, run the coroutine `coro_factory()` makes to completion in a fresh event loop, stop the engine."""
     import asyncio
 
     async def main() -> Any:
@@ -423,3 +413,76 @@ def run_engine(engine: Any, coro_factory: Any) -> Any:
             engine.stop()
 
     return asyncio.run(main())
+
+
+@contextlib.contextmanager
+def slowed_forward(model: torch.nn.Module, seconds: float) -> Iterator[None]:
+    """Make every forward pass of `model` take at least `seconds` longer, whichever batch layout calls it."""
+    hook = model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny random decoder-only models of several families (tests/test_parity.py's ARCHITECTURES, and the tests of
+# tasks made from text). initializer_range is raised so that a prefix clearly changes the output.
+
+TINY_DECODER_SPECS: dict[str, dict[str, Any]] = {
+    "llama-gqa": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2),
+    "opt": dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                word_embed_proj_dim=32),
+    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64),
+    "qwen2-gqa": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64),
+}  # fmt: skip
+
+
+def tiny_decoder(arch: str, seed: int = 0, vocab_size: int = 128) -> PreTrainedModel:
+    """A tiny random model of one of TINY_DECODER_SPECS, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY_DECODER_SPECS[arch])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.5, **spec)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+# Processes
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (e.g. a private Ray temp dir: only that cluster's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def prometheus_values(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """{labels: value} of one metric in a Prometheus text exposition."""
+    values: dict[frozenset[tuple[str, str]], float] = {}
+    for line in text.splitlines():
+        if not line.startswith(name) or line[len(name) : len(name) + 1] not in ("{", " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        labels: set[tuple[str, str]] = set()
+        if "{" in head:
+            for pair in head[head.index("{") + 1 : head.rindex("}")].split('",'):
+                key, _, raw = pair.partition("=")
+                labels.add((key.strip(), raw.strip().strip('"')))
+        values[frozenset(labels)] = float(value)
+    return values

@@ -14,40 +14,29 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from service import slots
 from service.batch import ModelRunner, generate as padded_generate, verify_prefix_support
 from service.geometry import geometry_from_config
 from service.registry import PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
-from tests.helpers import make_peft_prefix_model, peft_greedy, read_adapter, save_adapter, tiny_tokenizer
+from tests.helpers import (
+    TINY_DECODER_SPECS,
+    make_peft_prefix_model,
+    peft_greedy,
+    read_adapter,
+    save_adapter,
+    tiny_decoder,
+    tiny_tokenizer,
+)
 
 VOCAB = 128
 # Tiny random decoder-only models of every listed family. initializer_range is raised so that a random prefix
 # clearly changes the output (at the default 0.02 a tiny bloom's argmax ignores it and the test could not fail).
-ARCHITECTURES: dict[str, dict] = {
-    "llama-gqa": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64),
-    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2),
-    "opt": dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                word_embed_proj_dim=32),
-    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4),
-    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64),
-    "qwen2-gqa": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64),
-}
+ARCHITECTURES = TINY_DECODER_SPECS  # one list of tiny model families, in tests/helpers.py
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 4, 5, 6], [20]]
 NEW_TOKENS = 8
-
-
-def tiny_model(spec: dict, seed: int = 0) -> PreTrainedModel:
-    spec = dict(spec)
-    model_type = spec.pop("model_type")
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, initializer_range=0.5, **spec)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def registry_with(tmp_path: Path, model: PreTrainedModel, adapters: dict[str, PeftModel]) -> PrefixRegistry:
@@ -91,7 +80,7 @@ def run_service(runner: ModelRunner, prefix, prompts: list[list[int]], layout: s
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_greedy_tokens_match_peft_forward(arch: str, layout: str, tmp_path: Path) -> None:
-    model = tiny_model(ARCHITECTURES[arch])
+    model = tiny_decoder(arch, vocab_size=VOCAB)
     peft_model = make_peft_prefix_model(model, num_virtual_tokens=6, seed=1)
     registry = registry_with(tmp_path, model, {"task": peft_model})
     runner = ModelRunner(model, tiny_tokenizer(VOCAB))
@@ -111,7 +100,7 @@ def test_greedy_tokens_match_peft_forward(arch: str, layout: str, tmp_path: Path
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "bloom", "opt", "gpt_neox", "qwen2-gqa"])
 def test_mixed_tasks_with_different_prefix_lengths_share_a_batch(arch: str, layout: str, tmp_path: Path) -> None:
-    model = tiny_model(ARCHITECTURES[arch])
+    model = tiny_decoder(arch, vocab_size=VOCAB)
     long_prefix = make_peft_prefix_model(model, num_virtual_tokens=9, seed=2)
     short_prefix = make_peft_prefix_model(model, num_virtual_tokens=3, seed=3, prefix_projection=True)
     registry = registry_with(tmp_path, model, {"long": long_prefix, "short": short_prefix})
@@ -132,7 +121,7 @@ def test_mixed_tasks_with_different_prefix_lengths_share_a_batch(arch: str, layo
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_rows_finish_independently_and_keep_their_tokens(layout: str, tmp_path: Path) -> None:
     """Rows with different max_new_tokens leave the batch early; the rest continue unchanged."""
-    model = tiny_model(ARCHITECTURES["llama-gqa"])
+    model = tiny_decoder("llama-gqa", vocab_size=VOCAB)
     peft_model = make_peft_prefix_model(model, num_virtual_tokens=4, seed=5)
     registry = registry_with(tmp_path, model, {"task": peft_model})
     runner = ModelRunner(model, tiny_tokenizer(VOCAB))

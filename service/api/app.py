@@ -6,9 +6,10 @@ import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request
+import torch
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,24 +45,42 @@ def engine_limits(settings: Settings) -> EngineLimits:
     )
 
 
-def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> ServiceState:
-    """Wire registry and engine around a loaded model. Blocking: loads every stored prefix."""
-    runner = ModelRunner(loaded.model, loaded.tokenizer)
-    verify_prefix_support(runner, loaded.geometry)
-    registry = PrefixRegistry(
+def make_registry(
+    settings: Settings,
+    loaded: LoadedModel,
+    metrics: Metrics | None,
+    *,
+    shared: bool,
+    device: torch.device | None = None,
+) -> PrefixRegistry:
+    """The prefix store with the settings' limits, for the single-process server, the Ray ingress (`device` cpu) and
+    each Ray replica: one place, so every process accepts the same tasks (a task made from text may be longer than
+    max_virtual_tokens). Not loaded yet (`load_all`)."""
+    return PrefixRegistry(
         settings.prefix_dir,
         loaded.geometry,
-        device=loaded.device,
+        device=loaded.device if device is None else device,
         dtype=loaded.dtype,
         served_model_name=loaded.name,
         max_virtual_tokens=settings.max_virtual_tokens,
         max_prefix_bytes=settings.max_prefix_bytes,
         max_config_bytes=settings.max_config_bytes,
         max_prefixes=settings.max_prefixes,
+        max_text_tokens=settings.max_text_task_tokens,
+        max_template_chars=settings.max_template_chars,
+        max_description_chars=settings.max_description_chars,
         device_budget_bytes=settings.prefix_device_budget_bytes,
         host_budget_bytes=settings.prefix_host_budget_bytes,
         metrics=metrics,
+        shared=shared,
     )
+
+
+def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> ServiceState:
+    """Wire registry and engine around a loaded model. Blocking: loads every stored prefix."""
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    verify_prefix_support(runner, loaded.geometry)
+    registry = make_registry(settings, loaded, metrics, shared=settings.shared_prefix_store)
     registry.load_all()
     engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
     engine.on_pass = metrics.observe_pass
@@ -74,17 +93,31 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
     )
 
 
-def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
-    """Build the app. `loaded` injects an already-loaded model (tests); otherwise the lifespan loads one."""
+StateBuilder = Callable[[Settings, Metrics], Awaitable[ServiceState]]
+
+
+def create_app(
+    settings: Settings | None = None,
+    loaded: LoadedModel | None = None,
+    *,
+    build: StateBuilder | None = None,
+    health_router: APIRouter | None = None,
+) -> FastAPI:
+    """Build the app. `loaded` injects an already-loaded model (tests); otherwise the lifespan loads one. `build`
+    replaces the whole state (the Ray ingress: a remote engine, no weights) and `health_router` the /health route."""
     settings = settings or Settings()
     metrics = Metrics(max_tasks=settings.metrics_max_tasks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = loaded or await asyncio.to_thread(load_base_model, settings)
-        state = await asyncio.to_thread(build_state, settings, model, metrics)
+        if build is not None:
+            state = await build(settings, metrics)
+        else:
+            model = loaded or await asyncio.to_thread(load_base_model, settings)
+            state = await asyncio.to_thread(build_state, settings, model, metrics)
         state.engine.start()
         app.state.service = state
+        model = state.model
         logger.info(
             "serving %s on %s (%s) with %d prefixes", model.name, model.device, model.dtype, len(state.registry)
         )
@@ -104,7 +137,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         redirect_slashes=False,
     )
     # Each router declares its own auth (`require(...)` dependencies); AuthMiddleware enforces the same declarations.
-    routers = [health.router, metrics_route.router, generate.router, prefixes.router, openai.router]
+    routers = [health_router or health.router, metrics_route.router, generate.router, prefixes.router, openai.router]
     for router in routers:
         app.include_router(router)
     _install_error_handlers(app)

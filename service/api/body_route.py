@@ -1,7 +1,8 @@
 """A route class that checks a request body before FastAPI's own parser sees it. A JSON body is parsed by
 `service.inputs.parse_json_body`: FastAPI answers bad UTF-8, a 5,000-digit integer or deep nesting with a bare "There
 was an error parsing the body", and a `Content-Type: text/plain` body with a validation error that never mentions the
-content type; here each is a 4xx that says what is wrong. A form route (the upload) wants multipart/form-data."""
+content type; here each is a 4xx that says what is wrong. A form route (the upload) wants multipart/form-data (or a
+urlencoded form, which cannot carry files)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from service.errors import UnsupportedMediaTypeError
 from service.inputs import parse_json_body
 
 
+# A form route: multipart (files), or a plain urlencoded form, which is what most clients send for fields alone (a
+# task made from text has no files: `curl -d`, `httpx.post(data=...)`).
+_FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _INLINE_PARSE_BYTES = 64 * 1024  # parsing this much takes well under a millisecond
 
 
@@ -35,11 +39,12 @@ class CheckedBodyRoute(APIRoute):
 
             async def check_form_then_handle(request: Request) -> Response:
                 content_type = request.headers.get("content-type", "")
-                if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+                if content_type.split(";", 1)[0].strip().lower() not in _FORM_MEDIA_TYPES:
                     shown = content_type[:100] or "none"
                     raise UnsupportedMediaTypeError(
                         f"Content-Type must be multipart/form-data for this route, got {shown}; send the fields "
-                        "and files as a multipart form (curl -F, httpx files=...)",
+                        "and files as a multipart form (curl -F, httpx files=...; a form without files, e.g. a task "
+                        "made from text, may also be application/x-www-form-urlencoded)",
                         field="content-type", got=shown,
                     )
                 return await handler(request)

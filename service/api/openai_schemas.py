@@ -51,6 +51,11 @@ class SamplingFields(BaseModel):
     # Extensions (vLLM/TGI): send via the client's `extra_body`.
     top_k: int | None = Field(default=None, ge=1, description="Extension: sample from the k likeliest tokens.")
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0, description="Extension (TGI/vLLM).")
+    raw_prompt: bool = Field(
+        default=False,
+        description="Extension: ignore the task's prompt_template (completions: send the prompt as is; chat: format "
+        "the messages with the model's chat template).",
+    )
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -168,6 +173,8 @@ class ModelCard(BaseModel):
     owned_by: str = "prefix-serve"
     parent: str | None = Field(description="The base model for a task; null for the base model itself.")
     root: str
+    prompt_template: str | None = Field(default=None, description="Extension: the task's template ({inputs} slot).")
+    description: str | None = Field(default=None, description="Extension: the task's description.")
 
 
 class ModelList(BaseModel):

@@ -61,8 +61,13 @@ class GenerateRequest(BaseModel):
     model_config = STRICT_BODY
 
     task_id: str = Field(pattern=TASK_ID_REGEX, description="Which task's prefix to generate with.")
-    inputs: str = Field(min_length=1, description="The prompt.")
+    inputs: str = Field(
+        min_length=1, description="The text; filled into the task's prompt_template when it has one (see raw_prompt)."
+    )
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    raw_prompt: bool = Field(
+        default=False, description="Send `inputs` to the model as they are, without the task's prompt_template."
+    )
 
 
 class GenerateDetails(BaseModel):
@@ -96,6 +101,13 @@ class PrefixInfo(BaseModel):
     sha256: str
     created_at: str
     base_model_name_or_path: str | None = None
+    prompt_template: str | None = Field(
+        default=None, description="Requests are wrapped in this ({inputs} = the request's text) unless raw_prompt."
+    )
+    description: str | None = None
+    source: Literal["adapter", "text"] = Field(
+        default="adapter", description="adapter: uploaded PEFT files; text: computed from a text by this server."
+    )
 
 
 class PrefixState(PrefixInfo):

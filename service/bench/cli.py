@@ -7,9 +7,14 @@ Systems (tokens/s ratios are reported at --clients):
   per-task   this service, --batching per-task
   mixed      this service, --batching mixed (continuous, tasks share batches)
   no-prefix  the bare base model under `mixed`, to show what the prefixes cost
+  ray-N      `mixed` as N replicas on Ray Serve (a private local cluster; needs prefix-serve[ray]); not in the
+             default set, run at --clients in the first --dtype only
 
 With several --dtype values (e.g. float32,bfloat16) static and the engine systems run once per dtype; rows of the
 second and later dtypes are named e.g. `mixed-bfloat16`. peft runs in the first dtype.
+
+--few-shot runs a separate pair instead (service/bench/fewshot.py): a ~1,000-token few-shot block in every prompt
+vs the same block stored once as a task made from text, at --clients, in the first --dtype.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from service.batch import ModelRunner, verify_prefix_support
 from service.bench.peft_baseline import load_peft_model
 from service.bench.report import markdown_table, plot, ratios_table, write_json
+from service.bench.ray_system import ray_replicas, run_ray_system
 from service.bench.run import run_engine_system, run_peft_system
 from service.bench.static_baseline import run_static_system
 from service.bench.workload import WorkItem, make_workload, synthetic_tokenizer, write_random_prefixes
@@ -41,7 +47,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("peft", "static", "per-task", "mixed", "no-prefix")
+SYSTEMS = ("peft", "static", "per-task", "mixed", "no-prefix")  # the default set; ray-N (e.g. ray-2) on request
 ENGINE_SYSTEMS = (("per-task", "per-task", True), ("mixed", "mixed", True), ("no-prefix", "mixed", False))
 
 
@@ -68,6 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--systems", default=",".join(SYSTEMS))
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
+    bench.add_argument("--few-shot", action="store_true",
+                       help="Instead: a few-shot block in every prompt vs stored as a task made from text, at "
+                            "--clients "
+                            "(service/bench/fewshot.py); uses the first value of --new-tokens.")
+    bench.add_argument("--few-shot-tokens", type=int, default=1000, help="With --few-shot: the block's size in tokens.")
     bench.set_defaults(func=main)
 
 
@@ -94,9 +105,14 @@ def _load(args: argparse.Namespace, dtype: str) -> LoadedModel:
 def main(args: argparse.Namespace) -> int:
     configure_logging("info", "text")  # one progress line per finished run
     systems = [s for s in args.systems.split(",") if s]
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = {s for s in systems if s not in SYSTEMS and ray_replicas(s) is None}
     if unknown:
-        print(f"error: unknown systems {sorted(unknown)}; choose from {SYSTEMS}", file=sys.stderr)
+        print(f"error: unknown systems {sorted(unknown)}; choose from {SYSTEMS} or ray-N", file=sys.stderr)
+        return 2
+    ray_systems = [s for s in systems if ray_replicas(s)]
+    if ray_systems and args.random_init is not None:
+        print("error: ray-N systems load the model in each replica: use --model or the default, not --random-init",
+              file=sys.stderr)
         return 2
     dtypes = [d for d in args.dtype.split(",") if d]
     bad = [d for d in dtypes if d not in ("auto", "float32", "bfloat16", "float16")]
@@ -104,6 +120,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: unknown --dtype {bad or args.dtype!r}; choose from auto, float32, bfloat16, float16", file=sys.stderr)
         return 2
     concurrencies = sorted({int(c) for c in args.concurrency.split(",") if c} | {args.clients})
+    if args.few_shot:  # its own pair of systems, in service/bench/fewshot.py
+        from service.bench.fewshot import run_few_shot
+
+        loaded = _load(args, dtypes[0])
+        verify_prefix_support(ModelRunner(loaded.model, loaded.tokenizer), loaded.geometry)
+        return run_few_shot(args, loaded)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -134,6 +156,14 @@ def main(args: argparse.Namespace) -> int:
                             use_prefix=use_prefix, warmup=warmup, step_token_budget=args.step_token_budget,
                         )
                         _record(result, rows, results)
+            for system in ray_systems if index == 0 else []:  # at --clients, in the first dtype
+                workload, warmup = _workloads(args, loaded, args.clients)
+                ray_settings = Settings(model=args.model, device=args.device, dtype=dtype,
+                                        prefix_dir=Path(tmp) / f"store-{index}", **({"cache_dir": args.cache_dir}
+                                                                                     if args.cache_dir else {}))
+                result = run_ray_system(system, ray_replicas(system) or 1, ray_settings, prefixes, workload,
+                                        concurrency=args.clients, warmup=warmup)
+                _record(result, rows, results)
             if "peft" in systems and index == 0:  # last: PEFT wraps (and patches) the base model for good
                 workload, warmup = _workloads(args, loaded, args.clients)
                 peft_model = load_peft_model(loaded.model, adapters)
@@ -215,6 +245,8 @@ def _ratios(rows: list[dict[str, Any]], clients: int, dtypes: list[str]) -> dict
         ratios[f"{name} / mixed @ {clients}"] = ratio(name, "mixed")
         ratios[f"{name} / static-{dtype} @ {clients}"] = ratio(name, f"static-{dtype}")
         ratios[f"{name} / peft @ {clients}"] = ratio(name, "peft")
+    for system in sorted(s for s in at if ray_replicas(s)):
+        ratios[f"{system} / mixed @ {clients}"] = ratio(system, "mixed")
     return {k: v for k, v in ratios.items() if v is not None or "mixed /" in k}
 
 

@@ -48,7 +48,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_TEMPLATE,
         help=f'Prompt for {{"text", "label"}} records (default {DEFAULT_TEMPLATE!r}).',
     )
-    train.add_argument("--num-virtual-tokens", type=int, default=20, help="Prefix length V (default 20).")
+    train.add_argument(
+        "--prompt-template",
+        help="The served task's template ({inputs} slot), written to task.json. Default: --template with {text} -> "
+        "{inputs} for {\"text\", \"label\"} data; none for {\"prompt\", \"completion\"} data.",
+    )
+    train.add_argument("--description", help="A short description of the task, written to task.json.")
+    train.add_argument("--num-virtual-tokens", type=int, help="Prefix length V (default 20; with --init-*: theirs).")
+    init = train.add_mutually_exclusive_group()
+    init.add_argument(
+        "--init-text",
+        help="Start the prefix from the frozen model's K/V of this text (real-word initialisation, Li & Liang 7.2); "
+        "V = its token count. Trains the K/V directly (no MLP).",
+    )
+    init.add_argument(
+        "--init-task",
+        help="Start from a stored task's prefix (a folder in --prefix-dir, e.g. a task made from text, or an "
+        "unzipped GET /prefixes/{id}/adapter). Trains the K/V directly (no MLP).",
+    )
+    train.add_argument("--prefix-dir", type=Path, help="With --init-task: the prefix store (default ./prefixes).")
+    train.add_argument(
+        "--no-prefix-projection",
+        action="store_true",
+        help="Train the K/V directly from a random init instead of through the MLP reparameterisation.",
+    )
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="Optimizer steps (default 100).")
     length.add_argument("--epochs", type=float, help="Passes over the training data (instead of --steps).")
@@ -112,6 +135,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex_eval.add_argument("--batch-size", type=int, default=16)
     _model_args(ex_eval, dtype_default=None)
     ex_eval.set_defaults(func=_guarded(_examples_eval))
+
+    sweep = ex_sub.add_parser(
+        "sweep",
+        help="Low-data sweep: held-out exact match for random, MLP and real-word initialisation.",
+        description="For each task, training-set size and initialisation (random K/V, the MLP reparameterisation, the "
+        "K/V of the task's instruction) train the same number of steps from scratch and measure held-out exact match.",
+    )
+    sweep.add_argument("--tasks", nargs="+", help="Only these tasks (default: all).")
+    sweep.add_argument("--sizes", nargs="+", type=int, default=[8, 32, 128], help="Training-set sizes (8 32 128).")
+    sweep.add_argument("--inits", nargs="+", default=["random", "mlp", "text"], help="random mlp text (all).")
+    sweep.add_argument("--steps", type=int, default=20, help="Steps per run, the same for every run (default 20).")
+    sweep.add_argument("--lr-mlp", type=float, default=1e-3, help="Peak lr of the MLP variant (default 1e-3).")
+    sweep.add_argument("--lr-kv", type=float, default=1e-2, help="Peak lr when the K/V are trained directly (1e-2).")
+    sweep.add_argument("--batch-size", type=int, default=8)
+    sweep.add_argument("--eval-limit", type=int, default=32, help="Held-out examples per task (default 32).")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--json", type=Path, default=Path("sweep.json"), help="Results file.")
+    sweep.add_argument("--no-progress", action="store_true")
+    _model_args(sweep, dtype_default="float32")
+    sweep.set_defaults(func=_guarded(_examples_sweep))
 
 
 def _model_args(parser: argparse.ArgumentParser, *, dtype_default: str | None) -> None:
@@ -187,14 +230,24 @@ def _load_model(args: argparse.Namespace) -> LoadedModel:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from service.registry import validate_task_id
-    from service.training.data import load_examples, validate_template
+    from service.registry import TaskInfo, validate_task_id
+    from service.settings import Settings
+    from service.training.data import load_examples, serving_template, validate_template
     from service.training.trainer import TrainConfig, save_adapter, train_prefix
 
     validate_task_id(args.task_id)  # before minutes of training, not at upload time
     validate_template(args.template)
+    if args.prompt_template:
+        from service.templates import validate_template as validate_prompt_template
+
+        validate_prompt_template(args.prompt_template, max_chars=1 << 16)
+    if args.init_task:
+        validate_task_id(args.init_task)
+    direct = bool(args.init_text or args.init_task or args.no_prefix_projection)
     config = TrainConfig(
-        num_virtual_tokens=args.num_virtual_tokens,
+        num_virtual_tokens=args.num_virtual_tokens or 20,
+        prefix_projection=not direct,
+        init="text" if args.init_text else f"task:{args.init_task}" if args.init_task else "random",
         steps=args.steps,
         epochs=args.epochs,
         lr=args.lr,
@@ -209,8 +262,31 @@ def _train(args: argparse.Namespace) -> int:
     eval_examples = load_examples(args.eval_data, args.template) if args.eval_data else []
 
     loaded = _load_model(args)
-    result = train_prefix(loaded, train_examples, config, eval_examples=eval_examples, task_id=args.task_id)
-    out = save_adapter(result, args.out, loaded)
+    init_embeddings = None
+    if args.init_text or args.init_task:
+        from service.training.trainer import init_from_adapter_dir, init_from_text
+
+        if args.init_text:
+            init_embeddings = init_from_text(loaded, args.init_text)
+        else:
+            init_embeddings = init_from_adapter_dir((args.prefix_dir or Settings().prefix_dir) / args.init_task, loaded)
+        length = int(init_embeddings.shape[0])
+        if args.num_virtual_tokens is not None and args.num_virtual_tokens != length:
+            raise ValueError(
+                f"--num-virtual-tokens {args.num_virtual_tokens} differs from the initial prefix's length {length} "
+                "(the init text's token count / the task's V); leave it out"
+            )
+        config.num_virtual_tokens = length
+        logger.info("initial prefix: %d virtual tokens from %s", length, config.init)
+    result = train_prefix(
+        loaded, train_examples, config, eval_examples=eval_examples, task_id=args.task_id,
+        init_embeddings=init_embeddings,
+    )  # fmt: skip
+    prompt_template = args.prompt_template
+    if prompt_template is None and all(e.templated for e in train_examples):
+        prompt_template = serving_template(args.template)
+    info = TaskInfo(prompt_template=prompt_template, description=args.description)
+    out = save_adapter(result, args.out, loaded, info)
 
     weights = out / "adapter_model.safetensors"
     print(f"saved the prefix of task '{args.task_id}' to {out} (V={config.num_virtual_tokens}, "
@@ -221,9 +297,13 @@ def _train(args: argparse.Namespace) -> int:
         em = last.exact_match
         print(f"held-out: loss {last.eval_loss:.4f}, exact match {em['correct']}/{em['total']} "
               f"({100 * em['accuracy']:.1f}%)")  # fmt: skip
-    example = train_examples[0].prompt
-    print(f"prompt it with the training prompt verbatim, e.g. "
-          f"POST /generate {json.dumps({'task_id': args.task_id, 'inputs': example})}")  # fmt: skip
+    if prompt_template:
+        print(f"task.json holds its prompt template {prompt_template!r}: send plain inputs, e.g. "
+              f"POST /generate {json.dumps({'task_id': args.task_id, 'inputs': 'your text'})}")  # fmt: skip
+    else:
+        example = train_examples[0].prompt
+        print(f"prompt it with the training prompt verbatim, e.g. "
+              f"POST /generate {json.dumps({'task_id': args.task_id, 'inputs': example})}")  # fmt: skip
 
     if args.upload:
         return _upload(out, args)
@@ -299,6 +379,7 @@ def _examples_make_data(args: argparse.Namespace) -> int:
 
 
 def _examples_train(args: argparse.Namespace) -> int:
+    from service.registry import TaskInfo
     from service.training.evaluate import open_registry
     from service.training.trainer import TrainConfig, save_adapter, train_prefix
 
@@ -326,6 +407,7 @@ def _examples_train(args: argparse.Namespace) -> int:
                 (out / "adapter_config.json").read_bytes(),
                 (out / "adapter_model.safetensors").read_bytes(),
                 replace=True,
+                info=TaskInfo(prompt_template=task.prompt_template, description=task.description),
             )
         em = result.final_exact_match
         rows.append((task.task_id, result.total_steps, result.seconds, result.losses[-1], em.summary() if em else "-"))
@@ -368,6 +450,35 @@ def _examples_eval(args: argparse.Namespace) -> int:
         args.json, {"model": loaded.name, "prefix_dir": str(args.prefix_dir), "tasks": [r.to_json() for r in reports]}
     )
     print(f"wrote {args.json}")
+    return 0
+
+
+def _examples_sweep(args: argparse.Namespace) -> int:
+    import time
+
+    from service.training.sweep import markdown_table, run_sweep, write_json
+
+    tasks = _selected_tasks(args.tasks)
+    loaded = _load_model(args)
+    started = time.perf_counter()
+    rows = run_sweep(
+        loaded,
+        tasks,
+        sizes=args.sizes,
+        inits=args.inits,
+        steps=args.steps,
+        lr_mlp=args.lr_mlp,
+        lr_kv=args.lr_kv,
+        batch_size=args.batch_size,
+        eval_limit=args.eval_limit,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - started
+    print(markdown_table(rows, args.inits))
+    meta = {"model": loaded.name, "argv": sys.argv[1:], "seconds": round(seconds, 1)}
+    write_json(args.json, rows, meta)
+    print(f"wrote {args.json} ({seconds:.0f} s)")
     return 0
 
 

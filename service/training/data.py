@@ -30,6 +30,7 @@ class Example:
     prompt: str  # exactly what a client sends as `inputs`
     completion: str  # what the model should generate (compared with surrounding whitespace stripped)
     line: int = 0  # 1-based line in the source file; 0 when built in memory
+    templated: bool = False  # built from a {"text", "label"} record through the template
 
     @property
     def answer(self) -> str:
@@ -41,6 +42,11 @@ def validate_template(template: str) -> str:
     if TEXT_PLACEHOLDER not in template:
         raise DataError(f"template {template!r} must contain {TEXT_PLACEHOLDER}")
     return template
+
+
+def serving_template(template: str) -> str:
+    """The training template as a served task's prompt_template: `{text}` becomes the `{inputs}` slot."""
+    return template.replace(TEXT_PLACEHOLDER, "{inputs}", 1)
 
 
 def apply_template(template: str, text: str, label: str) -> Example:
@@ -139,7 +145,7 @@ def _parse_record(line: str, number: int, template: str) -> Example:
         if not label.strip():
             raise _LineError('"label" is blank')
         example = apply_template(template, text, label.strip())
-        return Example(prompt=example.prompt, completion=example.completion, line=number)
+        return Example(prompt=example.prompt, completion=example.completion, line=number, templated=True)
     keys = sorted(record)[:10]
     raise _LineError(f"{_FORMATS}, got keys {keys}")
 

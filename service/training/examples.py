@@ -33,6 +33,7 @@ class ExampleTask:
     description: str
     template: str | None  # for {"text", "label"} data; None when records are {"prompt", "completion"}
     instruction: str  # the request an instructed zero-shot baseline gets in front of the raw input
+    prompt_template: str  # what the served task wraps a plain input in ({inputs} slot): stored in its task.json
     train_size: int
     heldout_size: int
     seed: int
@@ -270,6 +271,7 @@ EXAMPLE_TASKS: dict[str, ExampleTask] = {
             task_id="sentiment",
             description="product review -> positive / negative",
             template="Review : {text} Sentiment :",
+            prompt_template="Review : {inputs} Sentiment :",
             instruction="Is the sentiment of this product review positive or negative? Answer with one word.",
             train_size=400,
             heldout_size=100,
@@ -280,6 +282,7 @@ EXAMPLE_TASKS: dict[str, ExampleTask] = {
             task_id="complaints",
             description="tweet to a company -> complaint / no complaint",
             template="Tweet text : {text} Label :",
+            prompt_template="Tweet text : {inputs} Label :",
             instruction=("Is this tweet a complaint? Answer with exactly 'complaint' or 'no complaint'."),
             train_size=400,
             heldout_size=100,
@@ -290,6 +293,7 @@ EXAMPLE_TASKS: dict[str, ExampleTask] = {
             task_id="date-iso",
             description="date in words -> YYYY-MM-DD",
             template=None,
+            prompt_template=_DATE_PROMPT.replace("{input}", "{inputs}"),
             instruction="Write this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.",
             train_size=400,
             heldout_size=100,

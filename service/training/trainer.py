@@ -1,5 +1,12 @@
-"""The prefix-tuning loop: PEFT `PrefixTuningConfig(prefix_projection=True)` on a frozen base model, AdamW with linear
-warmup and decay, loss on the completion tokens only, periodic held-out loss and exact match, NaN guard.
+"""The prefix-tuning loop: PEFT `PrefixTuningConfig` on a frozen base model, AdamW with linear warmup and decay, loss
+on the completion tokens only, periodic held-out loss and exact match, NaN guard.
+
+Initialisation (Li & Liang 2021, section 7.2): `prefix_projection=True` (the default) trains the paper's
+reparameterisation MLP from PEFT's random init. With `prefix_projection=False` the prefix parameters *are* the
+per-layer K/V: they start random (PEFT's N(0, 1) embedding) or, given `init_embeddings`, from the activations of real
+words (`service.text_prefix.text_prompt_embeddings` of an init text, or a stored task's prefix). The MLP variant
+cannot start from given activations (its output is an MLP of a learnt embedding, not a free tensor), so real-word
+initialisation always trains the K/V directly.
 
 The base model is never modified: PEFT's prompt-learning wrapper adds a prompt encoder (embedding + the paper's
 reparameterisation MLP) and feeds its output to the model as the key/value cache. The base model stays in eval mode:
@@ -27,7 +34,7 @@ from transformers import get_linear_schedule_with_warmup
 from service.batch import ModelRunner
 from service.model_loader import LoadedModel
 from service.prefix_format import validate_adapter
-from service.registry import CONFIG_FILE, WEIGHTS_FILE
+from service.registry import CONFIG_FILE, TASK_FILE, WEIGHTS_FILE, TaskInfo
 from service.training.data import Example
 from service.training.encoding import EncodedExample, collate, encode_examples
 from service.training.errors import TrainingDivergedError
@@ -42,6 +49,8 @@ TRAINING_LOG_FILE = "training_log.json"
 @dataclass
 class TrainConfig:
     num_virtual_tokens: int = 20
+    prefix_projection: bool = True  # the paper's MLP reparameterisation; False trains the K/V directly
+    init: str = "random"  # label for the log: "random", "text" (--init-text), "task:<id>" (--init-task)
     steps: int | None = None  # optimizer steps; exclusive with epochs; DEFAULT_STEPS when both are None
     epochs: float | None = None  # passes over the training examples
     lr: float = 1e-3  # NOTES: 1e-3 trains SmolLM2 in ~20 steps; 1e-2 and 3e-2 diverge
@@ -132,10 +141,16 @@ def train_prefix(
     *,
     eval_examples: Sequence[Example] = (),
     task_id: str = "task",
+    init_embeddings: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train a prefix for `loaded`'s (frozen) model. Raises TrainingDivergedError on a NaN/inf loss and
-    DataError (from encoding) on examples that do not fit the context."""
+    DataError (from encoding) on examples that do not fit the context.
+
+    `init_embeddings`: PEFT-layout (num_virtual_tokens, L*2*token_dim) values the prefix starts from (real-word
+    initialisation); needs `config.prefix_projection=False`."""
     config.validate()
+    if init_embeddings is not None:
+        _check_init(init_embeddings, config, loaded)
     max_tokens = loaded.geometry.max_positions - config.num_virtual_tokens
     train_set = encode_examples(train_examples, loaded.tokenizer, max_tokens=max_tokens, source="training data")
     eval_set = encode_examples(eval_examples, loaded.tokenizer, max_tokens=max_tokens, source="eval data")
@@ -149,7 +164,7 @@ def train_prefix(
         # Raised by PEFT 0.21's get_peft_model calling a transformers API renamed in 5.x; harmless.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
         torch.manual_seed(config.seed)  # the prompt encoder's initialisation
-        peft_model = _wrap(loaded, config)
+        peft_model = _wrap(loaded, config, init_embeddings)
         trainable, everything = peft_model.get_nb_trainable_parameters()
         # The seed's print_trainable_parameters line, as a log line (stdout is the CLI's result output).
         logger.info(
@@ -173,11 +188,32 @@ def train_prefix(
     return result
 
 
-def _wrap(loaded: LoadedModel, config: TrainConfig) -> PeftModel:
+def _check_init(init_embeddings: torch.Tensor, config: TrainConfig, loaded: LoadedModel) -> None:
+    if config.prefix_projection:
+        raise ValueError(
+            "a prefix initialised from real words trains the K/V directly (prefix_projection=False): the MLP "
+            "reparameterisation cannot start from given activations"
+        )
+    expected = (config.num_virtual_tokens, loaded.geometry.numbers_per_virtual_token)
+    if tuple(init_embeddings.shape) != expected:
+        raise ValueError(f"init embeddings have shape {tuple(init_embeddings.shape)}, expected {expected}")
+    if not bool(torch.isfinite(init_embeddings).all()):
+        raise ValueError("init embeddings hold NaN/inf values")
+
+
+def _wrap(loaded: LoadedModel, config: TrainConfig, init_embeddings: torch.Tensor | None = None) -> PeftModel:
     peft_config = PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens, prefix_projection=True
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=config.num_virtual_tokens,
+        prefix_projection=config.prefix_projection,
     )
     peft_model = get_peft_model(loaded.model, peft_config)
+    if init_embeddings is not None:
+        # prefix_projection=False: PEFT's PrefixEncoder is one Embedding(V, L*2*token_dim) whose rows are the
+        # saved prompt_embeddings, in the same layout; copying the activations there makes them the initial prefix.
+        with torch.no_grad():
+            weight = peft_model.prompt_encoder["default"].embedding.weight
+            weight.copy_(init_embeddings.to(device=weight.device, dtype=weight.dtype))
     # PEFT records the model's name_or_path, for the embedded model a path under the user's home; the served name is
     # what the registry compares against, and keeps local paths out of shared artifacts.
     peft_model.peft_config["default"].base_model_name_or_path = loaded.name
@@ -301,8 +337,11 @@ def _batch_stream(items: list[EncodedExample], batch_size: int, seed: int) -> It
         yield [items[i] for i in chosen]
 
 
-def save_adapter(result: TrainResult, out_dir: Path | str, loaded: LoadedModel) -> Path:
-    """Write the PEFT adapter directory (uploadable as is) plus training_log.json; check it like an upload."""
+def save_adapter(
+    result: TrainResult, out_dir: Path | str, loaded: LoadedModel, info: TaskInfo | None = None
+) -> Path:
+    """Write the PEFT adapter directory (uploadable as is) plus training_log.json, and task.json (prompt template,
+    description) when `info` says anything; check it like an upload."""
     out_dir = Path(out_dir)
     embeddings = result.prompt_embeddings()
     if not bool(torch.isfinite(embeddings).all()):
@@ -320,5 +359,35 @@ def save_adapter(result: TrainResult, out_dir: Path | str, loaded: LoadedModel) 
         max_config_bytes=1 << 20,
     )
     (out_dir / TRAINING_LOG_FILE).write_text(json.dumps(result.log_json(), indent=2) + "\n", encoding="utf-8")
+    if info is not None and not info.is_empty:
+        (out_dir / TASK_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
     logger.info("saved adapter to %s", out_dir)
     return out_dir
+
+
+def init_from_text(loaded: LoadedModel, text: str, *, max_tokens: int = 4096) -> torch.Tensor:
+    """Real-word initialisation: the frozen model's K/V of `text` in PEFT's layout, (V, L*2*token_dim) float32,
+    V = the text's token count."""
+    from service.text_prefix import text_prompt_embeddings, text_token_ids
+
+    ids = text_token_ids(loaded.tokenizer, text, max_tokens=min(max_tokens, loaded.geometry.max_positions - 1))
+    return text_prompt_embeddings(loaded.model, ids, loaded.geometry)
+
+
+def init_from_adapter_dir(adapter_dir: Path | str, loaded: LoadedModel) -> torch.Tensor:
+    """A stored prefix (any PEFT prefix adapter directory, e.g. a task in the prefix store or one downloaded with
+    GET /prefixes/{task_id}/adapter) as initial values, validated like an upload."""
+    adapter_dir = Path(adapter_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"{adapter_dir / name} not found (expected a PEFT prefix adapter directory)")
+    validated = validate_adapter(
+        (adapter_dir / CONFIG_FILE).read_bytes(),
+        (adapter_dir / WEIGHTS_FILE).read_bytes(),
+        loaded.geometry,
+        served_model_name=loaded.name,
+        max_virtual_tokens=loaded.geometry.max_positions - 1,
+        max_prefix_bytes=1 << 34,
+        max_config_bytes=1 << 20,
+    )
+    return validated.prompt_embeddings

@@ -39,7 +39,9 @@ _ERRORS: dict[int | str, dict] = {
 async def build_request(state: ServiceState, body: GenerateRequest) -> GenerationRequest:
     """Resolve the task's prefix now (a later replace/delete won't touch this request) and check the limits."""
     params = body.parameters.to_sampling(state.settings.default_max_new_tokens)
-    return await state.inputs.text_request(body.task_id, body.inputs, params, fields=TGI_FIELDS)
+    return await state.inputs.text_request(
+        body.task_id, body.inputs, params, fields=TGI_FIELDS, raw_prompt=body.raw_prompt
+    )
 
 
 def _details(result: GenerationResult) -> GenerateDetails:

@@ -93,7 +93,7 @@ _ERRORS: dict[int | str, dict] = {
 def list_models(state: State) -> ModelList:
     """The base model (parent null) and every stored task (parent = the base model)."""
     base = state.model.name
-    tasks = [_task_card(record.task_id, record.created_at, base) for record in state.registry.list()]
+    tasks = [_task_card(record, base) for record in state.registry.list()]
     cards = [] if base in state.registry else [_base_card(base)]
     return ModelList(data=cards + tasks)
 
@@ -102,7 +102,7 @@ def list_models(state: State) -> ModelList:
 def retrieve_model(model: str, state: State) -> ModelCard:
     base = state.model.name
     if model in state.registry:
-        return _task_card(model, state.registry.record(model).created_at, base)
+        return _task_card(state.registry.record(model), base)
     if model == base:
         return _base_card(base)
     raise ModelNotFoundError(model, base)
@@ -112,8 +112,11 @@ def _base_card(base: str) -> ModelCard:
     return ModelCard(id=base, created=_STARTED, owned_by=OWNER, parent=None, root=base)
 
 
-def _task_card(task_id: str, created_at: str, base: str) -> ModelCard:
-    return ModelCard(id=task_id, created=_unix(created_at), owned_by=OWNER, parent=base, root=base)
+def _task_card(record: PrefixRecord, base: str) -> ModelCard:
+    return ModelCard(
+        id=record.task_id, created=_unix(record.created_at), owned_by=OWNER, parent=base, root=base,
+        prompt_template=record.prompt_template, description=record.description,
+    )  # fmt: skip
 
 
 def _unix(iso: str) -> int:
@@ -144,7 +147,7 @@ async def completions(body: CompletionRequest, http: Request, state: State) -> A
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     request = await state.inputs.text_request(
         body.model, prompt, params, fields=FieldNames("prompt", "max_tokens"), base_model_allowed=True,
-        request_id=completion_id,
+        request_id=completion_id, raw_prompt=body.raw_prompt,
     )
     http.state.task_id = body.model  # a served model (task or base): safe as a metrics label
     created = int(time.time())
@@ -193,7 +196,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: St
     params = _sampling(body, max_tokens, state.settings.default_max_new_tokens)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     request = await state.inputs.chat_request(
-        body.model, _turns(body), params, fields=FieldNames("messages", max_field), request_id=completion_id
+        body.model, _turns(body), params, fields=FieldNames("messages", max_field), request_id=completion_id,
+        raw_prompt=body.raw_prompt,
     )
     http.state.task_id = body.model
     created = int(time.time())

@@ -1,8 +1,11 @@
-"""Prefix management: upload (PEFT adapter files), list, show, delete. Prefixes enter the service only here."""
+"""Prefix management: upload (PEFT adapter files, or a text the model turns into a prefix), list, show, download,
+delete. Prefixes enter the service only here."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import zipfile
 from collections import Counter
 from typing import Annotated, BinaryIO
 
@@ -12,8 +15,17 @@ from service.api.auth import require
 from service.api.body_route import CheckedBodyRoute
 from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixState, PrefixUploadResponse
 from service.api.state import ServiceState, get_state
-from service.errors import InvalidPrefixError, InvalidRequestError, PayloadTooLargeError, ServiceError
-from service.registry import PrefixRecord
+from service.errors import (
+    InvalidPrefixError,
+    InvalidRequestError,
+    NotAvailableHereError,
+    PayloadTooLargeError,
+    ServiceError,
+    TaskExistsError,
+)
+from service.registry import PrefixRecord, TaskInfo, validate_task_id
+from service.templates import validate_description, validate_template
+from service.text_prefix import make_text_adapter
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=CheckedBodyRoute)
 
@@ -30,6 +42,9 @@ def _info(record: PrefixRecord) -> PrefixInfo:
         sha256=record.sha256,
         created_at=record.created_at,
         base_model_name_or_path=record.base_model_name_or_path,
+        prompt_template=record.prompt_template,
+        description=record.description,
+        source=record.source,
     )
 
 
@@ -43,7 +58,9 @@ def _read_capped(stream: BinaryIO, field: str, cap: int) -> bytes:
     return data
 
 
-UPLOAD_FIELDS = ("task_id", "replace", "adapter_config", "adapter_model")
+UPLOAD_FIELDS = (
+    "task_id", "replace", "adapter_config", "adapter_model", "text", "prompt_template", "description"
+)  # fmt: skip
 
 
 def _check_form_fields(names: list[str]) -> None:
@@ -70,9 +87,10 @@ def _check_form_fields(names: list[str]) -> None:
     responses={
         200: {"model": PrefixUploadResponse, "description": "Replaced an existing prefix"},
         409: {"model": ErrorResponse, "description": "Task exists and replace is false"},
-        413: {"model": ErrorResponse, "description": "A file is over its size cap"},
-        415: {"model": ErrorResponse, "description": "The body is not multipart/form-data"},
-        422: {"model": ErrorResponse, "description": "The adapter does not fit the served model"},
+        413: {"model": ErrorResponse, "description": "A file is over its size cap, or the text over its token limit"},
+        415: {"model": ErrorResponse, "description": "The body is not a form"},
+        501: {"model": ErrorResponse, "description": "A text task on the Ray ingress (it holds no weights)"},
+        422: {"model": ErrorResponse, "description": "The adapter does not fit the served model, or a bad field"},
     },
     dependencies=ADMIN,
 )
@@ -81,22 +99,25 @@ async def upload_prefix(
     request: Request,
     response: Response,
     task_id: Annotated[str, Form(description="Task id the prefix is served under.")],
-    adapter_config: Annotated[UploadFile, File(description="PEFT adapter_config.json")],
-    adapter_model: Annotated[UploadFile, File(description="PEFT adapter_model.safetensors")],
+    adapter_config: Annotated[UploadFile | None, File(description="PEFT adapter_config.json")] = None,
+    adapter_model: Annotated[UploadFile | None, File(description="PEFT adapter_model.safetensors")] = None,
+    text: Annotated[
+        str | None,
+        Form(description="Instead of adapter files: a text (an instruction, a few-shot block) the frozen model reads "
+             "once; its per-layer K/V become the prefix (V = its token count)."),
+    ] = None,
+    prompt_template: Annotated[
+        str | None, Form(description="How requests are wrapped: a string with exactly one {inputs} slot.")
+    ] = None,
+    description: Annotated[str | None, Form(description="A short description of the task.")] = None,
     replace: Annotated[bool, Form(description="Overwrite an existing prefix of this task.")] = False,
 ) -> PrefixUploadResponse:
-    settings = state.settings
     try:
         _check_form_fields([name for name, _ in (await request.form()).multi_items()])  # parsed already: cached
-        # Reading the spooled files, validating and the fsynced write all block: keep them off the event loop.
-        config_bytes = await asyncio.to_thread(
-            _read_capped, adapter_config.file, "adapter_config", settings.max_config_bytes
-        )
-        weights_bytes = await asyncio.to_thread(
-            _read_capped, adapter_model.file, "adapter_model", settings.max_prefix_bytes
-        )
+        # Reading the spooled files, a text task's forward pass, validating and the fsynced write all block: keep
+        # them off the event loop.
         record, created, warnings = await asyncio.to_thread(
-            state.registry.put, task_id, config_bytes, weights_bytes, replace=replace
+            _store, state, task_id, adapter_config, adapter_model, text, prompt_template, description, replace
         )
     except ServiceError as exc:
         state.metrics.uploads.labels(exc.code).inc()
@@ -105,6 +126,65 @@ async def upload_prefix(
     if not created:
         response.status_code = status.HTTP_200_OK
     return PrefixUploadResponse(**_info(record).model_dump(), warnings=warnings)
+
+
+def _store(
+    state: ServiceState,
+    task_id: str,
+    adapter_config: UploadFile | None,
+    adapter_model: UploadFile | None,
+    text: str | None,
+    prompt_template: str | None,
+    description: str | None,
+    replace: bool,
+) -> tuple[PrefixRecord, bool, list[str]]:
+    """Validate the fields, make the adapter (read the files, or compute it from the text) and store it."""
+    settings = state.settings
+    validate_task_id(task_id)
+    info = TaskInfo(
+        prompt_template=validate_template(prompt_template, max_chars=settings.max_template_chars),
+        description=validate_description(description, max_chars=settings.max_description_chars),
+    )
+    has_files = adapter_config is not None or adapter_model is not None
+    if text is not None and has_files:
+        raise InvalidPrefixError(
+            "text", "either adapter files or a text", "both",
+            message="send either the adapter files (adapter_config + adapter_model) or a text, not both",
+        )  # fmt: skip
+    if text is not None:
+        if _without_weights(state):
+            raise NotAvailableHereError(
+                "text: tasks made from text need the model's weights, and this Ray Serve ingress holds none; make the "
+                "task on a single-process server on the same store (PREFIX_SERVE_SHARED_PREFIX_STORE=true, same "
+                "--prefix-dir: the deployment sees it at once), or upload its adapter files",
+                field="text",
+            )
+        if not replace and task_id in state.registry:  # fail before the forward pass; re-checked by put
+            raise TaskExistsError(task_id)
+        made = make_text_adapter(
+            state.model.model, state.model.tokenizer, state.model.geometry, text,
+            base_model_name_or_path=state.model.name, max_tokens=settings.max_text_task_tokens,
+        )  # fmt: skip
+        config_bytes, weights_bytes = made.config_bytes, made.weights_bytes
+        info = TaskInfo(prompt_template=info.prompt_template, description=info.description, source="text", text=text)
+    else:
+        for name, part in (("adapter_config", adapter_config), ("adapter_model", adapter_model)):
+            if part is None:
+                raise InvalidPrefixError(
+                    name, "a file", "nothing",
+                    message=f"{name}: missing; send adapter_config and adapter_model (a PEFT adapter), "
+                    "or a text field instead",
+                )  # fmt: skip
+        assert adapter_config is not None and adapter_model is not None
+        config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
+        weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
+    return state.registry.put(task_id, config_bytes, weights_bytes, replace=replace, info=info)
+
+
+def _without_weights(state: ServiceState) -> bool:
+    """The Ray ingress's model is a skeleton on the meta device (service/scaleout/ingress.py)."""
+    parameter = next(state.model.model.parameters(), None)
+    return parameter is not None and parameter.device.type == "meta"
 
 
 def _state(state: ServiceState, record: PrefixRecord) -> PrefixState:
@@ -119,6 +199,31 @@ def list_prefixes(state: State) -> PrefixList:
 @router.get("/{task_id}", response_model=PrefixState, responses={404: {"model": ErrorResponse}}, dependencies=READ)
 def get_prefix(task_id: str, state: State) -> PrefixState:
     return _state(state, state.registry.record(task_id))
+
+
+@router.get(
+    "/{task_id}/adapter",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "A zip of the PEFT adapter directory"},
+        404: {"model": ErrorResponse},
+    },
+    dependencies=READ,
+)
+def download_adapter(task_id: str, state: State) -> Response:
+    """The task's PEFT files as a zip (adapter_config.json, adapter_model.safetensors, and task.json when the task
+    has one): `PeftModel.from_pretrained(model, dir)` loads the unzipped folder, and `prefix-serve train
+    --init-task` can start from it."""
+    files = state.registry.adapter_files(task_id)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in files.items():
+            archive.writestr(f"{task_id}/{name}", data)
+    return Response(
+        content=buffer.getvalue(),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{task_id}.zip"'},
+    )
 
 
 @router.delete(

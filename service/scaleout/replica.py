@@ -1,0 +1,130 @@
+"""A model replica's core, free of Ray: today's engine on this replica's device, and the shared prefix store read one
+task version at a time. The Ray deployment (`service.scaleout.app.ModelReplica`) wraps it with Serve's multiplexed
+LRU and the stats reports.
+
+Every answer is plain data (see `protocol`): a `StreamStart` with the status first, then the engine's events, or a
+`StreamError` when generation fails after it began. Closing the stream (the client went away) closes the engine's
+event iterator, which retires the row at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import torch
+
+from service.api.app import engine_limits, make_registry
+from service.batch import ModelRunner, verify_prefix_support
+from service.engine import ContinuousBatchingEngine, Event
+from service.errors import ServiceError
+from service.model_loader import LoadedModel, load_base_model
+from service.prefix import TaskPrefix
+from service.registry import validate_task_id
+from service.requests import GenerationRequest
+from service.scaleout.protocol import RemoteRequest, StreamError, StreamStart, error_body, parse_multiplexed_id
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PrefixLoader = Callable[[str], Awaitable[TaskPrefix]]  # multiplexed id -> prefix, through the replica's LRU
+
+
+class ReplicaCore:
+    def __init__(self, settings: Settings, replica_id: str, loaded: LoadedModel | None = None) -> None:
+        """Loads the configured model (or uses `loaded`, e.g. a test's) and starts the engine."""
+        started = time.perf_counter()
+        self.replica_id = replica_id
+        loaded = loaded or load_base_model(settings)
+        self.loaded = loaded
+        runner = ModelRunner(loaded.model, loaded.tokenizer)
+        verify_prefix_support(runner, loaded.geometry)
+        # Reads one task version at a time (load_task), task.json included; the same limits as the ingress's store.
+        self.registry = make_registry(settings, loaded, None, shared=True)
+        self.engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
+        self.engine.start()
+        self.accepted = 0
+        self.rejected = 0
+        self.prefix_loads = 0
+        self.prefix_load_s = 0.0
+        self.node = platform.node()
+        self.load_s = time.perf_counter() - started
+        logger.info(
+            "replica %s: %s on %s (%s) ready in %.1f s, torch threads %d",
+            replica_id, loaded.name, loaded.device, loaded.dtype, self.load_s, torch.get_num_threads(),
+        )
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def load_prefix(self, model_id: str) -> TaskPrefix:
+        """Blocking: one task version from the shared store onto this replica's device (the LRU's loader)."""
+        started = time.perf_counter()
+        task_id, sha256 = parse_multiplexed_id(model_id)
+        prefix = self.registry.load_task(validate_task_id(task_id), sha256)
+        self.prefix_loads += 1
+        self.prefix_load_s += time.perf_counter() - started
+        return prefix
+
+    async def _prefix(self, request: RemoteRequest, cached: PrefixLoader) -> TaskPrefix | None:
+        if request.task_id is None or request.sha256 is None:
+            return None
+        if request.kv is not None:  # the version left the store after the ingress accepted the request
+            kv = request.kv.to(device=self.loaded.device, dtype=self.loaded.dtype).contiguous()
+            return TaskPrefix(task_id=request.task_id, kv=kv, sha256=request.sha256)
+        return await cached(request.model_id)
+
+    async def stream(
+        self, request: RemoteRequest, cached: PrefixLoader
+    ) -> AsyncIterator[StreamStart | StreamError | Event]:
+        try:
+            prefix = await self._prefix(request, cached)
+            engine_request = GenerationRequest(
+                prompt_ids=list(request.prompt_ids), prefix=prefix, params=request.params, request_id=request.request_id
+            )
+            events = self.engine.stream(engine_request, with_text=request.with_text)  # raises at once when full
+        except Exception as exc:  # noqa: BLE001 - becomes the status the client sees
+            self.rejected += 1
+            if not isinstance(exc, ServiceError):
+                logger.exception("replica %s: request %s failed before it started", self.replica_id, request.request_id)
+            status, body = error_body(exc)
+            yield StreamStart(status=status, replica=self.replica_id, body=body)
+            return
+        self.accepted += 1
+        yield StreamStart(status=200, replica=self.replica_id)
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:  # noqa: BLE001 - the status line is already sent: report it in-band
+            if not isinstance(exc, ServiceError):
+                logger.exception("replica %s: request %s failed", self.replica_id, request.request_id)
+            status, body = error_body(exc)
+            yield StreamError(status=status, body=body)
+        finally:
+            await events.aclose()  # also on cancellation (the client went away): the row is retired
+
+    def snapshot(self) -> dict[str, Any]:
+        """What /health and /metrics of the deployment show about this replica."""
+        stats = self.engine.stats
+        return {
+            "replica": self.replica_id,
+            "node": self.node,
+            "model": self.loaded.name,
+            "device": str(self.loaded.device),
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "running_rows": stats.running_rows,
+            "waiting": stats.waiting,
+            "steps": stats.steps,
+            "prefills": stats.prefills,
+            "rows_stepped": stats.rows_stepped,
+            "finished": stats.finished,
+            "cancelled": stats.cancelled,
+            "max_batch_rows_seen": stats.max_batch_rows_seen,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "prefix_loads": self.prefix_loads,
+            "prefix_load_seconds": round(self.prefix_load_s, 6),
+            "torch_threads": torch.get_num_threads(),
+        }

@@ -1,0 +1,219 @@
+"""The scale-out ingress without Ray: today's app over a RemoteEngine whose "replica" is an in-process ReplicaCore
+(the replica's real code, minus Serve). Every route must answer exactly as the single-process server does."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app, engine_limits, make_registry
+from service.api.state import ServiceState
+from service.engine import TokenEvent
+from service.metrics import Metrics
+from service.model_loader import LoadedModel
+from service.prefix import TaskPrefix
+from service.scaleout.ingress import DeploymentView, health_router, ingress_state, install_deployment_metrics
+from service.scaleout.protocol import RemoteRequest
+from service.scaleout.remote_engine import RemoteEngine
+from service.scaleout.replica import ReplicaCore
+from service.settings import Settings
+from tests.helpers import make_peft_prefix_adapter, prometheus_values, read_adapter, sse_events
+
+TASKS = {"alpha": (4, 1), "beta": (6, 2)}  # task -> (V, seed)
+PROMPTS = ["t5 t6 t7", "t9 t10 t11 t12 t13"]
+
+
+class InProcessReplica:
+    """The OpenCall of the Ray app, with ReplicaCore called directly and a dict as the multiplexed LRU."""
+
+    def __init__(self, core: ReplicaCore) -> None:
+        self.core = core
+        self.loaded: dict[str, TaskPrefix] = {}
+        self.calls: list[tuple[RemoteRequest, str | None]] = []
+
+    async def cached(self, model_id: str) -> TaskPrefix:
+        if model_id not in self.loaded:
+            self.loaded[model_id] = await asyncio.to_thread(self.core.load_prefix, model_id)
+        return self.loaded[model_id]
+
+    def __call__(self, request: RemoteRequest, model_id: str | None, stream: bool) -> AsyncIterator[object]:
+        self.calls.append((request, model_id))
+        return self._items(request, stream)
+
+    async def _items(self, request: RemoteRequest, stream: bool) -> AsyncIterator[object]:
+        items = self.core.stream(request, self.cached)
+        try:
+            async for item in items:
+                if stream or not isinstance(item, TokenEvent):
+                    yield item
+        finally:
+            await items.aclose()
+
+
+def upload(client: TestClient, task_id: str, files: tuple[bytes, bytes], replace: bool = False) -> Any:
+    return client.post("/prefixes", data={"task_id": task_id, "replace": str(replace).lower()}, files={
+        "adapter_config": ("adapter_config.json", files[0], "application/json"),
+        "adapter_model": ("adapter_model.safetensors", files[1], "application/octet-stream"),
+    })
+
+
+@pytest.fixture(scope="module")
+def adapters(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, bytes]]:
+    return {
+        task: read_adapter(make_peft_prefix_adapter(loaded.model, tmp_path_factory.mktemp(task), v, seed))
+        for task, (v, seed) in TASKS.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def single(loaded: LoadedModel, adapters: dict[str, tuple[bytes, bytes]], tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(prefix_dir=tmp_path_factory.mktemp("single")), loaded=loaded)) as client:
+        for task, files in adapters.items():
+            assert upload(client, task, files).status_code == 201
+        yield client
+
+
+@pytest.fixture(scope="module")
+def scaled(loaded: LoadedModel, adapters: dict[str, tuple[bytes, bytes]], tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[TestClient, InProcessReplica]]:
+    settings = Settings(prefix_dir=tmp_path_factory.mktemp("shared"))
+    core = ReplicaCore(settings, "replica-0", loaded=loaded)
+    replica = InProcessReplica(core)
+    view = DeploymentView(stale_after_s=3600)
+
+    async def build(settings: Settings, metrics: Metrics) -> ServiceState:
+        routed = install_deployment_metrics(metrics, view)
+        engine = RemoteEngine(
+            replica, limits=engine_limits(settings),
+            on_routed=lambda replica, task: routed.labels(replica, task or "base").inc(),
+        )
+        registry = make_registry(settings, loaded, metrics, shared=True, device=torch.device("cpu"))
+        registry.load_all()
+        return ingress_state(settings, loaded, registry, engine, metrics)  # the single input path, as in Ray
+
+    try:
+        with TestClient(create_app(settings, build=build, health_router=health_router(view))) as client:
+            for task, files in adapters.items():
+                assert upload(client, task, files).status_code == 201
+            view.update({"replica-0": core.snapshot()})
+            yield client, replica
+    finally:
+        core.stop()
+
+
+def both(single: TestClient, scaled: TestClient, method: str, path: str, **kwargs: Any) -> tuple[Any, Any]:
+    one, other = single.request(method, path, **kwargs), scaled.request(method, path, **kwargs)
+    assert one.status_code == other.status_code, (path, one.text, other.text)
+    return one, other
+
+
+def test_generation_routes_answer_as_the_single_process_server(
+    single: TestClient, scaled: tuple[TestClient, InProcessReplica]
+) -> None:
+    client, replica = scaled
+    for task in TASKS:
+        for prompt in PROMPTS:
+            body = {"task_id": task, "inputs": prompt, "parameters": {"max_new_tokens": 6}}
+            one, other = both(single, client, "POST", "/generate", json=body)
+            assert one.json() == other.json()
+            one, other = both(single, client, "POST", "/generate_stream", json=body)
+            assert sse_events(one.text) == sse_events(other.text)
+            completion = {"model": task, "prompt": prompt, "max_tokens": 5, "temperature": 0}
+            one, other = both(single, client, "POST", "/v1/completions", json=completion)
+            assert one.json()["choices"] == other.json()["choices"]
+    sent, model_id = replica.calls[-1]
+    assert sent.kv is None and model_id == f"{sent.task_id}@{sent.sha256}"  # a version, not a tensor
+
+
+@pytest.mark.parametrize("body", [
+    {"task_id": "missing", "inputs": "t5"},
+    {"task_id": "alpha", "inputs": "t5 " * 200},
+    {"task_id": "alpha", "inputs": "t5", "parameters": {"max_new_tokens": 5000}},
+    {"task_id": "alpha", "inputs": "t5", "parameters": {"top_p": 2}},
+])
+def test_errors_are_the_same(single: TestClient, scaled: tuple[TestClient, InProcessReplica], body: dict) -> None:
+    one, other = both(single, scaled[0], "POST", "/generate", json=body)
+    assert 400 <= one.status_code < 500 and one.json() == other.json()
+
+
+def test_replace_reaches_the_replica_by_version_and_delete_is_404(
+    scaled: tuple[TestClient, InProcessReplica], adapters: dict[str, tuple[bytes, bytes]]
+) -> None:
+    client, replica = scaled
+    body = {"task_id": "gamma", "inputs": PROMPTS[0], "parameters": {"max_new_tokens": 6}}
+    assert upload(client, "gamma", adapters["alpha"]).status_code == 201
+    as_alpha = client.post("/generate", json=body).json()
+    assert upload(client, "gamma", adapters["beta"], replace=True).status_code == 200
+    as_beta = client.post("/generate", json=body).json()
+    expected = client.post("/generate", json={**body, "task_id": "beta"}).json()
+    assert as_beta == expected and as_beta != as_alpha
+    assert len([m for m in replica.loaded if m.startswith("gamma@")]) == 2  # each version loaded once
+    assert client.delete("/prefixes/gamma").status_code == 204
+    assert client.post("/generate", json=body).status_code == 404
+
+
+def test_deployment_health_and_metrics(scaled: tuple[TestClient, InProcessReplica]) -> None:
+    client, _ = scaled
+    health = client.get("/health").json()
+    assert health["replicas"] == 1 and health["replica_details"][0]["replica"] == "replica-0"
+    metrics = client.get("/metrics").text
+    assert prometheus_values(metrics, "prefix_serve_replicas") == {frozenset(): 1.0}
+    routed = prometheus_values(metrics, "prefix_serve_routed_requests_total")
+    assert sum(routed.values()) > 0 and all(dict(labels)["replica"] == "replica-0" for labels in routed)
+
+
+def test_a_templated_task_answers_through_the_ingress_as_the_single_process_server(
+    single: TestClient, scaled: tuple[TestClient, InProcessReplica], adapters: dict[str, tuple[bytes, bytes]]
+) -> None:
+    """Templates (issue 12) are filled by the ingress's InputProcessor, the one input path, with the template of the
+    version the replica then runs."""
+    client, _ = scaled
+    for server in (single, client):
+        form = {"task_id": "templated", "prompt_template": "t60 {inputs} t61"}
+        response = server.post("/prefixes", data=form, files={
+            "adapter_config": ("adapter_config.json", adapters["alpha"][0], "application/json"),
+            "adapter_model": ("adapter_model.safetensors", adapters["alpha"][1], "application/octet-stream"),
+        })
+        assert response.status_code == 201, response.text
+    body = {"task_id": "templated", "inputs": PROMPTS[0], "parameters": {"max_new_tokens": 6}}
+    one, other = both(single, client, "POST", "/generate", json=body)
+    assert one.json() == other.json() and one.json()["details"]["prompt_tokens"] > 3
+    raw = client.post("/generate", json={**body, "inputs": f"t60 {PROMPTS[0]} t61", "raw_prompt": True})
+    assert raw.json()["generated_text"] == other.json()["generated_text"]
+    chat = {"model": "templated", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 6,
+            "temperature": 0}
+    one, other = both(single, client, "POST", "/v1/chat/completions", json=chat)
+    assert one.json()["choices"] == other.json()["choices"]
+    assert client.get("/v1/models/templated").json()["prompt_template"] == "t60 {inputs} t61"
+    for server in (single, client):
+        assert server.delete("/prefixes/templated").status_code == 204
+
+
+def test_a_text_task_on_the_ingress_without_weights_is_a_clear_501(loaded: LoadedModel, tmp_path: Any) -> None:
+    """The Ray ingress holds a meta-device skeleton: it cannot run a text through the model, and says so (instead of
+    storing a garbage prefix or answering 500)."""
+    from transformers import AutoModelForCausalLM
+
+    from service.model_loader import wrap_model
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(loaded.model.config)
+    ingress_loaded = wrap_model(skeleton, loaded.tokenizer, loaded.name)
+    ingress_loaded.dtype = loaded.dtype
+    settings = Settings(prefix_dir=tmp_path / "store")
+
+    async def build(settings: Settings, metrics: Metrics) -> ServiceState:
+        registry = make_registry(settings, ingress_loaded, metrics, shared=True, device=torch.device("cpu"))
+        registry.load_all()
+        engine = RemoteEngine(lambda *a: None, limits=engine_limits(settings))  # type: ignore[arg-type, return-value]
+        return ingress_state(settings, ingress_loaded, registry, engine, metrics)
+
+    with TestClient(create_app(settings, build=build, health_router=health_router(DeploymentView(60)))) as client:
+        response = client.post("/prefixes", data={"task_id": "from-text", "text": "t5 t6 t7"})
+        assert response.status_code == 501 and "single-process server" in response.json()["error"], response.text
+        assert client.get("/prefixes").json()["prefixes"] == []
