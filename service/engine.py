@@ -73,7 +73,7 @@ class EngineLimits:
     max_waiting: int = 256
     max_prefill_rows: int = 16  # padded layout: most rows in one prefill
     step_token_budget: int = 128  # slots layout: most tokens (decode + prompt chunks) in one forward
-    # Slots layout: most prompt tokens in one forward while no row decodes (None: 4 x step_token_budget). It bounds
+    # Slots layout: most prompt tokens in one forward while no row decodes (None: 8 x step_token_budget). It bounds
     # how long one step can take, so how far past its deadline a long prompt can run, and how long a new request
     # may wait behind another's prefill.
     idle_token_budget: int | None = None
@@ -297,7 +297,7 @@ class ContinuousBatchingEngine(Engine):
                     num_slots=self.limits.max_running_rows,
                     max_kv_tokens=self.limits.max_kv_tokens,
                     step_token_budget=self.limits.step_token_budget,
-                    idle_token_budget=self.limits.idle_token_budget or 4 * self.limits.step_token_budget,
+                    idle_token_budget=self.limits.idle_token_budget or 8 * self.limits.step_token_budget,
                 ),
             )
         while self._pull(block=not self._running() and not self._waiting):

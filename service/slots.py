@@ -36,7 +36,7 @@ class SlotLimits:
     num_slots: int = 32  # most rows running at once
     max_kv_tokens: int = 32768  # store (slots x width) + bank columns, in tokens
     step_token_budget: int = 128  # most tokens (decode + prompt chunks) in one forward while rows are decoding
-    idle_token_budget: int = 512  # most prompt tokens in one forward when no row is decoding
+    idle_token_budget: int = 1024  # most prompt tokens in one forward when no row is decoding
 
 
 class SlotBatch:

@@ -20,6 +20,7 @@ from service.api.error_bodies import error_body, service_error_body
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes
 from service.api.state import ServiceState
+from service.compute_thread import run_in_fresh_thread
 from service.batch import ModelRunner, verify_prefix_support
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import ServiceError, UnauthorizedError
@@ -113,8 +114,10 @@ def create_app(
         if build is not None:
             state = await build(settings, metrics)
         else:
-            model = loaded or await asyncio.to_thread(load_base_model, settings)
-            state = await asyncio.to_thread(build_state, settings, model, metrics)
+            # Loading and the start-up checks compute; a thread that exits afterwards leaves the engine thread the
+            # only live OpenMP team (see service.compute_thread).
+            model = loaded or await asyncio.to_thread(run_in_fresh_thread, load_base_model, settings)
+            state = await asyncio.to_thread(run_in_fresh_thread, build_state, settings, model, metrics)
         state.engine.start()
         app.state.service = state
         model = state.model

@@ -38,6 +38,8 @@ from service.bench.report import markdown_table, plot, ratios_table, write_json
 from service.bench.ray_system import ray_replicas, run_ray_system
 from service.bench.run import run_engine_system, run_peft_system
 from service.bench.static_baseline import run_static_system
+from service.compute_thread import run_in_fresh_thread
+from service.slots import slot_layout_supported
 from service.bench.workload import WorkItem, make_workload, synthetic_tokenizer, write_random_prefixes
 from service.logging_setup import configure_logging
 from service.model_loader import LoadedModel, load_base_model, resolve_device, resolve_dtype, wrap_model
@@ -133,21 +135,15 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         first: LoadedModel | None = None
         for index, dtype in enumerate(dtypes):
-            loaded = _load(args, dtype)
+            # Every computing step outside the engine runs in a thread that exits (service.compute_thread).
+            loaded, runner, adapters, prefixes = run_in_fresh_thread(_prepare, args, dtype, Path(tmp), index)
             first = first or loaded
             suffix = "" if index == 0 else "-" + str(loaded.dtype).removeprefix("torch.")
-            runner = ModelRunner(loaded.model, loaded.tokenizer)
-            verify_prefix_support(runner, loaded.geometry)
-            adapters = write_random_prefixes(
-                Path(tmp) / "adapters", loaded.geometry, num_tasks=args.tasks, num_virtual_tokens=args.virtual_tokens,
-                model_name=loaded.name, seed=args.seed,
-            )
-            prefixes = _prefixes(Path(tmp) / f"store-{index}", loaded, adapters, args.virtual_tokens)
             for concurrency in concurrencies:
                 workload, warmup = _workloads(args, loaded, concurrency)
                 if "static" in systems:
-                    result = run_static_system("static" + suffix, runner, prefixes, workload,
-                                               concurrency=concurrency, warmup=warmup)
+                    result = run_in_fresh_thread(run_static_system, "static" + suffix, runner, prefixes, workload,
+                                                 concurrency=concurrency, warmup=warmup)
                     _record(result, rows, results)
                 for system, policy, use_prefix in ENGINE_SYSTEMS:
                     if system in systems:
@@ -166,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
                 _record(result, rows, results)
             if "peft" in systems and index == 0:  # last: PEFT wraps (and patches) the base model for good
                 workload, warmup = _workloads(args, loaded, args.clients)
-                peft_model = load_peft_model(loaded.model, adapters)
+                peft_model = run_in_fresh_thread(load_peft_model, loaded.model, adapters)
                 result = run_peft_system("peft", peft_model, workload, concurrency=args.clients, warmup=warmup[:2])
                 _record(result, rows, results)
             del runner, loaded
@@ -190,6 +186,21 @@ def main(args: argparse.Namespace) -> int:
     plot(args.out / "bench.png", rows, title)
     print(f"{title}\n\n{table}\n\nwrote {args.out / 'bench.json'}, {args.out / 'bench.md'}, {args.out / 'bench.png'}")
     return 0
+
+
+def _prepare(
+    args: argparse.Namespace, dtype: str, tmp: Path, index: int
+) -> tuple[LoadedModel, ModelRunner, dict[str, Path], dict[str, TaskPrefix]]:
+    """Load the model in `dtype`, check it, write the random task prefixes and load them as the registry does."""
+    loaded = _load(args, dtype)
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    verify_prefix_support(runner, loaded.geometry)
+    slot_layout_supported(runner)  # the engine's start-up check, here rather than in the caller's thread
+    adapters = write_random_prefixes(
+        tmp / "adapters", loaded.geometry, num_tasks=args.tasks, num_virtual_tokens=args.virtual_tokens,
+        model_name=loaded.name, seed=args.seed,
+    )
+    return loaded, runner, adapters, _prefixes(tmp / f"store-{index}", loaded, adapters, args.virtual_tokens)
 
 
 def _prefixes(store: Path, loaded: LoadedModel, adapters: dict[str, Path], virtual_tokens: int) -> dict[str, TaskPrefix]:

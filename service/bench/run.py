@@ -15,6 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 from service.batch import ModelRunner
 from service.bench.peft_baseline import peft_generate
 from service.bench.workload import WorkItem
+from service.compute_thread import run_in_fresh_thread
 from service.engine import ContinuousBatchingEngine, EngineLimits, FinalEvent, TokenEvent
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, SamplingParams
@@ -176,7 +177,7 @@ def run_peft_system(
     async def submit(item: WorkItem) -> RequestTiming:
         clock = _FirstTokenClock()
         started = time.perf_counter()
-        tokens = await asyncio.to_thread(serve, item, clock)
+        tokens = await asyncio.to_thread(run_in_fresh_thread, serve, item, clock)  # see service.compute_thread
         end = time.perf_counter()
         return RequestTiming(end - started, (clock.first or end) - started, tokens)
 

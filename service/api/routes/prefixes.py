@@ -15,6 +15,7 @@ from service.api.auth import require
 from service.api.body_route import CheckedBodyRoute
 from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixState, PrefixUploadResponse
 from service.api.state import ServiceState, get_state
+from service.compute_thread import run_in_fresh_thread
 from service.errors import (
     InvalidPrefixError,
     InvalidRequestError,
@@ -117,7 +118,7 @@ async def upload_prefix(
         # Reading the spooled files, a text task's forward pass, validating and the fsynced write all block: keep
         # them off the event loop.
         record, created, warnings = await asyncio.to_thread(
-            _store, state, task_id, adapter_config, adapter_model, text, prompt_template, description, replace
+            run_in_fresh_thread, _store, state, task_id, adapter_config, adapter_model, text, prompt_template, description, replace
         )
     except ServiceError as exc:
         state.metrics.uploads.labels(exc.code).inc()
