@@ -146,8 +146,10 @@ def slot_attention(
     num_kv_heads = key.shape[1]
     groups = num_heads // num_kv_heads
     scale = scaling if scaling is not None else head_dim**-0.5
+    if plan.num_decode == num_tokens:  # a pure decode step: no output to assemble
+        decoded = _decode_attention(plan, query[0], key, value, bank_keys, bank_values, groups, scale)
+        return decoded.unsqueeze(0), None
     output = query.new_empty((num_tokens, num_heads, head_dim))
-
     if plan.num_decode:
         output[: plan.num_decode] = _decode_attention(
             plan, query[0, :, : plan.num_decode], key, value, bank_keys, bank_values, groups, scale
@@ -200,7 +202,8 @@ def _decode_attention(
         prefix_slice = slice(None)
     else:
         prefix_slice = slice(plan.prefix_start, plan.prefix_end)
-    q = query.transpose(0, 1).reshape(plan.num_decode, num_kv_heads, groups, head_dim)
+    # The scale is applied to the few queries rather than to every score.
+    q = (query.transpose(0, 1) * scale).reshape(plan.num_decode, num_kv_heads, groups, head_dim)
     if not plan.decode_dense:  # slots in [0, span) that are not decoding this step get a zero query
         dense = q.new_zeros((span, num_kv_heads, groups, head_dim))
         dense[plan.decode_slots] = q
@@ -216,7 +219,7 @@ def _decode_attention(
         scores = torch.cat([prefix_scores, own_scores], dim=-1)
     else:
         scores = own_scores
-    probs = torch.softmax(scores.float() * scale + plan.decode_bias, dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.float().add_(plan.decode_bias), dim=-1).to(q.dtype)
     out = torch.matmul(probs[..., prefix_columns:], own_values)  # (span, H_kv, G, D)
     if prefix_columns:
         p = probs[..., :prefix_columns].permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, prefix_columns)
