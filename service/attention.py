@@ -59,9 +59,7 @@ class StepPlan:
     prefix_start: int  # ... and bank columns [prefix_start, prefix_end)
     prefix_end: int
     decode_bias: torch.Tensor | None  # (span, 1, 1, prefix cols + own_width) float32: 0 where visible, -inf not
-    chunks: list[PrefillChunk]
-    chunk_masks: list[torch.Tensor]  # per chunk (length, prefix_length + first_column + length) bool
-    chunk_batch: "ChunkBatch | None"  # several chunks at once: one padded attention call per layer instead
+    chunk_batch: "ChunkBatch | None"  # the step's prompt chunks, attended in one padded call per layer
     write_slots: torch.Tensor  # (N,) long: where each token's K/V is written
     write_columns: torch.Tensor  # (N,) long
     store: SlotStore
@@ -71,7 +69,7 @@ class StepPlan:
 
 @dataclass
 class ChunkBatch:
-    """Index tensors that gather several prompt chunks into one padded attention call (C chunks, n queries, k keys):
+    """Index tensors that gather the step's prompt chunks into one padded attention call (C chunks, n queries):
     queries from the flat sequence, keys from the bank ([prefix]) and from each chunk's slot ([own columns])."""
 
     query_index: torch.Tensor  # (C, n) flat token of each query (padding: 0, masked out)
@@ -165,15 +163,6 @@ def slot_attention(
         v = torch.cat([prefix_v, own_v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale, enable_gqa=groups > 1)
         output[batch.query_index[batch.query_valid]] = out.transpose(1, 2)[batch.query_valid]
-        return output.unsqueeze(0), None
-    for chunk, mask in zip(plan.chunks, plan.chunk_masks):
-        q = query[:, :, chunk.start : chunk.start + chunk.length]  # (1, Hq, n, D)
-        prefix = slice(chunk.prefix_offset, chunk.prefix_offset + chunk.prefix_length)
-        own = slice(0, chunk.first_column + chunk.length)
-        k = torch.cat([bank_keys[:, prefix], key[chunk.slot, :, own]], dim=1).unsqueeze(0)
-        v = torch.cat([bank_values[:, prefix], value[chunk.slot, :, own]], dim=1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
-        output[chunk.start : chunk.start + chunk.length] = out[0].transpose(0, 1)
     return output.unsqueeze(0), None
 
 

@@ -73,10 +73,7 @@ class EngineLimits:
     max_waiting: int = 256
     max_prefill_rows: int = 16  # padded layout: most rows in one prefill
     step_token_budget: int = 128  # slots layout: most tokens (decode + prompt chunks) in one forward
-    # Slots layout: most prompt tokens in one forward while no row decodes (None: 8 x step_token_budget). It bounds
-    # how long one step can take, so how far past its deadline a long prompt can run, and how long a new request
-    # may wait behind another's prefill.
-    idle_token_budget: int | None = None
+    idle_token_budget: int | None = None  # slots layout: see SlotLimits (None: 8 x step_token_budget)
     per_task_window_s: float = 0.005
     request_timeout_s: float = 300.0
 
@@ -97,6 +94,16 @@ class EngineStats:
     kv_bytes: int = 0  # KV memory held now (slots layout: store + prefix bank)
     peak_kv_bytes: int = 0
     prefix_bank_bytes: int = 0  # of which the per-task prefix bank (each task's prefix once)
+
+
+def check_kv_budget(request: GenerationRequest, limits: EngineLimits) -> None:
+    """Refuse (422) a request that could never run: its prefix + prompt + max_new_tokens exceed the KV budget."""
+    if request.reserved_kv_tokens > limits.max_kv_tokens:
+        raise RequestTooLongError(
+            f"prefix + prompt + max_new_tokens = {request.reserved_kv_tokens} tokens exceeds the engine's KV budget "
+            f"of {limits.max_kv_tokens} tokens",
+            max_kv_tokens=limits.max_kv_tokens,
+        )
 
 
 class Engine(ABC):
@@ -142,10 +149,12 @@ class _Handle:
         self.first_token_at: float | None = None
         self.sampler_seed: int | None = None  # the seed the row samples with (drawn when the request gave none)
 
-    @property
-    def reserved_kv_tokens(self) -> int:
-        prefix = self.request.prefix.num_virtual_tokens if self.request.prefix is not None else 0
-        return prefix + len(self.request.prompt_ids) + self.request.params.max_new_tokens
+    def stamp(self, result: GenerationResult) -> GenerationResult:
+        """Fill in the result's queueing time and time to first token (now, for a step that never happened)."""
+        now = time.monotonic()
+        result.queue_s = (self.admitted_at or now) - self.enqueued_at
+        result.ttft_s = (self.first_token_at or now) - self.enqueued_at
+        return result
 
     def put(self, item: TokenEvent | _Finished | BaseException) -> None:
         """Event-loop side of delivery."""
@@ -252,26 +261,20 @@ class ContinuousBatchingEngine(Engine):
         result.text = output.final_text(result.token_ids)
         return result
 
-    def _stopped_result(self, handle: _Handle, tokens: list[int], text: str) -> GenerationResult:
-        now = time.monotonic()
-        return GenerationResult(
+    @staticmethod
+    def _stopped_result(handle: _Handle, tokens: list[int], text: str) -> GenerationResult:
+        result = GenerationResult(
             token_ids=list(tokens),
             text=text,
             finish_reason=FinishReason.STOP_SEQUENCE,
             prompt_tokens=len(handle.request.prompt_ids),
             seed=handle.sampler_seed,
-            queue_s=(handle.admitted_at or now) - handle.enqueued_at,
-            ttft_s=(handle.first_token_at or now) - handle.enqueued_at,
         )
+        return handle.stamp(result)
 
     def _submit(self, request: GenerationRequest) -> _Handle:
         handle = _Handle(request, asyncio.get_running_loop(), self.limits.request_timeout_s)
-        if handle.reserved_kv_tokens > self.limits.max_kv_tokens:
-            raise RequestTooLongError(
-                f"prefix + prompt + max_new_tokens = {handle.reserved_kv_tokens} tokens exceeds the engine's KV budget "
-                f"of {self.limits.max_kv_tokens} tokens",
-                max_kv_tokens=self.limits.max_kv_tokens,
-            )
+        check_kv_budget(request, self.limits)
         with self._accepted_lock:
             if self._accepted >= self.limits.max_waiting:
                 raise OverloadedError(
@@ -297,7 +300,7 @@ class ContinuousBatchingEngine(Engine):
                     num_slots=self.limits.max_running_rows,
                     max_kv_tokens=self.limits.max_kv_tokens,
                     step_token_budget=self.limits.step_token_budget,
-                    idle_token_budget=self.limits.idle_token_budget or 8 * self.limits.step_token_budget,
+                    idle_token_budget=self.limits.idle_token_budget,
                 ),
             )
         while self._pull(block=not self._running() and not self._waiting):
@@ -482,7 +485,7 @@ class ContinuousBatchingEngine(Engine):
 
     def _take(self, wanted: Callable[[_Handle], bool], running: int, max_new_rows: int) -> list[_Handle]:
         """Admit wanted requests in arrival order while the row and KV-token limits allow."""
-        kv_in_use = sum(h.reserved_kv_tokens for h in self._handles.values())
+        kv_in_use = sum(h.request.reserved_kv_tokens for h in self._handles.values())
         taken: list[_Handle] = []
         kept: deque[_Handle] = deque()
         blocked = False
@@ -491,10 +494,10 @@ class ContinuousBatchingEngine(Engine):
                 if (
                     len(taken) < max_new_rows
                     and running + len(taken) < self.limits.max_running_rows
-                    and kv_in_use + handle.reserved_kv_tokens <= self.limits.max_kv_tokens
+                    and kv_in_use + handle.request.reserved_kv_tokens <= self.limits.max_kv_tokens
                 ):
                     taken.append(handle)
-                    kv_in_use += handle.reserved_kv_tokens
+                    kv_in_use += handle.request.reserved_kv_tokens
                     continue
                 blocked = True  # FIFO: nothing behind the oldest request that does not fit may overtake it
             kept.append(handle)
@@ -533,11 +536,7 @@ class ContinuousBatchingEngine(Engine):
         if row.finish_reason is FinishReason.CANCELLED:
             self.stats.cancelled += 1
         elif row.finish_reason is not FinishReason.STOP_SEQUENCE:  # the caller already answered a stop
-            now = time.monotonic()
-            result = row.result()
-            result.queue_s = (handle.admitted_at or now) - handle.enqueued_at
-            result.ttft_s = (handle.first_token_at or now) - handle.enqueued_at
-            self._send(handle, _Finished(result))
+            self._send(handle, _Finished(handle.stamp(row.result())))
         self.stats.finished += 1
 
     def _emit_tokens(self, row: Row, handle: _Handle) -> None:

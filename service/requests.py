@@ -42,6 +42,13 @@ class GenerationRequest:
     def task_id(self) -> str | None:
         return self.prefix.task_id if self.prefix is not None else None
 
+    @property
+    def reserved_kv_tokens(self) -> int:
+        """KV tokens the request needs if it ran alone (prefix + prompt + max_new_tokens): what must fit the
+        engine's budget for it ever to run."""
+        prefix = self.prefix.num_virtual_tokens if self.prefix is not None else 0
+        return prefix + len(self.prompt_ids) + self.params.max_new_tokens
+
 
 @dataclass
 class GenerationResult:

@@ -43,13 +43,9 @@ class RowSampler:
         """Greedy with no processors: the batch can take an argmax for this row without a per-row pass."""
         return not self.do_sample and len(self.processors) == 0
 
-    def select(self, history: torch.Tensor, logits: torch.Tensor) -> int:
-        """Pick the next token. `history` (1, n): the row's own prompt + generated ids, without padding.
-        `logits` (1, vocab), float32."""
-        return int(self.select_tensor(history, logits).item())
-
     def select_tensor(self, history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """`select` without leaving the device: a 0-d long tensor, so a batch needs one host sync in all."""
+        """Pick the next token, without leaving the device (a 0-d long tensor, so a batch needs one host sync in
+        all). `history` (1, n): the row's own prompt + generated ids, without padding. `logits` (1, vocab), float32."""
         scores = self.processors(history, logits) if len(self.processors) else logits
         if not self.do_sample:
             return scores[0].argmax()

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from transformers import DynamicCache
 
 from service.attention import ChunkBatch, PrefillChunk, SlotCache, StepPlan, active_plan
 from service.attention import register as register_slot_attention
@@ -25,6 +24,7 @@ from service.geometry import geometry_from_config
 from service.kv_store import KVGeometry, PrefixBank, SlotStore
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, GenerationResult, SamplingParams
+from service.text_prefix import text_kv
 from service.rows import Row, select_tokens
 from service.sampler import RowSampler
 
@@ -36,7 +36,14 @@ class SlotLimits:
     num_slots: int = 32  # most rows running at once
     max_kv_tokens: int = 32768  # store (slots x width) + bank columns, in tokens
     step_token_budget: int = 128  # most tokens (decode + prompt chunks) in one forward while rows are decoding
-    idle_token_budget: int = 1024  # most prompt tokens in one forward when no row is decoding
+    # Most prompt tokens in one forward when no row is decoding (None: 8 x step_token_budget). It bounds how long one
+    # step can take, so how far past its deadline a long prompt can run and how long a new request may wait behind
+    # another's prefill.
+    idle_token_budget: int | None = None
+
+    @property
+    def idle_budget(self) -> int:
+        return self.idle_token_budget or 8 * self.step_token_budget
 
 
 class SlotBatch:
@@ -62,11 +69,6 @@ class SlotBatch:
     # -- memory -----------------------------------------------------------------------------------------------------
 
     @property
-    def kv_tokens_held(self) -> int:
-        """Token slots of KV memory allocated now (store rows x width + bank capacity)."""
-        return self.store.tokens_held + self.bank.capacity
-
-    @property
     def kv_bytes_held(self) -> int:
         return self.store.nbytes + self.bank.nbytes
 
@@ -79,12 +81,6 @@ class SlotBatch:
             self.bank.columns_needed(request.prefix) if request.prefix is not None else 0
         )
         return rows_after * width_after + bank_after <= self.limits.max_kv_tokens
-
-    @staticmethod
-    def worst_case_tokens(request: GenerationRequest) -> int:
-        """KV tokens the request needs if it ran alone: what must fit the budget for it ever to run."""
-        prefix = request.prefix.num_virtual_tokens if request.prefix is not None else 0
-        return prefix + len(request.prompt_ids) + request.params.max_new_tokens
 
     # -- rows -------------------------------------------------------------------------------------------------------
 
@@ -114,7 +110,7 @@ class SlotBatch:
         decoding = sorted((r for r in self.rows if not r.prefilling and not r.finished), key=lambda r: r.slot)
         # The budget protects decoding rows' inter-token latency; with none decoding, nobody waits on this step, so
         # prefill as much as the idle budget allows (a burst of arrivals is then one forward, like a static batch).
-        limit = self.limits.step_token_budget if decoding else max(self.limits.idle_token_budget, 1)
+        limit = self.limits.step_token_budget if decoding else self.limits.idle_budget
         budget = max(limit - len(decoding), 1)
         chunks: list[tuple[Row, int]] = []
         for row in self.rows:
@@ -200,13 +196,7 @@ class SlotBatch:
             )
             bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
             decode_bias = bias[:, None, None, :].to(device)
-        chunk_masks = []
-        chunk_batch = _chunk_batch(chunks, device) if len(chunks) > 1 else None
-        for chunk in chunks if chunk_batch is None else ():
-            own = torch.arange(chunk.first_column + chunk.length)
-            causal = own[None, :] <= (chunk.first_column + torch.arange(chunk.length))[:, None]
-            mask = torch.cat([torch.ones((chunk.length, chunk.prefix_length), dtype=torch.bool), causal], dim=1)
-            chunk_masks.append(mask.to(device))
+        chunk_batch = _chunk_batch(chunks, device) if chunks else None
         decode_slots = [r.slot for r in decoding]
         return StepPlan(
             num_decode=len(decoding),
@@ -217,8 +207,6 @@ class SlotBatch:
             prefix_start=prefix_start,
             prefix_end=prefix_end,
             decode_bias=decode_bias,
-            chunks=chunks,
-            chunk_masks=chunk_masks,
             chunk_batch=chunk_batch,
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
             write_columns=torch.tensor(write_columns, dtype=torch.long, device=device),
@@ -249,7 +237,7 @@ class SlotBatch:
 
 
 def _chunk_batch(chunks: list[PrefillChunk], device: torch.device) -> ChunkBatch:
-    """Pad several prompt chunks into one attention call: chunk c's query i sees its prefix and its own columns
+    """Pad the step's prompt chunks into one attention call: chunk c's query i sees its prefix and its own columns
     0..first_column+i; padding queries see one key (their output is dropped), padding keys nobody."""
     count = len(chunks)
     n = max(c.length for c in chunks)
@@ -294,12 +282,8 @@ def slot_layout_supported(runner: ModelRunner) -> bool:
 
 
 def _own_kv_prefix(runner: ModelRunner, tokens: list[int], name: str) -> TaskPrefix:
-    """The model's own keys/values for `tokens` at positions 0.. as a task prefix (L, 2, H, V, D)."""
-    cache = DynamicCache()
-    ids = torch.tensor([tokens], device=runner.device)
-    positions = torch.arange(len(tokens), device=runner.device)[None]
-    runner.forward(ids, torch.ones_like(ids), positions, cache)
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    """The model's own keys/values for `tokens` at positions 0.. as a task prefix (what a task made from text holds)."""
+    kv = text_kv(runner.model, tokens, geometry_from_config(runner.model.config))
     return TaskPrefix(name, kv.float().cpu(), name)
 
 
@@ -365,7 +349,7 @@ def generate(
     counterpart of `service.batch.generate`, for tests and offline use."""
     if not slot_layout_supported(runner):
         raise ValueError(f"{runner.model.config.model_type}: the slot layout cannot serve this model")
-    budget = sum(SlotBatch.worst_case_tokens(r) for r in requests) * 2 + 1024
+    budget = sum(r.reserved_kv_tokens for r in requests) * 2 + 1024
     batch = SlotBatch(runner, SlotLimits(num_slots=len(requests), max_kv_tokens=budget, step_token_budget=step_token_budget))
     rows = [batch.add(r) for r in requests]
     while batch.rows:

@@ -147,20 +147,22 @@ def run_engine_system(
     return asyncio.run(main())
 
 
-class _FirstTokenClock(BaseStreamer):
-    """generate() calls put() once with the prompt, then once per new token."""
+class TokenClock(BaseStreamer):
+    """Times of a `generate` call's tokens: put() comes once with the prompt, then once per generated token (for the
+    whole batch)."""
 
     def __init__(self) -> None:
-        self.calls = 0
-        self.first: float | None = None
+        self.times: list[float] = []
 
     def put(self, value: Any) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
+        self.times.append(time.perf_counter())
 
     def end(self) -> None:
         pass
+
+    @property
+    def token_times(self) -> list[float]:
+        return self.times[1:]
 
 
 def run_peft_system(
@@ -169,17 +171,18 @@ def run_peft_system(
     """The seed's way: requests from C clients, served one at a time (set_adapter is global model state)."""
     model_lock = threading.Lock()
 
-    def serve(item: WorkItem, clock: _FirstTokenClock) -> int:
+    def serve(item: WorkItem, clock: TokenClock) -> int:
         with model_lock:
             return len(peft_generate(peft_model, item.task_id, item.prompt_ids, item.max_new_tokens,
                                      ignore_eos=True, streamer=clock))
 
     async def submit(item: WorkItem) -> RequestTiming:
-        clock = _FirstTokenClock()
+        clock = TokenClock()
         started = time.perf_counter()
         tokens = await asyncio.to_thread(run_in_fresh_thread, serve, item, clock)  # see service.compute_thread
         end = time.perf_counter()
-        return RequestTiming(end - started, (clock.first or end) - started, tokens)
+        first = clock.token_times[0] if clock.token_times else end
+        return RequestTiming(end - started, first - started, tokens)
 
     async def main() -> tuple[float, list[RequestTiming]]:
         if warmup:

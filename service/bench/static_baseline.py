@@ -9,34 +9,19 @@ No queueing, no admission, no streaming to anyone: the best case for a closed ba
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.generation.streamers import BaseStreamer
 
 from service.batch import ModelRunner
-from service.bench.run import RequestTiming, RunResult
+from service.bench.run import RequestTiming, RunResult, TokenClock
 from service.bench.workload import WorkItem
 from service.prefix import TaskPrefix
 
 
-class _StepClock(BaseStreamer):
-    """generate() calls put() once with the prompt, then once per generated token (for the whole batch)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 @torch.inference_mode()
 def _generate_batch(
-    runner: ModelRunner, items: list[WorkItem], prefixes: dict[str, TaskPrefix] | None, clock: _StepClock
+    runner: ModelRunner, items: list[WorkItem], prefixes: dict[str, TaskPrefix] | None, clock: TokenClock
 ) -> int:
     """Run one static batch; returns the KV bytes its cache held at the end (its peak: the cache only grows)."""
     device = runner.device
@@ -80,25 +65,24 @@ def run_static_system(
     """Batches of `concurrency` requests in workload order, one after another. A request's latency is its batch's
     time; it is credited only the tokens it asked for (rows generate to the batch's longest request)."""
     if warmup:
-        _generate_batch(runner, warmup[:concurrency], prefixes, _StepClock())
+        _generate_batch(runner, warmup[:concurrency], prefixes, TokenClock())
     timings: list[RequestTiming] = []
     step_gaps: list[float] = []
     peak_kv = 0
     started = time.perf_counter()
     for first in range(0, len(workload), concurrency):
         items = workload[first : first + concurrency]
-        clock = _StepClock()
+        clock = TokenClock()
         batch_start = time.perf_counter()
         peak_kv = max(peak_kv, _generate_batch(runner, items, prefixes, clock))
         end = time.perf_counter()
-        token_times = clock.times[1:]  # the first put() is the prompt
+        token_times = clock.token_times
         gaps = [b - a for a, b in zip(token_times, token_times[1:])]
         step_gaps += gaps
         ttft = (token_times[0] if token_times else end) - batch_start
         for item in items:
             timings.append(RequestTiming(end - batch_start, ttft, item.max_new_tokens, gaps[: item.max_new_tokens - 1]))
     wall = time.perf_counter() - started
-    result = RunResult(name, concurrency, wall, timings, float(min(concurrency, len(workload))))
-    result.step_times = step_gaps
-    result.peak_kv_bytes = peak_kv
-    return result
+    return RunResult(
+        name, concurrency, wall, timings, float(min(concurrency, len(workload))), step_gaps, peak_kv_bytes=peak_kv
+    )

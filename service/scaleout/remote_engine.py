@@ -22,8 +22,8 @@ import logging
 from dataclasses import replace
 from typing import AsyncGenerator, AsyncIterator, Callable, Protocol
 
-from service.engine import Engine, EngineLimits, Event, FinalEvent, TokenEvent
-from service.errors import OverloadedError, RequestTooLongError
+from service.engine import Engine, EngineLimits, Event, FinalEvent, TokenEvent, check_kv_budget
+from service.errors import OverloadedError
 from service.requests import GenerationRequest, GenerationResult
 from service.scaleout.protocol import RemoteRequest, RemoteServiceError, StreamError, StreamStart
 
@@ -94,14 +94,7 @@ class RemoteEngine(Engine):
 
     def _accept(self, request: GenerationRequest) -> None:
         """The checks the local engine makes before accepting, so their errors are real HTTP statuses."""
-        prefix = request.prefix.num_virtual_tokens if request.prefix is not None else 0
-        reserved = prefix + len(request.prompt_ids) + request.params.max_new_tokens
-        if reserved > self.limits.max_kv_tokens:
-            raise RequestTooLongError(
-                f"prefix + prompt + max_new_tokens = {reserved} tokens exceeds the engine's KV budget "
-                f"of {self.limits.max_kv_tokens} tokens",
-                max_kv_tokens=self.limits.max_kv_tokens,
-            )
+        check_kv_budget(request, self.limits)
         if self.inflight >= self.max_inflight:
             raise OverloadedError(
                 f"the deployment is full ({self.inflight} requests in flight); retry shortly", retry_after_s=1
