@@ -65,10 +65,6 @@ class SlotStore:
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
 
-    @property
-    def tokens_held(self) -> int:
-        return self.rows * self.width
-
     def shape_after(self, reservation: int) -> tuple[int, int]:
         """(rows, width) the store will have once a request reserving `reservation` columns takes a slot."""
         slot = self._free[0]
@@ -154,8 +150,10 @@ class PrefixBank:
         return sum(e.length for e in self.entries.values() if e.refs)
 
     def columns_needed(self, prefix: TaskPrefix) -> int:
-        """Bank columns admitting a row of this task would add (0 when its prefix is already here)."""
-        return 0 if (prefix.task_id, prefix.sha256) in self.entries else prefix.num_virtual_tokens
+        """Referenced bank columns admitting a row of this task would add: 0 when running rows already hold its
+        prefix (an idle cached copy is not counted in `referenced_tokens`, so it counts here)."""
+        entry = self.entries.get((prefix.task_id, prefix.sha256))
+        return 0 if entry is not None and entry.refs else prefix.num_virtual_tokens
 
     def acquire(self, prefix: TaskPrefix) -> BankEntry:
         key = (prefix.task_id, prefix.sha256)
