@@ -46,16 +46,31 @@ def test_sequential_requests_stay_on_the_replica_holding_the_version() -> None:
         r.on_request_completed(chosen.replica_id, "")  # type: ignore[arg-type]
 
 
+def test_a_version_sent_before_any_replica_reports_it_keeps_its_replica() -> None:
+    # Replicas report loaded ids late: the follow-up request must not be routed as if nobody held the version.
+    r = router()
+    first, second = FakeReplica("a"), FakeReplica("b")
+    chosen = pick(r, [first, second])
+    r.on_send_request(chosen.replica_id)  # type: ignore[arg-type]
+    r.on_request_completed(chosen.replica_id, "")  # type: ignore[arg-type]
+    for order in ([second, first], [first, second]) * 5:
+        assert pick(r, order) is chosen
+        r.on_send_request(chosen.replica_id)  # type: ignore[arg-type]
+        r.on_request_completed(chosen.replica_id, "")  # type: ignore[arg-type]
+    assert pick(r, [first, second], model_id="task@" + "cd" * 32) in (first, second)
+
+
 def test_a_burst_spreads_beyond_the_imbalance() -> None:
     r = router(imbalance=2)
     holder, other = FakeReplica("a", {MODEL}), FakeReplica("b")
     # Serve picks several requests before sending any: the router's reservations must count those picks.
     picks = [pick(r, [holder, other]) for _ in range(16)]
     counts = Counter(p.replica_id for p in picks)
-    assert counts == {"a": 9, "b": 7}
+    # "a" takes 3 until the imbalance is passed; from then on "b" was sent the version too, so both hold it.
+    assert counts == {"a": 8, "b": 8}
     for chosen in picks:
         r.on_send_request(chosen.replica_id)  # type: ignore[arg-type]
-    assert r.in_flight == {"a": 9, "b": 7} and not any(r.reserved.values())
+    assert r.in_flight == {"a": 8, "b": 8} and not any(r.reserved.values())
 
 
 def test_without_a_holder_the_least_loaded_replica_is_picked() -> None:

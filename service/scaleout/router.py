@@ -9,12 +9,16 @@ router counts the requests it has picked or sent and not yet seen complete, per 
     in flight beyond the least loaded replica overall;
   - otherwise the least loaded replica (which loads the version, a few ms, and from then on holds it too).
 
+Which replicas hold a version is the union of what the replicas report (Serve pushes their loaded ids to the
+routers, some hundreds of ms late) and where this router itself sent that version recently: without the second, a
+request following its predecessor within that delay was routed as if no replica held the version.
+
 Each router (one per ingress replica) sees only its own sends; with several ingresses each balances its share.
 """
 
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Deque, Dict, List, Optional
 
 from ray.serve.request_router import (
@@ -28,6 +32,7 @@ from ray.serve.request_router import (
 
 
 RESERVATION_S = 2.0
+SENT_VERSIONS_PER_REPLICA = 64  # bounded memory of "recently sent here"; a stale entry only costs a reload (ms)
 
 
 class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
@@ -38,6 +43,7 @@ class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         # burst would see the same counts in every pick. A pick is matched by the next send to its replica, or
         # forgotten after RESERVATION_S (the routing task sent elsewhere or gave up).
         self.reserved: Dict[ReplicaID, Deque[float]] = {}
+        self.sent_versions: Dict[ReplicaID, "OrderedDict[str, None]"] = {}
 
     def _load(self, replica_id: ReplicaID, now: float) -> int:
         picks = self.reserved.get(replica_id)
@@ -60,6 +66,17 @@ class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         self.in_flight.pop(replica_id, None)
         self.reserved.pop(replica_id, None)
+        self.sent_versions.pop(replica_id, None)
+
+    def _holds(self, replica: RunningReplica, model_id: str) -> bool:
+        return model_id in replica.multiplexed_model_ids or model_id in self.sent_versions.get(replica.replica_id, ())
+
+    def _remember_sent(self, replica_id: ReplicaID, model_id: str) -> None:
+        versions = self.sent_versions.setdefault(replica_id, OrderedDict())
+        versions[model_id] = None
+        versions.move_to_end(model_id)
+        while len(versions) > SENT_VERSIONS_PER_REPLICA:
+            versions.popitem(last=False)
 
     async def choose_replicas(
         self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
@@ -74,8 +91,9 @@ class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         chosen = by_load[0]
         if model_id:
-            holders = [r for r in by_load if model_id in r.multiplexed_model_ids]
+            holders = [r for r in by_load if self._holds(r, model_id)]
             if holders and loads[holders[0].replica_id] - least <= self.imbalance:
                 chosen = holders[0]
+            self._remember_sent(chosen.replica_id, model_id)
         self.reserved.setdefault(chosen.replica_id, deque()).append(now)
         return [[chosen], [r for r in by_load if r is not chosen]]
