@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.errors import UnsupportedModelError
-from service.geometry import PrefixGeometry
+from service.geometry import PrefixGeometry, geometry_from_config
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, GenerationResult
 from service.rows import Row, select_tokens
 from service.sampler import RowSampler
+from service import seq2seq
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,25 @@ class ModelRunner:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         )
         self.eos_token_ids = self._eos_token_ids(model, tokenizer)
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        if self.is_encoder_decoder:
+            self._init_encoder_decoder(model)
+
+    def _init_encoder_decoder(self, model: PreTrainedModel) -> None:
+        """What `service.seq2seq` needs: the decoder start token and the decoder's KV shape (mT5 and BART set the
+        start token in their configs; a T5 config only in its generation config)."""
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+        if start is None:
+            start = getattr(model.config, "decoder_start_token_id", None)
+        if not isinstance(start, int):
+            raise UnsupportedModelError(
+                f"{model.config.model_type}: neither the generation config nor the config sets decoder_start_token_id"
+            )
+        self.decoder_start_token_id = start
+        geometry = geometry_from_config(model.config)
+        self.decoder_layers = geometry.num_layers
+        self.decoder_kv_shape = (geometry.num_kv_heads, geometry.head_dim)
+        seq2seq.install(model)
 
     @staticmethod
     def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -245,6 +265,8 @@ class DecodeBatch:
 
 def generate(runner: ModelRunner, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
     """Run requests as one static batch to completion (rows leave the batch as they finish)."""
+    if runner.is_encoder_decoder:
+        return seq2seq.generate(runner, requests)
     batch = DecodeBatch.prefill(runner, requests)
     results: dict[int, GenerationResult] = {}
     order = {id(r): i for i, r in enumerate(requests)}
@@ -261,8 +283,12 @@ def verify_prefix_support(runner: ModelRunner, geometry: PrefixGeometry) -> None
     """Start-up check that the model really attends to a prefix of `geometry`'s shape.
 
     A model whose forward silently ignores the cache it is given (or expects other KV shapes) would serve base-model
-    output under every task; refuse to start instead.
+    output under every task; refuse to start instead. Encoder-decoder models get their own check
+    (`service.seq2seq.verify_seq2seq_support`).
     """
+    if runner.is_encoder_decoder:
+        seq2seq.verify_seq2seq_support(runner, geometry)
+        return
     generator = torch.Generator().manual_seed(0)
     shape = (geometry.num_layers, 2, geometry.num_kv_heads, 2, geometry.head_dim)
     prompt = [1, 2, 3]

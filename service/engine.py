@@ -13,7 +13,8 @@ Two batch layouts run under this loop:
     registry): every step is one flat forward carrying all decoding rows' next tokens and new rows' prompt chunks
     under a per-step token budget; KV lives in the engine's own store, prefixes once per task;
   - padded (`service.batch.DecodeBatch`, the fallback for models whose attention cannot be redirected, e.g. bloom's
-    ALiBi, and the `per-task` policy): prefill as a separate forward, a left-padded transformers cache per batch.
+    ALiBi, and the `per-task` policy): prefill as a separate forward, a left-padded transformers cache per batch;
+    for encoder-decoder models `service.seq2seq.Seq2SeqBatch`, the same algebra with the encoder run at admission.
 
 Text is not made here: callers turn token ids into text and match stop sequences on their own event loop
 (`service.detokenizer`), so the model thread never decodes.
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Literal
 
 from service.batch import DecodeBatch, ModelRunner
+from service.seq2seq import Seq2SeqBatch
 from service.detokenizer import OutputProcessor
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError
 from service.requests import FinishReason, GenerationRequest, GenerationResult
@@ -187,7 +189,8 @@ class ContinuousBatchingEngine(Engine):
         self._waiting: deque[_Handle] = deque()
         self._handles: dict[int, _Handle] = {}  # id(row) -> handle, for running rows
         self._slots: SlotBatch | None = None
-        self._batch: DecodeBatch | None = None  # padded layout's running batch
+        self._batch: DecodeBatch | Seq2SeqBatch | None = None  # padded layout's running batch
+        self._batch_type = Seq2SeqBatch if runner.is_encoder_decoder else DecodeBatch
         self._accepted = 0  # inbox + waiting, counted at submission so the bound holds across threads
         self._accepted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -508,7 +511,7 @@ class ContinuousBatchingEngine(Engine):
 
     def _prefill_padded(self, admitted: list[_Handle]) -> None:
         started = time.perf_counter()
-        new_batch = DecodeBatch.prefill(self.runner, [h.request for h in admitted])
+        new_batch = self._batch_type.prefill(self.runner, [h.request for h in admitted])
         seconds = time.perf_counter() - started
         if self.policy == "per-task":
             self.stats.batches_started += 1
@@ -516,7 +519,7 @@ class ContinuousBatchingEngine(Engine):
         for handle, row in zip(admitted, new_batch.rows):
             handle.admitted_at = now
             self._handles[id(row)] = handle
-        self._batch = new_batch if self._batch is None else DecodeBatch.concatenate([self._batch, new_batch])
+        self._batch = new_batch if self._batch is None else self._batch_type.concatenate([self._batch, new_batch])  # type: ignore[list-item]
         self._count_pass(len(new_batch), True, seconds)
         self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(self._batch))
         for row in new_batch.rows:

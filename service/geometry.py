@@ -4,6 +4,10 @@ PEFT (`_prepare_prompt_learning_config`) sizes a prefix as `num_layers` x 2 x `t
 attention `num_attention_heads` is the model's KV-head count and `token_dim = kv_heads * head_dim`. Models whose
 layers have different KV shapes, share KV between layers or use non-attention layers cannot take one such prefix
 faithfully; they are rejected here with a clear message rather than served wrongly.
+
+Encoder-decoder models (T5, BART, ...): a PEFT SEQ_2_SEQ_LM prefix reaches only the decoder's self-attention, so
+`num_layers`, `num_kv_heads` and `head_dim` describe the decoder; the encoder's depth is kept for the full
+(encoder + decoder) prefix, whose encoder part needs the encoder's heads and head size to match the decoder's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ class PrefixGeometry:
     num_kv_heads: int
     head_dim: int
     max_positions: int  # tokens the model attends over at most: prefix + prompt + generated
+    encoder_num_layers: int = 0  # encoder-decoder models: the encoder's depth; 0 for decoder-only models
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_num_layers > 0
 
     @property
     def token_dim(self) -> int:
@@ -46,9 +55,9 @@ def _first_set(config: PretrainedConfig, *names: str) -> int | None:
 
 
 def geometry_from_config(config: PretrainedConfig) -> PrefixGeometry:
-    """Derive the prefix geometry of a decoder-only model, or raise UnsupportedModelError saying why not."""
+    """Derive the prefix geometry of a model, or raise UnsupportedModelError saying why not."""
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{config.model_type}: encoder-decoder models are not supported (decoder-only only)")
+        return _encoder_decoder_geometry(config)
     text = config.get_text_config(decoder=True)
     model_type = str(getattr(text, "model_type", config.model_type))
 
@@ -88,4 +97,43 @@ def geometry_from_config(config: PretrainedConfig) -> PrefixGeometry:
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         max_positions=max_positions,
+    )
+
+
+# The encoder-decoder families whose attention the seq2seq batch serves exactly: T5's relative position bias is
+# shift-invariant (left padding changes nothing) and BART's learned decoder positions are set per row
+# (`service.seq2seq`). Others (e.g. sinusoidal positions, or encoders that take other inputs) are refused.
+SEQ2SEQ_MODEL_TYPES = frozenset({"t5", "mt5", "bart", "mbart"})
+
+
+def _encoder_decoder_geometry(config: PretrainedConfig) -> PrefixGeometry:
+    model_type = str(config.model_type)
+    if model_type not in SEQ2SEQ_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{model_type}: encoder-decoder models served are {', '.join(sorted(SEQ2SEQ_MODEL_TYPES))}; "
+            f"{model_type}'s positions or inputs are not handled"
+        )
+    decoder_layers = _first_set(config, "num_decoder_layers", "decoder_layers")
+    encoder_layers = _first_set(config, "encoder_layers", "num_layers")
+    decoder_heads = _first_set(config, "decoder_attention_heads", "num_heads")
+    encoder_heads = _first_set(config, "encoder_attention_heads", "num_heads")
+    hidden = _first_set(config, "d_model", "hidden_size")
+    if None in (decoder_layers, encoder_layers, decoder_heads, encoder_heads, hidden):
+        raise UnsupportedModelError(f"{model_type}: config lacks layer counts, head counts or d_model")
+    assert decoder_heads is not None and hidden is not None and encoder_layers is not None
+    # T5 sizes heads by d_kv (heads x d_kv may differ from d_model); BART by d_model / heads.
+    head_dim = _first_set(config, "d_kv") or hidden // decoder_heads
+    if encoder_heads != decoder_heads:
+        raise UnsupportedModelError(
+            f"{model_type}: encoder ({encoder_heads}) and decoder ({decoder_heads}) head counts differ; "
+            "one prefix token size cannot fit both"
+        )
+    max_positions = _first_set(config, "max_position_embeddings", "n_positions") or 2048
+    return PrefixGeometry(
+        model_type=model_type,
+        num_layers=int(decoder_layers),  # type: ignore[arg-type]
+        num_kv_heads=decoder_heads,
+        head_dim=head_dim,
+        max_positions=max_positions,
+        encoder_num_layers=encoder_layers,
     )

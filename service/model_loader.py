@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from service.geometry import PrefixGeometry, geometry_from_config
 from service.settings import Settings
@@ -153,7 +160,8 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
     for param in model.parameters():
         param.requires_grad_(False)
 
-    # Batched generation with a decoder-only model needs the real tokens flush right, next to the generated ones.
+    # Batched generation with a decoder-only model needs the real tokens flush right, next to the generated ones
+    # (encoder-decoder batches pad their encoder inputs themselves, on the right).
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -439,6 +447,16 @@ def resolve_model_source(settings: Settings) -> tuple[Path, str | None, str]:
     return model_dir, gguf_file, name
 
 
+def _model_class(model_dir: Path, gguf_file: str | None) -> type[AutoModelForCausalLM] | type[AutoModelForSeq2SeqLM]:
+    """Encoder-decoder checkpoints (T5, BART) load with their seq2seq class: as a causal LM, transformers would
+    build the decoder alone (BartForCausalLM) with freshly initialised weights where the checkpoint has none."""
+    if gguf_file is None:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        if getattr(config, "is_encoder_decoder", False):
+            return AutoModelForSeq2SeqLM
+    return AutoModelForCausalLM
+
+
 def load_base_model(settings: Settings) -> LoadedModel:
     """Load the configured base model (or the embedded default) onto the configured device and dtype."""
     device = resolve_device(settings.device)
@@ -453,9 +471,8 @@ def load_base_model(settings: Settings) -> LoadedModel:
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
-    model, loading_info = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, output_loading_info=True, **kwargs
-    )
+    model_class = _model_class(model_dir, gguf_file)
+    model, loading_info = model_class.from_pretrained(str(model_dir), dtype=dtype, output_loading_info=True, **kwargs)
     check_all_weights_loaded(name, type(model).__name__, loading_info)
     if gguf_file:
         _drop_gguf_quantization(model)

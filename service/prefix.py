@@ -13,7 +13,9 @@ from service.geometry import PrefixGeometry
 class TaskPrefix:
     """One task's prefix, ready to be copied into a fresh cache.
 
-    `kv` has shape (num_layers, 2, kv_heads, V, head_dim): kv[l, 0] are layer l's keys, kv[l, 1] its values.
+    `kv` has shape (num_layers, 2, kv_heads, V, head_dim): kv[l, 0] are layer l's keys, kv[l, 1] its values (for an
+    encoder-decoder model: the decoder's self-attention layers). `encoder_kv`, of the same layout over the encoder's
+    layers and its own length, is the encoder half of a full (encoder + decoder) prefix; None for PEFT's prefixes.
     Instances are immutable; replacing a task's prefix swaps the registry's reference, so a batch already
     running keeps the tensor it started with.
     """
@@ -21,14 +23,29 @@ class TaskPrefix:
     task_id: str
     kv: torch.Tensor
     sha256: str
+    encoder_kv: torch.Tensor | None = None
 
     @property
     def num_virtual_tokens(self) -> int:
         return int(self.kv.shape[3])
 
     @property
+    def encoder_virtual_tokens(self) -> int:
+        return int(self.encoder_kv.shape[3]) if self.encoder_kv is not None else 0
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskPrefix:
+        """A copy on `device` (and `dtype`); the same object when nothing would change."""
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype or t.dtype).contiguous()
+
+        encoder_kv = moved(self.encoder_kv) if self.encoder_kv is not None else None
+        return TaskPrefix(self.task_id, moved(self.kv), self.sha256, encoder_kv)
+
+    @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        encoder = self.encoder_kv.numel() * self.encoder_kv.element_size() if self.encoder_kv is not None else 0
+        return self.kv.numel() * self.kv.element_size() + encoder
 
 
 def prompt_embeddings_to_kv(
@@ -38,9 +55,33 @@ def prompt_embeddings_to_kv(
 
     PEFT views the tensor as (V, 2L, H, D) and permutes to (2L, H, V, D); row 2l holds layer l's keys and row
     2l+1 its values.
+
+    For an encoder-decoder model (SEQ_2_SEQ_LM, `num_transformer_submodules=2`) PEFT doubles the 2L rows to 4L and
+    splits them in groups of four per layer, (self key, self value, cross key, cross value), then empties the cross
+    part: decoder layer i reads key row (4i) mod 2L and value row (4i+1) mod 2L, where L is the adapter's
+    `num_layers` (which may exceed the decoder's depth: PEFT's default is the encoder's). Reproduced here exactly.
     """
     num_virtual_tokens = prompt_embeddings.shape[0]
     g = geometry
-    kv = prompt_embeddings.reshape(num_virtual_tokens, 2 * g.num_layers, g.num_kv_heads, g.head_dim)
-    kv = kv.permute(1, 2, 0, 3).reshape(g.num_layers, 2, g.num_kv_heads, num_virtual_tokens, g.head_dim)
+    adapter_layers = prompt_embeddings.shape[1] // (2 * g.token_dim)
+    rows = prompt_embeddings.reshape(num_virtual_tokens, 2 * adapter_layers, g.num_kv_heads, g.head_dim)
+    rows = rows.permute(1, 2, 0, 3)  # (2L, H, V, D)
+    if g.is_encoder_decoder:
+        layers = torch.arange(g.num_layers)
+        keys, values = (4 * layers) % (2 * adapter_layers), (4 * layers + 1) % (2 * adapter_layers)
+        kv = torch.stack([rows[keys], rows[values]], dim=1)  # (L_decoder, 2, H, V, D)
+    else:
+        kv = rows.reshape(g.num_layers, 2, g.num_kv_heads, num_virtual_tokens, g.head_dim)
+    return kv.to(device=device, dtype=dtype).contiguous()
+
+
+def encoder_prompt_embeddings_to_kv(
+    encoder_prompt_embeddings: torch.Tensor, geometry: PrefixGeometry, *, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """A full prefix's encoder tensor (Ve, L_encoder*2*token_dim) -> (L_encoder, 2, H, Ve, D), row 2l = keys of
+    encoder layer l and 2l+1 its values (the decoder-only layout of PEFT, over the encoder's layers)."""
+    length = encoder_prompt_embeddings.shape[0]
+    g = geometry
+    kv = encoder_prompt_embeddings.reshape(length, 2 * g.encoder_num_layers, g.num_kv_heads, g.head_dim)
+    kv = kv.permute(1, 2, 0, 3).reshape(g.encoder_num_layers, 2, g.num_kv_heads, length, g.head_dim)
     return kv.to(device=device, dtype=dtype).contiguous()

@@ -73,7 +73,7 @@ class TieredPrefixCache:
         if on_host is not None:
             self.stats.misses_from_host += 1
             source = "host"
-            prefix = TaskPrefix(task_id, on_host.kv.to(self.device), on_host.sha256)
+            prefix = on_host.to(self.device)
         else:
             self.stats.misses_from_disk += 1
             source = "disk"
@@ -91,7 +91,7 @@ class TieredPrefixCache:
                 task_id, prefix = next((t, p) for t, p in self._on_device.items() if t != keep)
                 del self._on_device[task_id]
                 # Running batches hold their own reference, so moving the registry's copy never disturbs them.
-                self._on_host[task_id] = TaskPrefix(task_id, prefix.kv.to("cpu"), prefix.sha256)
+                self._on_host[task_id] = prefix.to("cpu")
                 self.stats.evictions_to_host += 1
                 if self.metrics:
                     self.metrics.prefix_cache_evictions.labels("host").inc()

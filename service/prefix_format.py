@@ -9,6 +9,13 @@ What PEFT 0.21.2 `save_pretrained` writes for a prefix adapter (checked against 
   learning methods store their state without it), shape (V, num_layers * 2 * token_dim), float32, metadata
   {"format": "pt"}. With `prefix_projection=True` the tensor is already the output of the MLP.
 
+Encoder-decoder models take PEFT's `task_type: "SEQ_2_SEQ_LM"` adapters (`num_transformer_submodules` 2; any
+`num_layers` >= the decoder's depth, see `service.prefix.prompt_embeddings_to_kv`). A *full* prefix (Li & Liang's
+encoder + decoder prefix, trained by `prefix-serve train --prefix-sites encoder,decoder`) is the same PEFT file with
+one more config key, `encoder_num_virtual_tokens` (Ve), and one more tensor, `encoder_prompt_embeddings` of shape
+(Ve, encoder_layers * 2 * token_dim): PEFT-only readers see an extra tensor and refuse it (as earlier versions of
+this server do) instead of silently dropping the encoder half.
+
 Everything here works on untrusted bytes: the weights are parsed only by `safetensors` (never pickle), and any
 failure becomes a 4xx error that names the field, what was expected and what came.
 """
@@ -31,8 +38,11 @@ from service.geometry import PrefixGeometry
 logger = logging.getLogger(__name__)
 
 EXPECTED_PEFT_TYPE = "PREFIX_TUNING"
-EXPECTED_TASK_TYPE = "CAUSAL_LM"
+CAUSAL_TASK_TYPE = "CAUSAL_LM"
+SEQ2SEQ_TASK_TYPE = "SEQ_2_SEQ_LM"
 WEIGHTS_TENSOR_NAME = "prompt_embeddings"
+ENCODER_WEIGHTS_TENSOR_NAME = "encoder_prompt_embeddings"
+ENCODER_LENGTH_FIELD = "encoder_num_virtual_tokens"
 # PEFT's header (one tensor entry, `__metadata__` {"format": "pt"}) is ~130 bytes. The cap stops a file that is mostly
 # header - a 30 MB `__metadata__` string rode along with a 0.9 MB prefix and was stored verbatim.
 MAX_SAFETENSORS_HEADER_BYTES = 16 * 1024
@@ -50,6 +60,7 @@ class ValidatedAdapter:
     prompt_embeddings: torch.Tensor  # (V, L*2*token_dim), float32, CPU
     num_virtual_tokens: int
     warnings: list[str]  # e.g. base_model_name_or_path differs from the served model
+    encoder_prompt_embeddings: torch.Tensor | None = None  # a full prefix's (Ve, L_encoder*2*token_dim)
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -88,17 +99,34 @@ def validate_adapter(
         )
 
     config = _parse_config(config_bytes)
-    num_virtual_tokens = _check_config(config, geometry, max_virtual_tokens=max_virtual_tokens)
-    prompt_embeddings = _parse_weights(weights_bytes, geometry, num_virtual_tokens)
+    shape = _check_config(config, geometry, max_virtual_tokens=max_virtual_tokens)
+    tensors = _parse_weights(weights_bytes, geometry, shape)
     warnings = _base_model_warnings(config, served_model_name)
     for text in warnings:
         logger.info("adapter warning: %s", text)
     return ValidatedAdapter(
         config=config,
-        prompt_embeddings=prompt_embeddings,
-        num_virtual_tokens=num_virtual_tokens,
+        prompt_embeddings=tensors[WEIGHTS_TENSOR_NAME],
+        num_virtual_tokens=shape.num_virtual_tokens,
         warnings=warnings,
+        encoder_prompt_embeddings=tensors.get(ENCODER_WEIGHTS_TENSOR_NAME),
     )
+
+
+@dataclass(frozen=True)
+class _AdapterShape:
+    """What the config promises the weights file holds."""
+
+    num_virtual_tokens: int
+    num_layers: int  # the adapter's L (seq2seq: >= the decoder's depth)
+    encoder_num_virtual_tokens: int  # 0: no encoder prefix (every PEFT adapter)
+
+    def expected(self, geometry: PrefixGeometry) -> dict[str, list[int]]:
+        shapes = {WEIGHTS_TENSOR_NAME: [self.num_virtual_tokens, self.num_layers * 2 * geometry.token_dim]}
+        if self.encoder_num_virtual_tokens:
+            width = geometry.encoder_num_layers * 2 * geometry.token_dim
+            shapes[ENCODER_WEIGHTS_TENSOR_NAME] = [self.encoder_num_virtual_tokens, width]
+        return shapes
 
 
 def _parse_config(config_bytes: bytes) -> dict[str, Any]:
@@ -121,14 +149,18 @@ def _parse_config(config_bytes: bytes) -> dict[str, Any]:
     return config
 
 
-def _check_config(config: dict[str, Any], geometry: PrefixGeometry, *, max_virtual_tokens: int) -> int:
-    """Validate the fields that decide the prefix's shape; return num_virtual_tokens."""
-    for field, expected in (("peft_type", EXPECTED_PEFT_TYPE), ("task_type", EXPECTED_TASK_TYPE)):
+def _check_config(config: dict[str, Any], geometry: PrefixGeometry, *, max_virtual_tokens: int) -> _AdapterShape:
+    """Validate the fields that decide the prefix's shape."""
+    seq2seq = geometry.is_encoder_decoder
+    task_type = SEQ2SEQ_TASK_TYPE if seq2seq else CAUSAL_TASK_TYPE
+    for field, expected in (("peft_type", EXPECTED_PEFT_TYPE), ("task_type", task_type)):
         value = config.get(field)
         if value != expected:
-            raise InvalidPrefixError(
-                field, expected, _show(value), message=f"{field}: expected \"{expected}\", got {_describe(config, field)}"
-            )
+            message = f"{field}: expected \"{expected}\", got {_describe(config, field)}"
+            if field == "task_type" and value in (CAUSAL_TASK_TYPE, SEQ2SEQ_TASK_TYPE):
+                kinds = ("an encoder-decoder", "a decoder-only") if seq2seq else ("a decoder-only", "an encoder-decoder")
+                message += f": this server runs {kinds[0]} model ({geometry.model_type}); the adapter is for {kinds[1]} one"
+            raise InvalidPrefixError(field, expected, _show(value), message=message)
 
     # The prefix occupies V cache slots; at least one position must remain for a real token.
     cap = min(max_virtual_tokens, geometry.max_positions - 1)
@@ -136,9 +168,25 @@ def _check_config(config: dict[str, Any], geometry: PrefixGeometry, *, max_virtu
     if not 1 <= num_virtual_tokens <= cap:
         raise InvalidPrefixError("num_virtual_tokens", f"an integer in [1, {cap}]", num_virtual_tokens)
 
-    num_layers = _int_field(config, "num_layers", geometry.num_layers)
-    if num_layers != geometry.num_layers:
-        raise InvalidPrefixError("num_layers", geometry.num_layers, num_layers)
+    if seq2seq:
+        # PEFT maps decoder layer i to rows 4i and 4i+1 (mod 2L) of its 2L: any L covering the decoder works.
+        least = f"an integer >= {geometry.num_layers} (the decoder's depth)"
+        num_layers = _int_field(config, "num_layers", least)
+        if num_layers < geometry.num_layers:
+            raise InvalidPrefixError(
+                "num_layers",
+                least,
+                num_layers,
+                message=(
+                    f"num_layers: expected at least {geometry.num_layers} (the served model's decoder layers; PEFT's "
+                    f"default is the encoder's depth, set num_layers={geometry.num_layers} when the decoder is "
+                    f"deeper), got {num_layers}"
+                ),
+            )
+    else:
+        num_layers = _int_field(config, "num_layers", geometry.num_layers)
+        if num_layers != geometry.num_layers:
+            raise InvalidPrefixError("num_layers", geometry.num_layers, num_layers)
     # Under GQA PEFT stores the KV-head count here, not the query-head count.
     num_heads = _int_field(config, "num_attention_heads", geometry.num_kv_heads)
     if num_heads != geometry.num_kv_heads:
@@ -167,16 +215,39 @@ def _check_config(config: dict[str, Any], geometry: PrefixGeometry, *, max_virtu
         raise InvalidPrefixError("token_dim", f"{geometry.head_dim} x num_attention_heads", token_dim)
 
     submodules = config.get("num_transformer_submodules")
-    if submodules is not None and (not _is_int(submodules) or submodules != 1):
-        raise InvalidPrefixError("num_transformer_submodules", "1 (decoder-only) or null", _show(submodules))
+    expected_submodules, meaning = (2, "encoder-decoder") if seq2seq else (1, "decoder-only")
+    if submodules is not None and (not _is_int(submodules) or submodules != expected_submodules):
+        raise InvalidPrefixError(
+            "num_transformer_submodules", f"{expected_submodules} ({meaning}) or null", _show(submodules)
+        )
 
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise InvalidPrefixError("base_model_name_or_path", "a string or null", json_type(base))
-    return num_virtual_tokens
+    return _AdapterShape(num_virtual_tokens, num_layers, _encoder_length(config, geometry, cap))
 
 
-def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, num_virtual_tokens: int) -> torch.Tensor:
+def _encoder_length(config: dict[str, Any], geometry: PrefixGeometry, cap: int) -> int:
+    """The full prefix's encoder length Ve, or 0 when the adapter has no encoder prefix (PEFT's kind)."""
+    if config.get(ENCODER_LENGTH_FIELD) is None:
+        return 0
+    if not geometry.is_encoder_decoder:
+        raise InvalidPrefixError(
+            ENCODER_LENGTH_FIELD,
+            "null (no encoder prefix)",
+            _show(config[ENCODER_LENGTH_FIELD]),
+            message=(
+                f"{ENCODER_LENGTH_FIELD}: this adapter has an encoder prefix, which needs an encoder-decoder model; "
+                f"this server runs a decoder-only model ({geometry.model_type})"
+            ),
+        )
+    length = _int_field(config, ENCODER_LENGTH_FIELD, f"an integer in [1, {cap}] or null")
+    if not 1 <= length <= cap:
+        raise InvalidPrefixError(ENCODER_LENGTH_FIELD, f"an integer in [1, {cap}] or null", length)
+    return length
+
+
+def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, shape: _AdapterShape) -> dict[str, torch.Tensor]:
     if not weights_bytes:
         raise InvalidPrefixError("adapter_model", "a non-empty safetensors file", "0 bytes")
     _check_header_size(weights_bytes)
@@ -188,11 +259,18 @@ def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, num_virtual_t
         raise InvalidPrefixError("adapter_model", "a safetensors file", got) from None
 
     names = sorted(tensors)
-    if names != [WEIGHTS_TENSOR_NAME]:
-        expected = f"exactly one tensor named '{WEIGHTS_TENSOR_NAME}'"
+    expected_shapes = shape.expected(geometry)
+    if names != sorted(expected_shapes):
+        expected = " and ".join(f"'{n}'" for n in sorted(expected_shapes))
+        expected = f"exactly the tensor{'s' if len(expected_shapes) > 1 else ''} {expected}"
         got = f"tensors {[n[:100] for n in names[:10]]}" + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
         message = None
-        if WEIGHTS_TENSOR_NAME in tensors:
+        if ENCODER_WEIGHTS_TENSOR_NAME in tensors and not shape.encoder_num_virtual_tokens:
+            message = (
+                f"adapter_model: expected {expected}, got {got}; '{ENCODER_WEIGHTS_TENSOR_NAME}' is a full "
+                f"(encoder + decoder) prefix's encoder half: its adapter_config.json must set {ENCODER_LENGTH_FIELD}"
+            )
+        elif WEIGHTS_TENSOR_NAME in tensors and not set(names) <= set(expected_shapes):
             # PEFT adds e.g. base_model.model.embed_tokens.weight / base_model.lm_head.weight when the vocabulary was
             # resized during training (or save_embedding_layers=True). The served model's weights are fixed.
             message = (
@@ -201,22 +279,30 @@ def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, num_virtual_t
                 "server cannot do per task"
             )
         raise InvalidPrefixError("adapter_model", expected, got, message=message)
-    tensor = tensors[WEIGHTS_TENSOR_NAME]
+    return {name: _checked_tensor(name, tensors[name], expected_shapes[name], shape, geometry) for name in names}
 
+
+def _checked_tensor(
+    name: str, tensor: torch.Tensor, expected_shape: list[int], shape: _AdapterShape, geometry: PrefixGeometry
+) -> torch.Tensor:
     if tensor.dtype not in _ACCEPTED_DTYPES:
-        raise InvalidPrefixError(
-            "prompt_embeddings.dtype", "one of " + "/".join(_ACCEPTED_DTYPES.values()), str(tensor.dtype)
-        )
-    expected_shape = [num_virtual_tokens, geometry.numbers_per_virtual_token]
+        raise InvalidPrefixError(f"{name}.dtype", "one of " + "/".join(_ACCEPTED_DTYPES.values()), str(tensor.dtype))
     if list(tensor.shape) != expected_shape:
+        if name == WEIGHTS_TENSOR_NAME:
+            meaning = (
+                f"num_virtual_tokens x num_layers*2*token_dim = {shape.num_virtual_tokens} x "
+                f"{shape.num_layers}*2*{geometry.token_dim}"
+            )
+        else:
+            meaning = (
+                f"{ENCODER_LENGTH_FIELD} x encoder layers*2*token_dim = {shape.encoder_num_virtual_tokens} x "
+                f"{geometry.encoder_num_layers}*2*{geometry.token_dim}"
+            )
         raise InvalidPrefixError(
-            "prompt_embeddings.shape",
+            f"{name}.shape",
             expected_shape,
             list(tensor.shape),
-            message=(
-                f"prompt_embeddings.shape: expected {expected_shape} (num_virtual_tokens x num_layers*2*token_dim "
-                f"= {num_virtual_tokens} x {geometry.num_layers}*2*{geometry.token_dim}), got {list(tensor.shape)}"
-            ),
+            message=f"{name}.shape: expected {expected_shape} ({meaning}), got {list(tensor.shape)}",
         )
 
     # Check after the cast: a float64 value beyond float32's range becomes inf here and is caught too.
@@ -224,7 +310,7 @@ def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, num_virtual_t
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise InvalidPrefixError("prompt_embeddings", "finite values", f"{bad} NaN/inf value(s) (as float32)")
+        raise InvalidPrefixError(name, "finite values", f"{bad} NaN/inf value(s) (as float32)")
     return tensor
 
 

@@ -68,7 +68,7 @@ from service.errors import (
 )
 from service.geometry import PrefixGeometry
 from service.metrics import Metrics
-from service.prefix import TaskPrefix, prompt_embeddings_to_kv
+from service.prefix import TaskPrefix, encoder_prompt_embeddings_to_kv, prompt_embeddings_to_kv
 from service.prefix_cache import TieredPrefixCache, Tier
 from service.prefix_format import ValidatedAdapter, validate_adapter
 from service.templates import validate_description, validate_template
@@ -617,14 +617,20 @@ class PrefixRegistry:
     ) -> tuple[TaskPrefix, PrefixRecord]:
         info = info or TaskInfo()
         kv = prompt_embeddings_to_kv(validated.prompt_embeddings, self.geometry, dtype=self.dtype, device=self.device)
-        # Finite in float32 is not enough: a value beyond float16's range (65504) becomes inf in the model dtype.
-        if not bool(torch.isfinite(kv).all()):
-            raise InvalidPrefixError(
-                "prompt_embeddings",
-                f"values representable in the served model's dtype ({str(self.dtype).removeprefix('torch.')})",
-                "values that overflow to inf",
+        encoder_kv = None
+        if validated.encoder_prompt_embeddings is not None:
+            encoder_kv = encoder_prompt_embeddings_to_kv(
+                validated.encoder_prompt_embeddings, self.geometry, dtype=self.dtype, device=self.device
             )
-        prefix = TaskPrefix(task_id=task_id, kv=kv, sha256=digest)
+        # Finite in float32 is not enough: a value beyond float16's range (65504) becomes inf in the model dtype.
+        for name, tensor in (("prompt_embeddings", kv), ("encoder_prompt_embeddings", encoder_kv)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise InvalidPrefixError(
+                    name,
+                    f"values representable in the served model's dtype ({str(self.dtype).removeprefix('torch.')})",
+                    "values that overflow to inf",
+                )
+        prefix = TaskPrefix(task_id=task_id, kv=kv, sha256=digest, encoder_kv=encoder_kv)
         record = PrefixRecord(
             task_id=task_id,
             num_virtual_tokens=validated.num_virtual_tokens,

@@ -274,6 +274,8 @@ def slot_layout_supported(runner: ModelRunner) -> bool:
     to the padded layout instead of serving different numbers.
     """
     model = runner.model
+    if runner.is_encoder_decoder:
+        return False  # the encoder-decoder batch (`service.seq2seq`) is padded
     cached = getattr(model, "_prefix_serve_slot_layout", None)  # per model: several runners may share one
     if cached is None:
         cached = _check_slot_layout(runner)

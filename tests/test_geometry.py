@@ -51,9 +51,23 @@ def test_sliding_window_caps_the_context() -> None:
     assert geometry.max_positions == 16
 
 
-def test_encoder_decoder_is_rejected() -> None:
-    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
-        geometry_from_config(config("t5"))
+def test_encoder_decoder_geometry_describes_the_decoder() -> None:
+    """PEFT's seq2seq prefix reaches the decoder's self-attention only: its layers, heads and head size count."""
+    t5 = geometry_from_config(config("t5", d_model=32, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=3))
+    assert (t5.num_layers, t5.encoder_num_layers, t5.num_kv_heads, t5.head_dim) == (3, 2, 4, 16)
+    assert t5.is_encoder_decoder and t5.token_dim == 64  # heads x d_kv, not d_model
+    bart = geometry_from_config(
+        config("bart", d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, max_position_embeddings=64)
+    )
+    assert (bart.num_layers, bart.encoder_num_layers, bart.head_dim, bart.max_positions) == (2, 3, 8, 64)
+
+
+def test_unserved_encoder_decoder_families_are_rejected() -> None:
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder models served are"):
+        geometry_from_config(config("pegasus"))
+    with pytest.raises(UnsupportedModelError, match="head counts differ"):
+        geometry_from_config(config("bart", encoder_attention_heads=4, decoder_attention_heads=2, d_model=32))
 
 
 def test_model_whose_kv_shape_differs_from_peft_geometry_is_rejected_at_start() -> None:

@@ -216,22 +216,42 @@ def test_model_dir_without_config_is_rejected(tmp_path: Path) -> None:
 
 
 def test_checkpoint_that_does_not_fill_the_class_is_refused(tmp_path: Path) -> None:
-    """A BART checkpoint loads as BartForCausalLM with its encoder dropped and embed_tokens/lm_head initialised at
-    random (transformers only warns): refuse to start, naming the weights, instead of serving noise."""
+    """A headless checkpoint (LlamaModel, untied) loads as LlamaForCausalLM with lm_head initialised at random
+    (transformers only warns): refuse to start, naming the weights, instead of serving noise."""
+    from transformers import LlamaModel
+
+    directory = tmp_path / "headless"
+    config = _tiny_llama().config
+    config.tie_word_embeddings = False
+    LlamaModel(config).save_pretrained(str(directory))
+    _tiny_tokenizer().save_pretrained(str(directory))
+    with pytest.raises(ValueError, match="LlamaForCausalLM") as caught:
+        load_base_model(_cpu_settings(model=str(directory)))
+    message = str(caught.value)
+    assert "lm_head.weight" in message and "random" in message, message
+
+
+def test_encoder_decoder_checkpoint_loads_with_its_seq2seq_class(tmp_path: Path) -> None:
+    """BART used to load as BartForCausalLM (decoder only, embeddings re-initialised): now the whole model loads,
+    with the same weights, and its geometry describes the decoder."""
     from transformers import BartConfig, BartForConditionalGeneration
 
     directory = tmp_path / "bart"
     config = BartConfig(
-        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
     )
-    BartForConditionalGeneration(config).save_pretrained(str(directory))
+    torch.manual_seed(0)
+    saved = BartForConditionalGeneration(config).eval()
+    saved.save_pretrained(str(directory))
     _tiny_tokenizer().save_pretrained(str(directory))
-    with pytest.raises(ValueError, match="BartForCausalLM") as caught:
-        load_base_model(_cpu_settings(model=str(directory)))
-    message = str(caught.value)
-    assert "lm_head.weight" in message and "model.decoder.embed_tokens.weight" in message, message
-    assert "random" in message
+    loaded = load_base_model(_cpu_settings(model=str(directory)))
+    assert type(loaded.model).__name__ == "BartForConditionalGeneration"
+    assert (loaded.geometry.num_layers, loaded.geometry.encoder_num_layers) == (2, 1)
+    ids, start = torch.tensor([[5, 6, 7, 2]]), torch.tensor([[2]])
+    torch.testing.assert_close(
+        loaded.model(input_ids=ids, decoder_input_ids=start).logits, saved(input_ids=ids, decoder_input_ids=start).logits
+    )
 
 
 def test_tied_embeddings_are_not_reported_missing(tmp_path: Path) -> None:

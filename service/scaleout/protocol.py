@@ -47,6 +47,7 @@ class RemoteRequest:
     request_id: str = ""
     with_text: bool = True
     kv: torch.Tensor | None = None  # the prefix itself, only on the fallback path (see module doc)
+    encoder_kv: torch.Tensor | None = None  # with `kv`: a full prefix's encoder half
 
     @property
     def model_id(self) -> str:

@@ -141,7 +141,8 @@ class RemoteEngine(Engine):
                     "task %r changed in the store while request %s was on its way; resending its prefix",
                     remote.task_id, remote.request_id or "-",
                 )
-                remote = replace(remote, kv=prefix.kv.detach().to("cpu"))
+                on_host = prefix.to("cpu")
+                remote = replace(remote, kv=on_host.kv, encoder_kv=on_host.encoder_kv)
                 continue
             if start.status == 429 and overloaded < self.overload_retries:
                 overloaded += 1

@@ -72,8 +72,8 @@ class ReplicaCore:
         if request.task_id is None or request.sha256 is None:
             return None
         if request.kv is not None:  # the version left the store after the ingress accepted the request
-            kv = request.kv.to(device=self.loaded.device, dtype=self.loaded.dtype).contiguous()
-            return TaskPrefix(task_id=request.task_id, kv=kv, sha256=request.sha256)
+            on_host = TaskPrefix(request.task_id, request.kv, request.sha256, request.encoder_kv)
+            return on_host.to(self.loaded.device, self.loaded.dtype)
         return await cached(request.model_id)
 
     async def stream(

@@ -153,6 +153,15 @@ def _store(
             message="send either the adapter files (adapter_config + adapter_model) or a text, not both",
         )  # fmt: skip
     if text is not None:
+        if state.model.geometry.is_encoder_decoder:
+            raise InvalidPrefixError(
+                "text", "adapter files (this server runs an encoder-decoder model)", "a text",
+                message=(
+                    "text: tasks made from text need a decoder-only model (a text's K/V are the prefix it would be); "
+                    f"this server runs an encoder-decoder model ({state.model.geometry.model_type}): upload adapter "
+                    "files (PEFT SEQ_2_SEQ_LM, or a full prefix from `prefix-serve train`)"
+                ),
+            )  # fmt: skip
         if _without_weights(state):
             raise NotAvailableHereError(
                 "text: tasks made from text need the model's weights, and this Ray Serve ingress holds none; make the "
