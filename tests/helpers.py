@@ -486,3 +486,68 @@ def prometheus_values(text: str, name: str) -> dict[frozenset[tuple[str, str]], 
                 labels.add((key.strip(), raw.strip().strip('"')))
         values[frozenset(labels)] = float(value)
     return values
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny random encoder-decoder models (tests/test_seq2seq.py). Their inits are raised so that prefixes and positions
+# clearly change the output; the decoder is deeper than the encoder in "t5" to exercise PEFT's row mapping.
+
+TINY_SEQ2SEQ_KINDS = ("t5", "t5-gated", "bart")
+
+
+def tiny_seq2seq(kind: str, seed: int = 0, vocab_size: int = 128) -> PreTrainedModel:
+    """A tiny random T5 (relu), gated-gelu T5 (mT5 / Flan-T5 style, heads x d_kv != d_model) or BART, in eval mode."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    if kind == "bart":
+        config = BartConfig(
+            vocab_size=vocab_size, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128,
+            scale_embedding=True, init_std=0.05, pad_token_id=0, bos_token_id=1, eos_token_id=EOS,
+            decoder_start_token_id=EOS, forced_eos_token_id=None,
+        )  # fmt: skip
+        model = BartForConditionalGeneration(config)
+        with torch.no_grad():  # learned decoder positions that matter: a wrong per-row position shows in the logits
+            model.model.decoder.embed_positions.weight.normal_(0, 1.0)
+        return model.eval()
+    gated = kind == "t5-gated"
+    config = T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=12 if gated else 8, num_heads=4, num_layers=2,
+        num_decoder_layers=2 if gated else 3, d_ff=64, feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=not gated, initializer_factor=2.0 if gated else 4.0, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=EOS,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config).eval()
+
+
+def make_peft_seq2seq_model(model: PreTrainedModel, num_virtual_tokens: int, seed: int, num_layers: int | None = None) -> PeftModel:
+    """A PEFT SEQ_2_SEQ_LM prefix model on a copy of `model` with N(0, 1) prompt embeddings. `num_layers` defaults to
+    the decoder's depth; token_dim and heads are set as PEFT needs them for T5 (heads x d_kv may differ from d_model)."""
+    from service.geometry import geometry_from_config
+
+    g = geometry_from_config(model.config)
+    config = PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=num_virtual_tokens, num_layers=num_layers or g.num_layers,
+        token_dim=g.token_dim, num_attention_heads=g.num_kv_heads,
+    )  # fmt: skip
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    weight = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)))
+    return peft_model.eval()
+
+
+@torch.no_grad()
+def peft_seq2seq_greedy(
+    peft_model: PeftModel, prompt: list[int], new_tokens: int, start_token_id: int, eos_token_id: int | None = EOS
+) -> list[int]:
+    """The seq2seq reference: PEFT's full forward (encoder + decoder, prefix injected by PEFT) for every new token."""
+    decoder = [start_token_id]
+    x = torch.tensor([prompt])
+    for _ in range(new_tokens):
+        logits = peft_model(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=torch.tensor([decoder])).logits
+        decoder.append(int(logits[0, -1].argmax()))
+        if decoder[-1] == eos_token_id:
+            break
+    return decoder[1:]

@@ -36,7 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Train a PEFT prefix (prefix_projection=True) on a frozen base model and save an adapter directory that "
             'POST /prefixes accepts. Data: JSONL lines {"prompt", "completion"} or {"text", "label"} '
             "(turned into a prompt by --template). Clients send the prompt text verbatim as /generate `inputs`; "
-            "no chat template is applied."
+            "no chat template is applied. Decoder-only models learn to continue the prompt with the completion. "
+            "Encoder-decoder models (T5, BART) read the prompt with the encoder and learn to write the completion "
+            "with the decoder (PEFT's SEQ_2_SEQ_LM prefix); --prefix-sites encoder,decoder also prefixes the "
+            "encoder (Li & Liang's full prefix)."
         ),
     )
     train.add_argument("--data", type=Path, required=True, help="Training JSONL file.")
@@ -54,7 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "{inputs} for {\"text\", \"label\"} data; none for {\"prompt\", \"completion\"} data.",
     )
     train.add_argument("--description", help="A short description of the task, written to task.json.")
-    train.add_argument("--num-virtual-tokens", type=int, help="Prefix length V (default 20; with --init-*: theirs).")
+    train.add_argument(
+        "--num-virtual-tokens",
+        type=int,
+        help="Prefix length V, on encoder-decoder models the decoder prefix's (default 20; with --init-*: theirs).",
+    )
     init = train.add_mutually_exclusive_group()
     init.add_argument(
         "--init-text",
@@ -71,6 +78,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-prefix-projection",
         action="store_true",
         help="Train the K/V directly from a random init instead of through the MLP reparameterisation.",
+    )
+    train.add_argument(
+        "--prefix-sites",
+        type=_prefix_sites,
+        default="decoder",
+        metavar="SITES",
+        help="Encoder-decoder models (T5, BART): where the prefix goes. 'decoder' (default): PEFT's SEQ_2_SEQ_LM "
+        "prefix in front of the decoder's self-attention, a plain PEFT adapter. 'encoder,decoder': the paper's full "
+        "prefix z = [PREFIX; x; PREFIX'; y], which also puts trained K/V in front of every encoder self-attention "
+        "layer, so the prefix also steers how the prompt is read (PEFT only prefixes the decoder); saved in the "
+        "same adapter files as an extra tensor (encoder_prompt_embeddings) and config key "
+        "(encoder_num_virtual_tokens); this server serves both halves, PEFT's own loader only the decoder's. "
+        "Decoder-only models: 'decoder' only.",
+    )
+    train.add_argument(
+        "--encoder-virtual-tokens",
+        type=int,
+        help="With --prefix-sites encoder,decoder: the encoder prefix's length (default: --num-virtual-tokens).",
     )
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="Optimizer steps (default 100).")
@@ -155,6 +180,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--no-progress", action="store_true")
     _model_args(sweep, dtype_default="float32")
     sweep.set_defaults(func=_guarded(_examples_sweep))
+
+
+def _prefix_sites(text: str) -> str:
+    """argparse type of --prefix-sites: the canonical spelling, or argparse's usage error with the reason."""
+    from service.training.prefix_sites import parse_prefix_sites
+
+    try:
+        return parse_prefix_sites(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _model_args(parser: argparse.ArgumentParser, *, dtype_default: str | None) -> None:
@@ -243,6 +278,7 @@ def _train(args: argparse.Namespace) -> int:
         validate_prompt_template(args.prompt_template, max_chars=1 << 16)
     if args.init_task:
         validate_task_id(args.init_task)
+    _check_encoder_prefix_args(args)
     direct = bool(args.init_text or args.init_task or args.no_prefix_projection)
     config = TrainConfig(
         num_virtual_tokens=args.num_virtual_tokens or 20,
@@ -256,12 +292,15 @@ def _train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
         progress=not args.no_progress,
+        prefix_sites=args.prefix_sites,
+        encoder_virtual_tokens=args.encoder_virtual_tokens,
     )
     config.validate()
     train_examples = load_examples(args.data, args.template)
     eval_examples = load_examples(args.eval_data, args.template) if args.eval_data else []
 
     loaded = _load_model(args)
+    _check_model_takes(args, loaded)
     init_embeddings = None
     if args.init_text or args.init_task:
         from service.training.trainer import init_from_adapter_dir, init_from_text
@@ -289,7 +328,10 @@ def _train(args: argparse.Namespace) -> int:
     out = save_adapter(result, args.out, loaded, info)
 
     weights = out / "adapter_model.safetensors"
-    print(f"saved the prefix of task '{args.task_id}' to {out} (V={config.num_virtual_tokens}, "
+    lengths = f"V={config.num_virtual_tokens}"
+    if config.trains_encoder_prefix:
+        lengths += f", encoder V={config.encoder_length()}"
+    print(f"saved the prefix of task '{args.task_id}' to {out} ({lengths}, "
           f"{weights.stat().st_size:,} bytes): {result.total_steps} steps in {result.seconds:.1f} s, "
           f"final loss {result.losses[-1]:.4f}")  # fmt: skip
     if result.evals:
@@ -308,6 +350,36 @@ def _train(args: argparse.Namespace) -> int:
     if args.upload:
         return _upload(out, args)
     return 0
+
+
+def _check_encoder_prefix_args(args: argparse.Namespace) -> None:
+    """Flags that only make sense together, checked before any model is loaded."""
+    from service.training.prefix_sites import FULL_SITES
+
+    if args.encoder_virtual_tokens is not None and args.prefix_sites != FULL_SITES:
+        raise ValueError(
+            f"--encoder-virtual-tokens sets the encoder prefix's length: it needs --prefix-sites {FULL_SITES}"
+        )
+    if args.encoder_virtual_tokens is not None and args.encoder_virtual_tokens < 1:
+        raise ValueError(f"--encoder-virtual-tokens must be >= 1, got {args.encoder_virtual_tokens}")
+
+
+def _check_model_takes(args: argparse.Namespace, loaded: LoadedModel) -> None:
+    """What the loaded model cannot train, named by the flag that asked for it (before minutes of training)."""
+    from service.training.prefix_sites import FULL_SITES
+
+    kind = loaded.geometry.model_type
+    if args.prefix_sites == FULL_SITES and not loaded.geometry.is_encoder_decoder:
+        raise ValueError(
+            f"--prefix-sites {FULL_SITES} needs an encoder-decoder model (T5, BART): {loaded.name} ({kind}) is "
+            "decoder-only and has no encoder to prefix; leave --prefix-sites out (its prefix is 'decoder')"
+        )
+    if loaded.geometry.is_encoder_decoder and (args.init_text or args.init_task):
+        flag = "--init-text" if args.init_text else "--init-task"
+        raise ValueError(
+            f"{flag}: real-word initialisation is implemented for decoder-only models; {loaded.name} ({kind}) is an "
+            "encoder-decoder model: train from a random init"
+        )
 
 
 def _upload(adapter_dir: Path, args: argparse.Namespace) -> int:

@@ -6,7 +6,18 @@ reparameterisation MLP from PEFT's random init. With `prefix_projection=False` t
 per-layer K/V: they start random (PEFT's N(0, 1) embedding) or, given `init_embeddings`, from the activations of real
 words (`service.text_prefix.text_prompt_embeddings` of an init text, or a stored task's prefix). The MLP variant
 cannot start from given activations (its output is an MLP of a learnt embedding, not a free tensor), so real-word
-initialisation always trains the K/V directly.
+initialisation always trains the K/V directly (decoder-only models).
+
+Encoder-decoder models (T5, BART) train PEFT's SEQ_2_SEQ_LM prefix: the prompt goes through the encoder, the
+completion is teacher-forced through the decoder after the served decoder start token (`service.training.
+seq2seq_prefix`). The paper prefixes both sides, z = [PREFIX; x; PREFIX'; y], but PEFT only prefixes the decoder
+(PREFIX'), so the decoder alone has to steer how a frozen encoder's reading of x is used. `prefix_sites=
+"encoder,decoder"` trains the *full* prefix: besides PEFT's prompt encoder, an encoder prefix of
+`encoder_virtual_tokens` tokens (its own MLP reparameterisation, or the K/V directly) that every encoder
+self-attention attends to, through the attention plan the server itself uses (`service.seq2seq`). It is saved into
+the same adapter directory: PEFT's files plus an `encoder_prompt_embeddings` tensor and an
+`encoder_num_virtual_tokens` config key (`service.prefix_format`), and evaluated during training as served, both
+halves together.
 
 The base model is never modified: PEFT's prompt-learning wrapper adds a prompt encoder (embedding + the paper's
 reparameterisation MLP) and feeds its output to the model as the key/value cache. The base model stays in eval mode:
@@ -27,18 +38,29 @@ from typing import Any
 
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save_file as save_safetensors_file
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from service.batch import ModelRunner
 from service.model_loader import LoadedModel
-from service.prefix_format import validate_adapter
+from service.prefix_format import ENCODER_LENGTH_FIELD, ENCODER_WEIGHTS_TENSOR_NAME, validate_adapter
 from service.registry import CONFIG_FILE, TASK_FILE, WEIGHTS_FILE, TaskInfo
 from service.training.data import Example
 from service.training.encoding import EncodedExample, collate, encode_examples
 from service.training.errors import TrainingDivergedError
-from service.training.evaluate import EvalItem, ExactMatch, exact_match, prefix_from_embeddings
+from service.training.evaluate import EvalItem, ExactMatch, exact_match
+from service.training.objectives import (
+    CausalObjective,
+    Seq2SeqObjective,
+    TrainingObjective,
+    mean_target_loss,
+    peft_prompt_embeddings,
+)
+from service.training.prefix_sites import DECODER_SITES, FULL_SITES, PREFIX_SITES
+from service.training.seq2seq_prefix import TrainableEncoderPrefix, encode_seq2seq_examples, seq2seq_peft_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +84,19 @@ class TrainConfig:
     eval_every: int = 50  # steps between held-out evaluations (and once at the end); 0 = only at the end
     eval_batch_size: int = 16
     progress: bool = True  # tqdm bar on stderr
+    # Encoder-decoder models: "decoder" (PEFT's prefix) or "encoder,decoder" (the paper's full prefix).
+    prefix_sites: str = DECODER_SITES
+    encoder_virtual_tokens: int | None = None  # the full prefix's encoder length Ve; None: num_virtual_tokens
+
+    @property
+    def trains_encoder_prefix(self) -> bool:
+        return self.prefix_sites == FULL_SITES
+
+    def encoder_length(self) -> int:
+        """Ve of the encoder prefix, 0 when none is trained."""
+        if not self.trains_encoder_prefix:
+            return 0
+        return self.encoder_virtual_tokens if self.encoder_virtual_tokens is not None else self.num_virtual_tokens
 
     def validate(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -81,6 +116,15 @@ class TrainConfig:
             self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
         )
         check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        check(self.prefix_sites in PREFIX_SITES, f"prefix_sites must be one of {PREFIX_SITES}, got {self.prefix_sites!r}")
+        check(
+            self.encoder_virtual_tokens is None or self.trains_encoder_prefix,
+            f"encoder_virtual_tokens is the length of an encoder prefix; prefix_sites {self.prefix_sites!r} has none",
+        )
+        check(
+            self.encoder_virtual_tokens is None or self.encoder_virtual_tokens >= 1,
+            f"encoder_virtual_tokens must be >= 1, got {self.encoder_virtual_tokens}",
+        )
 
     def total_steps(self, num_examples: int) -> int:
         if self.steps is not None:
@@ -115,16 +159,22 @@ class TrainResult:
     trainable_params: int = 0
     all_params: int = 0
     final_exact_match: ExactMatch | None = None
+    encoder_prefix: TrainableEncoderPrefix | None = None  # the full prefix's encoder half; None for PEFT's kind
 
     def prompt_embeddings(self) -> torch.Tensor:
         """What `save_pretrained` writes: (V, L*2*token_dim), the MLP already applied."""
-        with torch.no_grad():
-            return self.peft_model.get_prompt_embedding_to_save("default").float()
+        return peft_prompt_embeddings(self.peft_model)
+
+    def encoder_prompt_embeddings(self) -> torch.Tensor | None:
+        """The full prefix's `encoder_prompt_embeddings`: (Ve, encoder_layers*2*token_dim) float32, or None."""
+        return self.encoder_prefix.prompt_embeddings() if self.encoder_prefix is not None else None
 
     def log_json(self) -> dict[str, Any]:
+        config = asdict(self.config)
+        config["encoder_virtual_tokens"] = self.config.encoder_length() or None  # the length trained, resolved
         return {
             "task_id": self.task_id,
-            "config": asdict(self.config),
+            "config": config,
             "total_steps": self.total_steps,
             "seconds": round(self.seconds, 1),
             "trainable_params": self.trainable_params,
@@ -143,17 +193,23 @@ def train_prefix(
     task_id: str = "task",
     init_embeddings: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train a prefix for `loaded`'s (frozen) model. Raises TrainingDivergedError on a NaN/inf loss and
-    DataError (from encoding) on examples that do not fit the context.
+    """Train a prefix for `loaded`'s (frozen) model. Raises TrainingDivergedError on a NaN/inf loss, DataError
+    (from encoding) on examples that do not fit the context and ValueError on a config the model cannot take (e.g.
+    an encoder prefix for a decoder-only model).
+
+    Encoder-decoder models get PEFT's SEQ_2_SEQ_LM prefix, and with `config.prefix_sites="encoder,decoder"` the full
+    prefix (see the module docstring).
 
     `init_embeddings`: PEFT-layout (num_virtual_tokens, L*2*token_dim) values the prefix starts from (real-word
-    initialisation); needs `config.prefix_projection=False`."""
+    initialisation); needs `config.prefix_projection=False` and a decoder-only model."""
     config.validate()
+    check_prefix_sites(config, loaded)
     if init_embeddings is not None:
         _check_init(init_embeddings, config, loaded)
     max_tokens = loaded.geometry.max_positions - config.num_virtual_tokens
-    train_set = encode_examples(train_examples, loaded.tokenizer, max_tokens=max_tokens, source="training data")
-    eval_set = encode_examples(eval_examples, loaded.tokenizer, max_tokens=max_tokens, source="eval data")
+    encode = encode_seq2seq_examples if loaded.geometry.is_encoder_decoder else encode_examples
+    train_set = encode(train_examples, loaded.tokenizer, max_tokens=max_tokens, source="training data")
+    eval_set = encode(eval_examples, loaded.tokenizer, max_tokens=max_tokens, source="eval data")
     pad_id = int(loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0)
     total_steps = config.total_steps(len(train_set))
 
@@ -163,9 +219,13 @@ def train_prefix(
         warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         # Raised by PEFT 0.21's get_peft_model calling a transformers API renamed in 5.x; harmless.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        torch.manual_seed(config.seed)  # the prompt encoder's initialisation
+        torch.manual_seed(config.seed)  # the prompt encoder's initialisation (then the encoder prefix's)
         peft_model = _wrap(loaded, config, init_embeddings)
+        encoder_prefix = _encoder_prefix(loaded, config, peft_model)
         trainable, everything = peft_model.get_nb_trainable_parameters()
+        if encoder_prefix is not None:
+            extra = sum(p.numel() for p in encoder_prefix.parameters())
+            trainable, everything = trainable + extra, everything + extra
         # The seed's print_trainable_parameters line, as a log line (stdout is the CLI's result output).
         logger.info(
             "trainable params: %s || all params: %s || trainable%%: %.4f",
@@ -180,15 +240,37 @@ def train_prefix(
             total_steps=total_steps,
             trainable_params=trainable,
             all_params=everything,
+            encoder_prefix=encoder_prefix,
         )
+        runner = ModelRunner(loaded.model, loaded.tokenizer)
+        objective = _objective(loaded, peft_model, runner, encoder_prefix, pad_id)
         started = time.perf_counter()
-        _run(loaded, peft_model, train_set, eval_set, config, result, pad_id)
+        _run(loaded, objective, runner, train_set, eval_set, config, result)
         result.seconds = time.perf_counter() - started
     logger.info("trained %s: %d steps in %.1f s", task_id, total_steps, result.seconds)
     return result
 
 
+def check_prefix_sites(config: TrainConfig, loaded: LoadedModel) -> None:
+    """ValueError when the config asks for an encoder prefix the model has no encoder for."""
+    if config.trains_encoder_prefix and not loaded.geometry.is_encoder_decoder:
+        raise ValueError(
+            f"prefix sites {config.prefix_sites!r} need an encoder-decoder model (T5, BART); {loaded.name} "
+            f"({loaded.geometry.model_type}) is decoder-only: its prefix is {DECODER_SITES!r}"
+        )
+
+
+def require_decoder_only(loaded: LoadedModel, what: str) -> None:
+    """Real-word initialisation computes a decoder-only model's K/V of a text; it has no encoder-decoder form."""
+    if loaded.geometry.is_encoder_decoder:
+        raise ValueError(
+            f"{what} is implemented for decoder-only models; {loaded.name} ({loaded.geometry.model_type}) is an "
+            "encoder-decoder model: train from a random init"
+        )
+
+
 def _check_init(init_embeddings: torch.Tensor, config: TrainConfig, loaded: LoadedModel) -> None:
+    require_decoder_only(loaded, "real-word initialisation")
     if config.prefix_projection:
         raise ValueError(
             "a prefix initialised from real words trains the K/V directly (prefix_projection=False): the MLP "
@@ -202,11 +284,14 @@ def _check_init(init_embeddings: torch.Tensor, config: TrainConfig, loaded: Load
 
 
 def _wrap(loaded: LoadedModel, config: TrainConfig, init_embeddings: torch.Tensor | None = None) -> PeftModel:
-    peft_config = PrefixTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=config.num_virtual_tokens,
-        prefix_projection=config.prefix_projection,
-    )
+    if loaded.geometry.is_encoder_decoder:
+        peft_config = seq2seq_peft_config(loaded.geometry, config.num_virtual_tokens, config.prefix_projection)
+    else:
+        peft_config = PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=config.num_virtual_tokens,
+            prefix_projection=config.prefix_projection,
+        )
     peft_model = get_peft_model(loaded.model, peft_config)
     if init_embeddings is not None:
         # prefix_projection=False: PEFT's PrefixEncoder is one Embedding(V, L*2*token_dim) whose rows are the
@@ -221,25 +306,48 @@ def _wrap(loaded: LoadedModel, config: TrainConfig, init_embeddings: torch.Tenso
     return peft_model
 
 
-def _run(
+def _encoder_prefix(
+    loaded: LoadedModel, config: TrainConfig, peft_model: PeftModel
+) -> TrainableEncoderPrefix | None:
+    """The full prefix's encoder half, shaped like PEFT's prompt encoder (same MLP width), or None."""
+    if not config.trains_encoder_prefix:
+        return None
+    hidden = peft_model.peft_config["default"].encoder_hidden_size
+    module = TrainableEncoderPrefix(
+        config.encoder_length(), loaded.geometry, prefix_projection=config.prefix_projection, hidden_size=hidden
+    )
+    return module.to(loaded.device)
+
+
+def _objective(
     loaded: LoadedModel,
     peft_model: PeftModel,
+    runner: ModelRunner,
+    encoder_prefix: TrainableEncoderPrefix | None,
+    pad_id: int,
+) -> TrainingObjective:
+    if loaded.geometry.is_encoder_decoder:
+        return Seq2SeqObjective(peft_model, loaded, runner, encoder_prefix)
+    return CausalObjective(peft_model, loaded, pad_id)
+
+
+def _run(
+    loaded: LoadedModel,
+    objective: TrainingObjective,
+    runner: ModelRunner,
     train_set: list[EncodedExample],
     eval_set: list[EncodedExample],
     config: TrainConfig,
     result: TrainResult,
-    pad_id: int,
 ) -> None:
-    encoder = peft_model.prompt_encoder
-    params = [p for p in encoder.parameters() if p.requires_grad]
+    params = objective.parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = result.total_steps
     scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup(total), total)
     batches = _batch_stream(train_set, config.batch_size, config.seed)
-    runner = ModelRunner(loaded.model, loaded.tokenizer)
     eval_items = [EvalItem(prompt=e.example.prompt, prompt_ids=e.prompt_ids, answer=e.example.answer) for e in eval_set]
 
-    encoder.train()
+    objective.train()
     loaded.model.eval()  # frozen: serving runs it in eval mode, so train against exactly that
     with (
         logging_redirect_tqdm(),
@@ -248,9 +356,7 @@ def _run(
         ) as bar,
     ):
         for step in range(1, total + 1):
-            batch = collate(next(batches), pad_id).to(loaded.device)
-            output = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-            loss = output.loss
+            loss, _ = objective.loss(next(batches))
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 bar.close()
@@ -270,25 +376,24 @@ def _run(
 
             due = config.eval_every and step % config.eval_every == 0
             if eval_set and (due or step == total):
-                point = _evaluate(loaded, peft_model, runner, eval_set, eval_items, config, result, step, pad_id)
+                point = _evaluate(objective, runner, eval_set, eval_items, config, result, step)
                 bar.set_postfix(loss=f"{loss_value:.4f}", em=f"{point.exact_match['accuracy']:.2f}")
-                encoder.train()
+                objective.train()
 
 
 def _evaluate(
-    loaded: LoadedModel,
-    peft_model: PeftModel,
+    objective: TrainingObjective,
     runner: ModelRunner,
     eval_set: list[EncodedExample],
     eval_items: list[EvalItem],
     config: TrainConfig,
     result: TrainResult,
     step: int,
-    pad_id: int,
 ) -> EvalPoint:
-    peft_model.prompt_encoder.eval()
-    eval_loss = evaluation_loss(peft_model, eval_set, config.eval_batch_size, pad_id, loaded.device)
-    prefix = prefix_from_embeddings(result.task_id, result.prompt_embeddings(), loaded)
+    """Held-out loss (teacher forcing) and exact match of the prefix as served, every part of it included."""
+    objective.eval()
+    eval_loss = mean_target_loss(objective, eval_set, config.eval_batch_size)
+    prefix = objective.serving_prefix(result.task_id)
     match = exact_match(runner, eval_items, prefix, batch_size=config.eval_batch_size)
     recent = result.losses[-min(len(result.losses), 10) :]
     point = EvalPoint(
@@ -315,7 +420,8 @@ def _evaluate(
 def evaluation_loss(
     peft_model: PeftModel, items: Sequence[EncodedExample], batch_size: int, pad_id: int, device: torch.device
 ) -> float:
-    """Mean per-token loss on the completions (teacher forcing), weighted by target tokens across batches."""
+    """Mean per-token loss on the completions (teacher forcing) of a decoder-only model's PEFT prefix, weighted by
+    target tokens across batches (`objectives.mean_target_loss` does this for any objective)."""
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size], pad_id).to(device)
@@ -341,20 +447,25 @@ def save_adapter(
     result: TrainResult, out_dir: Path | str, loaded: LoadedModel, info: TaskInfo | None = None
 ) -> Path:
     """Write the PEFT adapter directory (uploadable as is) plus training_log.json, and task.json (prompt template,
-    description) when `info` says anything; check it like an upload."""
+    description) when `info` says anything; check it like an upload. A full prefix's encoder half goes into the same
+    files (`add_encoder_prefix`)."""
     out_dir = Path(out_dir)
     embeddings = result.prompt_embeddings()
-    if not bool(torch.isfinite(embeddings).all()):
-        raise TrainingDivergedError("the trained prefix holds NaN/inf values; nothing was saved")
+    encoder_embeddings = result.encoder_prompt_embeddings()
+    for tensor in (embeddings, encoder_embeddings):
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise TrainingDivergedError("the trained prefix holds NaN/inf values; nothing was saved")
     out_dir.mkdir(parents=True, exist_ok=True)
     # save_embedding_layers=False: the default "auto" looks the base model's name up on the Hub.
     result.peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    if encoder_embeddings is not None:
+        add_encoder_prefix(out_dir, encoder_embeddings)
     validate_adapter(
         (out_dir / CONFIG_FILE).read_bytes(),
         (out_dir / WEIGHTS_FILE).read_bytes(),
         loaded.geometry,
         served_model_name=loaded.name,
-        max_virtual_tokens=max(256, result.config.num_virtual_tokens),
+        max_virtual_tokens=max(256, result.config.num_virtual_tokens, result.config.encoder_length()),
         max_prefix_bytes=1 << 30,
         max_config_bytes=1 << 20,
     )
@@ -365,11 +476,26 @@ def save_adapter(
     return out_dir
 
 
+def add_encoder_prefix(adapter_dir: Path | str, encoder_prompt_embeddings: torch.Tensor) -> None:
+    """Turn a saved PEFT SEQ_2_SEQ_LM prefix into a full prefix: the encoder half (Ve, encoder_layers*2*token_dim)
+    joins `prompt_embeddings` in adapter_model.safetensors (float32, PEFT's {"format": "pt"} metadata) and
+    adapter_config.json gains `encoder_num_virtual_tokens` = Ve (written as PEFT writes the file)."""
+    adapter_dir = Path(adapter_dir)
+    weights_path, config_path = adapter_dir / WEIGHTS_FILE, adapter_dir / CONFIG_FILE
+    tensors = load_safetensors_file(str(weights_path))
+    tensors[ENCODER_WEIGHTS_TENSOR_NAME] = encoder_prompt_embeddings.detach().to("cpu", torch.float32).contiguous()
+    save_safetensors_file(tensors, str(weights_path), metadata={"format": "pt"})
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config[ENCODER_LENGTH_FIELD] = int(encoder_prompt_embeddings.shape[0])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def init_from_text(loaded: LoadedModel, text: str, *, max_tokens: int = 4096) -> torch.Tensor:
     """Real-word initialisation: the frozen model's K/V of `text` in PEFT's layout, (V, L*2*token_dim) float32,
     V = the text's token count."""
     from service.text_prefix import text_prompt_embeddings, text_token_ids
 
+    require_decoder_only(loaded, "initialisation from a text")
     ids = text_token_ids(loaded.tokenizer, text, max_tokens=min(max_tokens, loaded.geometry.max_positions - 1))
     return text_prompt_embeddings(loaded.model, ids, loaded.geometry)
 
@@ -377,6 +503,7 @@ def init_from_text(loaded: LoadedModel, text: str, *, max_tokens: int = 4096) ->
 def init_from_adapter_dir(adapter_dir: Path | str, loaded: LoadedModel) -> torch.Tensor:
     """A stored prefix (any PEFT prefix adapter directory, e.g. a task in the prefix store or one downloaded with
     GET /prefixes/{task_id}/adapter) as initial values, validated like an upload."""
+    require_decoder_only(loaded, "initialisation from a stored prefix")
     adapter_dir = Path(adapter_dir)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (adapter_dir / name).is_file():
