@@ -55,7 +55,7 @@ def request(prompt: list[int], prefix: TaskPrefix | None, new_tokens: int = NEW_
 
 
 def reference(peft_model: PeftModel, prompt: list[int], start: int) -> list[int]:
-    return peft_seq2seq_greedy(peft_model, prompt, NEW_TOKENS, start, eos_token_id=None)
+    return peft_seq2seq_greedy(peft_model, prompt, NEW_TOKENS, decoder_start_token_id=start, eos_token_id=None)
 
 
 def test_single_request_matches_peft(served: tuple[str, Any, ModelRunner]) -> None:

@@ -1,0 +1,197 @@
+"""An encoder-decoder model behind the HTTP API: PEFT SEQ_2_SEQ_LM and full-prefix uploads, generation as PEFT computes
+it, streaming, stop sequences, OpenAI completions, and every bad upload refused with a 4xx that stores nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.geometry import geometry_from_config
+from service.model_loader import LoadedModel, wrap_model
+from service.settings import Settings
+from tests.helpers import (
+    EOS,
+    assert_error,
+    edit_config,
+    make_peft_prefix_adapter,
+    make_peft_seq2seq_model,
+    peft_seq2seq_greedy,
+    read_adapter,
+    safetensors_bytes,
+    save_adapter,
+    sse_events,
+    store_snapshot,
+    tiny_seq2seq,
+    tiny_tokenizer,
+    upload,
+)
+
+PROMPT = "t5 t9 t12 t7 t3 t44"
+
+
+@pytest.fixture(scope="module")
+def seq2seq_loaded() -> LoadedModel:
+    return wrap_model(tiny_seq2seq("t5"), tiny_tokenizer(128), "tiny-t5")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def client(store: Path, seq2seq_loaded: LoadedModel) -> Iterator[TestClient]:
+    settings = Settings(prefix_dir=store, max_running_rows=8, max_prefix_bytes=1 << 20)
+    with TestClient(create_app(settings, seq2seq_loaded)) as test_client:
+        yield test_client
+
+
+def peft_adapter(loaded: LoadedModel, directory: Path, v: int, seed: int, num_layers: int | None = None) -> Any:
+    peft_model = make_peft_seq2seq_model(loaded.model, v, seed, num_layers=num_layers)
+    save_adapter(peft_model, directory)
+    return peft_model
+
+
+def full_prefix_files(adapter_dir: Path, loaded: LoadedModel, encoder_tokens: int, seed: int) -> tuple[bytes, bytes]:
+    """A PEFT adapter made full: the encoder tensor beside prompt_embeddings and the config key that announces it."""
+    from safetensors.torch import load
+
+    config, weights = read_adapter(adapter_dir)
+    g = loaded.geometry
+    generator = torch.Generator().manual_seed(seed)
+    encoder = torch.randn((encoder_tokens, g.encoder_num_layers * 2 * g.token_dim), generator=generator)
+    tensors = {**load(weights), "encoder_prompt_embeddings": encoder}
+    return edit_config(config, encoder_num_virtual_tokens=encoder_tokens), safetensors_bytes(tensors)
+
+
+def generate(client: TestClient, task_id: str, **parameters: Any) -> Any:
+    body = {"task_id": task_id, "inputs": PROMPT, "parameters": {"max_new_tokens": 6, **parameters}}
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_peft_seq2seq_adapter_is_served_as_peft_computes_it(
+    client: TestClient, seq2seq_loaded: LoadedModel, tmp_path: Path
+) -> None:
+    peft_model = peft_adapter(seq2seq_loaded, tmp_path / "a", v=6, seed=1)
+    created = upload(client, "summarise", tmp_path / "a")
+    assert created.status_code == 201, created.text
+    assert created.json()["num_virtual_tokens"] == 6
+    prompt_ids = seq2seq_loaded.tokenizer(PROMPT)["input_ids"]
+    expected = peft_seq2seq_greedy(peft_model, prompt_ids, 6, decoder_start_token_id=0, eos_token_id=EOS)
+    body = generate(client, "summarise")
+    assert body["generated_text"] == seq2seq_loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert body["details"]["generated_tokens"] == len(expected)
+
+
+def test_full_prefix_upload_generates_with_its_encoder_half(
+    client: TestClient, seq2seq_loaded: LoadedModel, tmp_path: Path
+) -> None:
+    peft_adapter(seq2seq_loaded, tmp_path / "a", v=4, seed=2)
+    assert upload(client, "decoder-only", tmp_path / "a").status_code == 201
+    config, weights = full_prefix_files(tmp_path / "a", seq2seq_loaded, encoder_tokens=5, seed=3)
+    full = upload(client, "full", tmp_path / "a", config=config, weights=weights)
+    assert full.status_code == 201, full.text
+    plain, with_encoder = generate(client, "decoder-only"), generate(client, "full")
+    assert plain["generated_text"] != with_encoder["generated_text"]
+    listed = {p["task_id"]: p for p in client.get("/prefixes").json()["prefixes"]}
+    assert listed["full"]["num_virtual_tokens"] == 4
+
+
+def test_streaming_stop_sequences_and_openai_completions(
+    client: TestClient, seq2seq_loaded: LoadedModel, tmp_path: Path
+) -> None:
+    peft_adapter(seq2seq_loaded, tmp_path / "a", v=5, seed=4)
+    assert upload(client, "task", tmp_path / "a").status_code == 201
+    whole = generate(client, "task", max_new_tokens=8)["generated_text"]
+    stream = client.post(
+        "/generate_stream",
+        json={"task_id": "task", "inputs": PROMPT, "parameters": {"max_new_tokens": 8}},
+    )
+    events = sse_events(stream.text)
+    assert "".join(e["token"]["text"] for e in events) == whole
+    assert events[-1]["generated_text"] == whole
+    stop = whole.split()[2]
+    stopped = generate(client, "task", max_new_tokens=8, stop=[stop])
+    assert stopped["details"]["finish_reason"] == "stop_sequence"
+    assert stopped["generated_text"] == " ".join(whole.split()[:3])  # up to and including the stop (TGI's rule)
+    completion = client.post("/v1/completions", json={"model": "task", "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["text"] == whole
+
+
+def test_bad_seq2seq_uploads_are_4xx_and_store_nothing(
+    client: TestClient, seq2seq_loaded: LoadedModel, store: Path, tmp_path: Path, loaded: LoadedModel
+) -> None:
+    geometry = seq2seq_loaded.geometry
+    peft_adapter(seq2seq_loaded, tmp_path / "good", v=4, seed=5)
+    config, weights = read_adapter(tmp_path / "good")
+    full_config, full_weights = full_prefix_files(tmp_path / "good", seq2seq_loaded, encoder_tokens=3, seed=6)
+    make_peft_prefix_adapter(loaded.model, tmp_path / "causal", num_virtual_tokens=4, seed=7)  # a decoder-only one
+    short = make_peft_seq2seq_model(seq2seq_loaded.model, 4, seed=8, num_layers=geometry.num_layers)
+    save_adapter(short, tmp_path / "short")
+    short_config = edit_config(read_adapter(tmp_path / "short")[0], num_layers=geometry.num_layers - 1)
+    encoder_only_weights = safetensors_bytes({"encoder_prompt_embeddings": torch.zeros(3, 8)})
+    from safetensors.torch import load
+
+    wrong_encoder = {**load(full_weights), "encoder_prompt_embeddings": torch.zeros(3, 8)}
+    before = store_snapshot(store)
+    cases: list[tuple[str, dict[str, Any], int, tuple[str, ...]]] = [
+        ("causal adapter", {"config": read_adapter(tmp_path / "causal")[0], "weights": read_adapter(tmp_path / "causal")[1]},
+         422, ("task_type", "SEQ_2_SEQ_LM", "decoder-only")),
+        ("L below the decoder's depth", {"config": short_config, "weights": read_adapter(tmp_path / "short")[1]},
+         422, ("num_layers", f"at least {geometry.num_layers}")),
+        ("token_dim", {"config": edit_config(config, token_dim=geometry.token_dim * 2)}, 422, ("token_dim",)),
+        ("submodules", {"config": edit_config(config, num_transformer_submodules=1)}, 422, ("num_transformer_submodules",)),
+        ("encoder tensor without its key", {"weights": full_weights}, 422, ("encoder_num_virtual_tokens",)),
+        ("key without the tensor", {"config": full_config}, 422, ("encoder_prompt_embeddings",)),
+        ("encoder tensor of the wrong shape", {"config": full_config, "weights": safetensors_bytes(wrong_encoder)},
+         422, ("encoder_prompt_embeddings.shape",)),
+        ("only an encoder tensor", {"config": full_config, "weights": encoder_only_weights}, 422, ("prompt_embeddings",)),
+        ("encoder length out of range", {"config": edit_config(full_config, encoder_num_virtual_tokens=0),
+                                         "weights": full_weights}, 422, ("encoder_num_virtual_tokens",)),
+    ]  # fmt: skip
+    for name, overrides, status, needles in cases:
+        response = upload(client, "bad", tmp_path / "good", **overrides)
+        assert response.status_code == status, (name, response.text)
+        text = json.dumps(response.json())
+        assert all(n in text for n in needles), (name, text)
+    text_task = client.post("/prefixes", data={"task_id": "bad", "text": "an instruction"})
+    assert_error(text_task, 422, "decoder-only model")
+    assert store_snapshot(store) == before
+    assert client.get("/prefixes").json()["prefixes"] == []
+
+
+def test_seq2seq_adapters_are_refused_by_a_decoder_only_server(
+    loaded: LoadedModel, seq2seq_loaded: LoadedModel, tmp_path: Path
+) -> None:
+    peft_adapter(seq2seq_loaded, tmp_path / "s2s", v=4, seed=9)
+    full_config, full_weights = full_prefix_files(tmp_path / "s2s", seq2seq_loaded, encoder_tokens=3, seed=10)
+    g = loaded.geometry
+    causal_shaped = safetensors_bytes(
+        {"prompt_embeddings": torch.zeros(4, g.numbers_per_virtual_token), "encoder_prompt_embeddings": torch.zeros(3, 8)}
+    )
+    settings = Settings(prefix_dir=tmp_path / "store", max_prefix_bytes=1 << 20)
+    with TestClient(create_app(settings, loaded)) as client:
+        assert_error(upload(client, "x", tmp_path / "s2s"), 422, "task_type", "encoder-decoder")
+        causal_config = edit_config(full_config, task_type="CAUSAL_LM", num_layers=g.num_layers, token_dim=g.token_dim,
+                                    num_attention_heads=g.num_kv_heads, num_transformer_submodules=1)  # fmt: skip
+        assert_error(
+            upload(client, "x", tmp_path / "s2s", config=causal_config, weights=causal_shaped),
+            422, "encoder_num_virtual_tokens", "encoder-decoder model",
+        )  # fmt: skip
+        assert_error(
+            upload(client, "x", tmp_path / "s2s", config=edit_config(causal_config, encoder_num_virtual_tokens=None),
+                   weights=causal_shaped),
+            422, "encoder_prompt_embeddings",
+        )  # fmt: skip
+        assert full_weights  # the full file itself is refused by the task_type check above on this server
+        assert client.get("/prefixes").json()["prefixes"] == []
+    assert geometry_from_config(seq2seq_loaded.model.config).is_encoder_decoder
