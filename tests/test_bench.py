@@ -5,10 +5,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from service import cli
 from service.bench.peft_baseline import load_peft_model, peft_generate
 from service.bench.workload import make_workload
-from tests.helpers import make_peft_prefix_model, peft_greedy, save_adapter, tiny_llama, tiny_tokenizer
+from service.batch import ModelRunner, generate
+from service.bench.static_baseline import _generate_batch
+from service.bench.run import TokenClock
+from service.bench.workload import WorkItem
+from service.geometry import geometry_from_config
+from service.prefix import TaskPrefix, prompt_embeddings_to_kv
+from service.requests import GenerationRequest, SamplingParams
+from tests.helpers import (
+    make_peft_prefix_model,
+    make_peft_seq2seq_model,
+    peft_greedy,
+    peft_seq2seq_greedy,
+    save_adapter,
+    tiny_llama,
+    tiny_seq2seq,
+    tiny_tokenizer,
+)
 
 
 def test_patched_peft_generate_equals_peft_forward(tmp_path: Path) -> None:
@@ -24,6 +42,31 @@ def test_patched_peft_generate_equals_peft_forward(tmp_path: Path) -> None:
         for prompt in ([5, 6, 7, 8], [9, 10]):
             assert peft_generate(peft_model, task, prompt, 8) == peft_greedy(reference, prompt, 8)
     assert len(peft_generate(peft_model, "task0", [5, 6], 12, ignore_eos=True)) == 12
+
+
+def test_seq2seq_baselines_compute_what_peft_computes(tmp_path: Path) -> None:
+    """The seed's method on an encoder-decoder model (PEFT's prompt cache through the model's generate) and the static
+    ceiling (prefixes stacked in one EncoderDecoderCache) give PEFT's tokens, as the engine does."""
+    model = tiny_seq2seq("t5")
+    runner = ModelRunner(model, tiny_tokenizer())
+    geometry = geometry_from_config(model.config)
+    references = {f"task{i}": make_peft_seq2seq_model(model, 5, seed=i) for i in range(2)}
+    for task, reference in references.items():
+        save_adapter(reference, tmp_path / task)
+    peft_model = load_peft_model(model, {t: tmp_path / t for t in references})
+    prompts = {"task0": [5, 6, 7, 8, 2], "task1": [9, 10, 11, 2]}
+    prefixes = {}
+    for task, reference in references.items():
+        expected = peft_seq2seq_greedy(reference, prompts[task], 6, decoder_start_token_id=0, eos_token_id=None)
+        with_eos = peft_seq2seq_greedy(reference, prompts[task], 6, decoder_start_token_id=0)
+        assert peft_generate(peft_model, task, prompts[task], 6) == with_eos
+        embeddings = reference.prompt_encoder["default"].embedding.weight.detach()
+        prefixes[task] = TaskPrefix(task, prompt_embeddings_to_kv(embeddings, geometry, dtype=torch.float32, device="cpu"), task)
+        params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        served = generate(runner, [GenerationRequest(prompts[task], prefixes[task], params)])[0].token_ids
+        assert served == expected
+    items = [WorkItem(task, prompts[task], 6) for task in references]
+    assert _generate_batch(runner, items, prefixes, TokenClock()) > 0
 
 
 def test_workload_is_seeded_and_in_range() -> None:
@@ -59,6 +102,24 @@ def test_bench_command_writes_table_json_and_plot(tmp_path: Path, capsys) -> Non
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| mixed | 4 |" in (out / "bench.md").read_text()
     assert "mixed / peft @ 4" in capsys.readouterr().out
+
+
+def test_bench_runs_an_encoder_decoder_model(tmp_path: Path) -> None:
+    config = tmp_path / "tiny-t5.json"
+    config.write_text(json.dumps({
+        "model_type": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_heads": 4, "num_layers": 2,
+        "num_decoder_layers": 2, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 2,
+    }))
+    out = tmp_path / "out"
+    code = cli.main([
+        "bench", "--random-init", str(config), "--device", "cpu", "--clients", "4", "--concurrency", "4",
+        "--tasks", "2", "--prompt-tokens", "4-6", "--new-tokens", "3-5", "--virtual-tokens", "3", "--out", str(out),
+    ])
+    assert code == 0
+    payload = json.loads((out / "bench.json").read_text())
+    assert {r["system"] for r in payload["rows"]} == {"peft", "static", "per-task", "mixed", "no-prefix"}
+    assert all(r["tokens_per_s"] > 0 for r in payload["rows"])
+    assert payload["ratios"]["mixed / peft @ 4"] is not None
 
 
 def test_bench_rejects_unknown_systems(tmp_path: Path) -> None:

@@ -10,6 +10,11 @@ Systems (tokens/s ratios are reported at --clients):
   ray-N      `mixed` as N replicas on Ray Serve (a private local cluster; needs prefix-serve[ray]); not in the
              default set, run at --clients in the first --dtype only
 
+Encoder-decoder models (T5, BART; `--model DIR` or `--random-init` of such a config) run the same systems with PEFT
+SEQ_2_SEQ_LM prefixes; there peft is PEFT's prompt cache handed to the model's `generate` one request at a time
+(PeftModel.generate itself fails for seq2seq prefixes on transformers 5.24), and static stacks the prefixes in the
+self-attention half of an `EncoderDecoderCache`.
+
 With several --dtype values (e.g. float32,bfloat16) static and the engine systems run once per dtype; rows of the
 second and later dtypes are named e.g. `mixed-bfloat16`. peft runs in the first dtype.
 
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from service.batch import ModelRunner, verify_prefix_support
 from service.bench.peft_baseline import load_peft_model
@@ -99,8 +104,9 @@ def _load(args: argparse.Namespace, dtype: str) -> LoadedModel:
     device = resolve_device(args.device)
     torch_dtype = resolve_dtype(dtype, device)
     torch.manual_seed(args.seed)
+    model_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = model_class.from_config(config, dtype=torch_dtype)
     return wrap_model(model, synthetic_tokenizer(config.vocab_size), f"random-init:{args.random_init.name}")
 
 

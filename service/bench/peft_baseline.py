@@ -6,6 +6,10 @@ injects its prefix under the old name, the model ignores it and the output is th
 shim makes it work again without touching either library: PEFT's `prepare_inputs_for_generation` sees the cache
 under the old key it looks for, and the model gets it back under the new one. (PEFT already shifts the position
 ids by V.) `tests/test_bench.py` checks the patched generate against a greedy loop over PEFT's forward.
+
+For encoder-decoder models PEFT's generate fails outright there (its empty cross-attention cache meets transformers'
+layer indexing), so the baseline does what PEFT's generate means to do: the active adapter's prompt cache
+(`get_prompt`, PEFT's own EncoderDecoderCache) handed to the model's `generate`; checked the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +65,18 @@ def peft_generate(
     """Greedy generation for one prompt under one task's prefix; with ignore_eos, exactly max_new_tokens."""
     peft_model.set_adapter(task_id)
     input_ids = torch.tensor([prompt_ids], device=peft_model.device)
+    base = peft_model.get_base_model()
+    if base.config.is_encoder_decoder:
+        output = base.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if ignore_eos else None,
+            do_sample=False,
+            streamer=streamer,
+            cache=peft_model.get_prompt(batch_size=1),
+        )
+        return output[0, 1:].tolist()  # after the decoder start token
     output = peft_model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),

@@ -4,6 +4,9 @@ Each batch stacks its rows' task prefixes into one fresh `DynamicCache` (every t
 bench), left-pads the prompts, and gives `generate` the full mask [prefix | prompt]; transformers derives positions
 from the mask, so real tokens sit at V, V+1, ... as PEFT places them. The batch runs to the longest request's length.
 No queueing, no admission, no streaming to anyone: the best case for a closed batch of the same work.
+
+Encoder-decoder models: the prompts go to the encoder (right-padded), the stacked prefixes into the self-attention
+half of an `EncoderDecoderCache` with an empty cross-attention half, as PEFT builds it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from service.batch import ModelRunner
 from service.bench.run import RequestTiming, RunResult, TokenClock
@@ -24,6 +27,8 @@ def _generate_batch(
     runner: ModelRunner, items: list[WorkItem], prefixes: dict[str, TaskPrefix] | None, clock: TokenClock
 ) -> int:
     """Run one static batch; returns the KV bytes its cache held at the end (its peak: the cache only grows)."""
+    if runner.is_encoder_decoder:
+        return _generate_seq2seq_batch(runner, items, prefixes, clock)
     device = runner.device
     lengths = [len(item.prompt_ids) for item in items]
     width = max(lengths)
@@ -51,6 +56,34 @@ def _generate_batch(
         **{runner.cache_arg: cache},
     )
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _generate_seq2seq_batch(
+    runner: ModelRunner, items: list[WorkItem], prefixes: dict[str, TaskPrefix] | None, clock: TokenClock
+) -> int:
+    lengths = [len(item.prompt_ids) for item in items]
+    input_ids = torch.full((len(items), max(lengths)), runner.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, item in enumerate(items):
+        input_ids[i, : lengths[i]] = torch.tensor(item.prompt_ids)
+        mask[i, : lengths[i]] = 1
+    self_cache = DynamicCache()
+    if prefixes is not None:
+        kv = torch.stack([prefixes[item.task_id].kv for item in items]).to(device=runner.device, dtype=runner.dtype)
+        self_cache = DynamicCache([(kv[:, layer, 0], kv[:, layer, 1]) for layer in range(kv.shape[1])])
+    cache = EncoderDecoderCache(self_cache, DynamicCache())
+    new_tokens = max(item.max_new_tokens for item in items)
+    runner.model.generate(
+        input_ids=input_ids.to(runner.device),
+        attention_mask=mask.to(runner.device),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        streamer=clock,
+        cache=cache,
+    )
+    layers = [*cache.self_attention_cache.layers, *cache.cross_attention_cache.layers]
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
 
 
 def run_static_system(

@@ -68,7 +68,7 @@ def write_random_prefixes(
     for task in task_ids(num_tasks):
         adapter_dir = out_dir / task
         config = PrefixTuningConfig(
-            task_type="CAUSAL_LM",
+            task_type="SEQ_2_SEQ_LM" if geometry.is_encoder_decoder else "CAUSAL_LM",
             num_virtual_tokens=num_virtual_tokens,
             num_layers=geometry.num_layers,
             token_dim=geometry.token_dim,
