@@ -13,8 +13,9 @@ Encoder-decoder models take PEFT's `task_type: "SEQ_2_SEQ_LM"` adapters (`num_tr
 `num_layers` >= the decoder's depth, see `service.prefix.prompt_embeddings_to_kv`). A *full* prefix (Li & Liang's
 encoder + decoder prefix, trained by `prefix-serve train --prefix-sites encoder,decoder`) is the same PEFT file with
 one more config key, `encoder_num_virtual_tokens` (Ve), and one more tensor, `encoder_prompt_embeddings` of shape
-(Ve, encoder_layers * 2 * token_dim): PEFT-only readers see an extra tensor and refuse it (as earlier versions of
-this server do) instead of silently dropping the encoder half.
+(Ve, encoder_layers * 2 * token_dim). Readers that check the file's tensors, as earlier versions of this server do,
+refuse it with a message naming the extra tensor. PEFT 0.21 itself loads it with a warning about the unknown config
+key and uses only the decoder half: the file is documented as prefix-serve's, not PEFT's.
 
 Everything here works on untrusted bytes: the weights are parsed only by `safetensors` (never pickle), and any
 failure becomes a 4xx error that names the field, what was expected and what came.

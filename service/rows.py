@@ -24,6 +24,9 @@ class Row:
     slot: int = -1
     cached: int = 0
     bank_entry: object | None = None
+    # Encoder-decoder rows (service.seq2seq): the decoder's ids start with this token, and the ids a logits processor
+    # sees (a repetition penalty) are the decoder's, as in transformers' generate; the prompt went to the encoder.
+    decoder_start_token_id: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -39,6 +42,8 @@ class Row:
         return len(self.request.prompt_ids) + self.request.params.max_new_tokens
 
     def history(self, device: torch.device) -> torch.Tensor:
+        if self.decoder_start_token_id is not None:
+            return torch.tensor([[self.decoder_start_token_id, *self.generated]], dtype=torch.long, device=device)
         return torch.tensor([self.request.prompt_ids + self.generated], dtype=torch.long, device=device)
 
     def accept(self, token: int, eos_token_ids: frozenset[int]) -> None:

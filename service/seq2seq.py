@@ -219,6 +219,7 @@ class Seq2SeqBatch:
         prefixes = [r.prefix for r in requests]
         encoder_states, encoder_mask = _encode(model, [r.prompt_ids for r in requests], prefixes, runner)
 
+        start = runner.decoder_start_token_id  # type: ignore[attr-defined]
         lengths = [p.num_virtual_tokens if p is not None else 0 for p in prefixes]
         longest = max(lengths)
         layers = runner.decoder_layers  # type: ignore[attr-defined]
@@ -240,9 +241,9 @@ class Seq2SeqBatch:
             encoder_states=encoder_states,
             encoder_mask=encoder_mask,
             next_positions=torch.tensor(lengths, dtype=torch.long, device=device),
-            next_tokens=torch.full((len(requests),), runner.decoder_start_token_id, dtype=torch.long, device=device),  # type: ignore[attr-defined]
+            next_tokens=torch.full((len(requests),), start, dtype=torch.long, device=device),
         )
-        rows = [Row(request=r, sampler=RowSampler(r.params, device)) for r in requests]
+        rows = [Row(request=r, sampler=RowSampler(r.params, device), decoder_start_token_id=start) for r in requests]
         batch = cls(runner, rows, state)
         batch._forward()
         return batch

@@ -538,16 +538,56 @@ def make_peft_seq2seq_model(model: PreTrainedModel, num_virtual_tokens: int, see
     return peft_model.eval()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny random encoder-decoder models (T5, BART) and PEFT's seq2seq greedy reference (prefix training on seq2seq)
+
+# T5: 4 heads x d_kv 16 = token_dim 64 != d_model 32 (PEFT's default token_dim would be wrong), and a decoder deeper
+# than the encoder (PEFT's default num_layers would be wrong). pad 0 doubles as the decoder start, as in T5.
+TINY_T5_KWARGS: dict[str, Any] = dict(
+    vocab_size=128, d_model=32, d_kv=16, d_ff=64, num_heads=4, num_layers=2, num_decoder_layers=3,
+    pad_token_id=0, eos_token_id=EOS, decoder_start_token_id=0,
+)  # fmt: skip
+# BART starts its decoder with eos, like the real checkpoints; init_std 0.2: the default 0.02 is near-uniform.
+TINY_BART_KWARGS: dict[str, Any] = dict(
+    vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+    decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+    pad_token_id=0, bos_token_id=1, eos_token_id=EOS, decoder_start_token_id=EOS,
+    init_std=0.2,
+)  # fmt: skip
+
+
+def tiny_t5(seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny random T5ForConditionalGeneration, in eval mode (the same weights for the same seed)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(**{**TINY_T5_KWARGS, **overrides})).eval()
+
+
+def tiny_bart(seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny random BartForConditionalGeneration, in eval mode (the same weights for the same seed)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(BartConfig(**{**TINY_BART_KWARGS, **overrides})).eval()
+
+
 @torch.no_grad()
 def peft_seq2seq_greedy(
-    peft_model: PeftModel, prompt: list[int], new_tokens: int, start_token_id: int, eos_token_id: int | None = EOS
+    model: PeftModel | PreTrainedModel,
+    prompt: list[int],
+    new_tokens: int,
+    *,
+    decoder_start_token_id: int,
+    eos_token_id: int | None = EOS,
 ) -> list[int]:
-    """The seq2seq reference: PEFT's full forward (encoder + decoder, prefix injected by PEFT) for every new token."""
-    decoder = [start_token_id]
+    """The seq2seq reference: re-run the full forward (for a PeftModel: PEFT's, prefix injected by PEFT itself) on
+    the prompt and the decoder tokens so far, for every new token."""
     x = torch.tensor([prompt])
+    decoded = [decoder_start_token_id]
     for _ in range(new_tokens):
-        logits = peft_model(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=torch.tensor([decoder])).logits
-        decoder.append(int(logits[0, -1].argmax()))
-        if decoder[-1] == eos_token_id:
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=torch.tensor([decoded])).logits
+        decoded.append(int(logits[0, -1].argmax()))
+        if decoded[-1] == eos_token_id:
             break
-    return decoder[1:]
+    return decoded[1:]

@@ -276,3 +276,20 @@ def test_eos_token_of_the_config_ends_rows() -> None:
     model = tiny_seq2seq("t5")
     runner = ModelRunner(model, tiny_tokenizer())
     assert EOS in runner.eos_token_ids
+
+
+def test_repetition_penalty_counts_the_decoders_ids_as_transformers_does() -> None:
+    """The prompt went to the encoder: like transformers' generate, the penalty sees the decoder's ids only. (Not on
+    the deeper-decoder "t5": transformers' own generate sizes its cache by the encoder's depth and fails there.)"""
+    model = tiny_seq2seq("t5-gated")
+    runner = ModelRunner(model, tiny_tokenizer())
+    params = SamplingParams(max_new_tokens=8, repetition_penalty=1.8, ignore_eos=True)
+    served = generate(runner, [GenerationRequest(prompt_ids=PROMPTS[0], prefix=None, params=params)])[0].token_ids
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+            repetition_penalty=1.8, eos_token_id=None,
+        )[0, 1:].tolist()  # fmt: skip
+    assert served == expected
+    plain = generate(runner, [request(PROMPTS[0], None)])[0].token_ids
+    assert plain != served, "the penalty must change the output for the test to mean anything"

@@ -12,8 +12,8 @@ Systems (tokens/s ratios are reported at --clients):
 
 Encoder-decoder models (T5, BART; `--model DIR` or `--random-init` of such a config) run the same systems with PEFT
 SEQ_2_SEQ_LM prefixes; there peft is PEFT's prompt cache handed to the model's `generate` one request at a time
-(PeftModel.generate itself fails for seq2seq prefixes on transformers 5.24), and static stacks the prefixes in the
-self-attention half of an `EncoderDecoderCache`.
+(service/bench/peft_baseline.py says why), and static stacks the prefixes in the self-attention half of an
+`EncoderDecoderCache`.
 
 With several --dtype values (e.g. float32,bfloat16) static and the engine systems run once per dtype; rows of the
 second and later dtypes are named e.g. `mixed-bfloat16`. peft runs in the first dtype.

@@ -7,9 +7,10 @@ shim makes it work again without touching either library: PEFT's `prepare_inputs
 under the old key it looks for, and the model gets it back under the new one. (PEFT already shifts the position
 ids by V.) `tests/test_bench.py` checks the patched generate against a greedy loop over PEFT's forward.
 
-For encoder-decoder models PEFT's generate fails outright there (its empty cross-attention cache meets transformers'
-layer indexing), so the baseline does what PEFT's generate means to do: the active adapter's prompt cache
-(`get_prompt`, PEFT's own EncoderDecoderCache) handed to the model's `generate`; checked the same way.
+For encoder-decoder models the same rename drops the prefix, and where the decoder is deeper than the encoder
+transformers' generate itself fails (it sizes its own cache by the config's encoder depth). So the seq2seq baseline
+does what PEFT's generate means to do, explicitly: the active adapter's prompt cache (`get_prompt`, PEFT's own
+EncoderDecoderCache) handed to the model's `generate`; checked the same way.
 """
 
 from __future__ import annotations

@@ -123,8 +123,9 @@ class Seq2SeqObjective:
         decoder = prefix_from_embeddings(task_id, peft_prompt_embeddings(self.peft_model), self.loaded)
         if self.encoder_prefix is None:
             return decoder
+        loaded = self.loaded
         encoder_kv = encoder_prompt_embeddings_to_kv(
-            self.encoder_prefix.prompt_embeddings(), self.loaded.geometry, dtype=self.loaded.dtype, device=self.loaded.device
+            self.encoder_prefix.prompt_embeddings(), loaded.geometry, dtype=loaded.dtype, device=loaded.device
         )
         return TaskPrefix(task_id=task_id, kv=decoder.kv, sha256="", encoder_kv=encoder_kv)
 

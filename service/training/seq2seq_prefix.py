@@ -15,9 +15,12 @@ What is trained is what is served (`service.seq2seq.Seq2SeqBatch`):
   joins a decoder-only model's completion to its prompt, but a decoder's output starts a new text, where a
   SentencePiece-style tokenizer would spell it as a token of its own.
 
-PEFT's prefix config is given `num_layers` = the decoder's depth (PEFT's default is the encoder's, which breaks when
-the decoder is deeper), `token_dim` = heads x head size (PEFT's default d_model is wrong for a T5 whose
-heads x d_kv != d_model) and the head count.
+PEFT's prefix config is given `num_layers` = twice the decoder's depth, `token_dim` = heads x head size (PEFT's
+default d_model is wrong for a T5 whose heads x d_kv != d_model) and the head count. Why twice: PEFT hands decoder
+layer i rows (4i, 4i+1) mod 2L of its 2L rows, so with L = the decoder's (even) depth layers i and i + L/2 share one
+prefix and half the rows are never read; with L = 2 x depth every layer reads rows of its own (half the rows are
+still unread: PEFT's layout). PEFT's default, the encoder's depth, also breaks when the decoder is deeper. The file
+stays a plain PEFT adapter (PEFT loads it and computes the same prefix).
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from service.training.data import Example
 from service.training.encoding import IGNORE_INDEX, EncodedExample, encode_examples
 
 
-def seq2seq_peft_config(geometry: PrefixGeometry, num_virtual_tokens: int, prefix_projection: bool) -> PrefixTuningConfig:
+def seq2seq_peft_config(
+    geometry: PrefixGeometry, num_virtual_tokens: int, prefix_projection: bool
+) -> PrefixTuningConfig:
     """PEFT's SEQ_2_SEQ_LM prefix config for the served model, with the decoder's shape set explicitly."""
     return PrefixTuningConfig(
         task_type="SEQ_2_SEQ_LM",
         num_virtual_tokens=num_virtual_tokens,
-        num_layers=geometry.num_layers,
+        num_layers=2 * geometry.num_layers,  # every decoder layer its own rows (module docstring)
         token_dim=geometry.token_dim,
         num_attention_heads=geometry.num_kv_heads,
         prefix_projection=prefix_projection,
@@ -82,7 +87,9 @@ class EncoderDecoderBatch:
         )
 
 
-def collate_seq2seq(items: Sequence[EncodedExample], pad_token_id: int, decoder_start_token_id: int) -> EncoderDecoderBatch:
+def collate_seq2seq(
+    items: Sequence[EncodedExample], pad_token_id: int, decoder_start_token_id: int
+) -> EncoderDecoderBatch:
     """Right-padded encoder inputs and teacher-forced decoder inputs. The decoder's padding sits after every real
     token of its row, so the causal mask keeps it out of their attention and the labels keep it out of the loss: no
     decoder attention mask is needed (PEFT would prepend the prefix's ones to one)."""
@@ -115,7 +122,12 @@ class TrainableEncoderPrefix(torch.nn.Module):
     """
 
     def __init__(
-        self, num_virtual_tokens: int, geometry: PrefixGeometry, *, prefix_projection: bool, hidden_size: int | None = None
+        self,
+        num_virtual_tokens: int,
+        geometry: PrefixGeometry,
+        *,
+        prefix_projection: bool,
+        hidden_size: int | None = None,
     ) -> None:
         super().__init__()
         if not geometry.is_encoder_decoder:

@@ -116,7 +116,9 @@ class TrainConfig:
             self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
         )
         check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
-        check(self.prefix_sites in PREFIX_SITES, f"prefix_sites must be one of {PREFIX_SITES}, got {self.prefix_sites!r}")
+        check(
+            self.prefix_sites in PREFIX_SITES, f"prefix_sites must be one of {PREFIX_SITES}, got {self.prefix_sites!r}"
+        )
         check(
             self.encoder_virtual_tokens is None or self.trains_encoder_prefix,
             f"encoder_virtual_tokens is the length of an encoder prefix; prefix_sites {self.prefix_sites!r} has none",
