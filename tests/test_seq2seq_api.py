@@ -195,3 +195,40 @@ def test_seq2seq_adapters_are_refused_by_a_decoder_only_server(
         assert full_weights  # the full file itself is refused by the task_type check above on this server
         assert client.get("/prefixes").json()["prefixes"] == []
     assert geometry_from_config(seq2seq_loaded.model.config).is_encoder_decoder
+
+
+@pytest.mark.slow
+def test_serve_process_with_a_seq2seq_model_dir(seq2seq_loaded: LoadedModel, tmp_path: Path) -> None:
+    """`prefix-serve serve --model <BART dir>` as a real process: the checkpoint loads with its seq2seq class, a PEFT
+    SEQ_2_SEQ_LM adapter uploaded with `prefix-serve upload` answers as PEFT's forward computes it."""
+    import subprocess
+
+    import httpx
+
+    from tests.helpers import ServerProcess, prefix_serve_command, save_model_dir
+
+    model = tiny_seq2seq("bart")
+    model_dir = save_model_dir(model, tmp_path / "tiny-bart")
+    peft_model = make_peft_seq2seq_model(model, 5, seed=28)  # a seed whose answer is not an immediate EOS
+    save_adapter(peft_model, tmp_path / "adapter")
+    server = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log").start()
+    try:
+        uploaded = subprocess.run(
+            [*prefix_serve_command(), "upload", str(tmp_path / "adapter"), "--task-id", "s2s", "--url", server.url],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+        response = httpx.post(
+            f"{server.url}/generate", json={"task_id": "s2s", "inputs": PROMPT, "parameters": {"max_new_tokens": 6}},
+            timeout=60,
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        tokenizer = tiny_tokenizer(128)
+        expected = peft_seq2seq_greedy(
+            peft_model, tokenizer(PROMPT)["input_ids"], 6, decoder_start_token_id=EOS, eos_token_id=EOS
+        )
+        assert response.json()["generated_text"] == tokenizer.decode(expected, skip_special_tokens=True)
+        assert response.json()["details"]["generated_tokens"] == len(expected) >= 3, "not an immediate EOS"
+        assert httpx.get(f"{server.url}/health").json()["model"] == "tiny-bart"
+    finally:
+        server.stop()
