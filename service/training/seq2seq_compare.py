@@ -1,0 +1,178 @@
+"""What the paper's encoder prefix buys: on a frozen seq2seq model, PEFT's decoder prefix vs the full prefix.
+
+Li & Liang prefix an encoder-decoder model on both sides, z = [PREFIX; x; PREFIX'; y]; PEFT's SEQ_2_SEQ_LM prefix
+tuning keeps only PREFIX' (the decoder's). For each task this trains, with the same steps, learning rate, batch
+order and seed:
+
+  - `decoder`        PEFT's prefix, V virtual tokens (what any PEFT user gets);
+  - `decoder-long`   PEFT's prefix with V + Ve tokens: as many prefix tokens as the full prefix, all on the decoder,
+                     so a gain of the full prefix is not just "more prefix";
+  - `encoder+decoder` the full prefix, V decoder + Ve encoder tokens (`prefix-serve train --prefix-sites
+                     encoder,decoder`);
+
+and scores each on the task's held-out split, greedy through the serving engine, after the adapter went through the
+same validation and conversion as an upload. The zero-shot base model (same prompt) is the floor.
+
+No model hub is reachable here, so the base model is the tiny T5 this project pretrains itself on synthetic text
+(`service.training.seq2seq_base`), and the tasks are its seeded synthetic tasks; the script builds the base model
+when the directory does not hold one yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.batch import ModelRunner
+from service.model_loader import LoadedModel
+from service.training.evaluate import ExactMatch, exact_match, max_new_tokens_for, prefix_from_adapter_dir
+from service.training.examples import ExampleTask
+from service.training.report import eval_items
+from service.training.trainer import TrainConfig, save_adapter, train_prefix
+
+logger = logging.getLogger(__name__)
+
+ARMS = ("decoder", "decoder-long", "encoder+decoder")
+ARM_TITLES = {
+    "zero-shot": "zero-shot",
+    "decoder": "PEFT decoder prefix (V)",
+    "decoder-long": "PEFT decoder prefix (V+Ve)",
+    "encoder+decoder": "full prefix (V + Ve)",
+}
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    steps: int = 300
+    num_virtual_tokens: int = 10  # V
+    encoder_virtual_tokens: int = 10  # Ve
+    lr: float = 1e-2
+    batch_size: int = 16
+    seeds: tuple[int, ...] = (0,)
+    prefix_projection: bool = True
+    heldout_limit: int | None = None  # score only the first N held-out examples (quick runs)
+
+    def train_config(self, arm: str, seed: int) -> TrainConfig:
+        v, ve = self.num_virtual_tokens, self.encoder_virtual_tokens
+        return TrainConfig(
+            num_virtual_tokens=v + ve if arm == "decoder-long" else v,
+            prefix_sites="encoder,decoder" if arm == "encoder+decoder" else "decoder",
+            encoder_virtual_tokens=ve if arm == "encoder+decoder" else None,
+            prefix_projection=self.prefix_projection,
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            eval_every=0,
+            seed=seed,
+            progress=False,
+        )
+
+
+@dataclass
+class ArmResult:
+    task_id: str
+    arm: str
+    seed: int
+    heldout: ExactMatch
+    final_loss: float | None = None
+    seconds: float = 0.0
+    trainable_params: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "arm": self.arm,
+            "seed": self.seed,
+            "exact_match": round(self.heldout.accuracy, 4),
+            "correct": self.heldout.correct,
+            "total": self.heldout.total,
+            "final_loss": None if self.final_loss is None else round(self.final_loss, 4),
+            "train_seconds": round(self.seconds, 1),
+            "trainable_params": self.trainable_params,
+            "sample_errors": [
+                {"prompt": p.prompt, "expected": p.expected, "got": p.generated} for p in self.heldout.predictions
+                if not p.correct
+            ][:3],
+        }
+
+
+def compare_prefix_sites(loaded: LoadedModel, tasks: Sequence[ExampleTask], config: CompareConfig) -> list[ArmResult]:
+    """Train and score every arm of every task (and the zero-shot floor); the results in that order."""
+    if not loaded.geometry.is_encoder_decoder:
+        raise ValueError("the encoder prefix needs an encoder-decoder model")
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    results: list[ArmResult] = []
+    for task in tasks:
+        items = eval_items(task.examples("heldout")[: config.heldout_limit], runner)
+        max_new = max_new_tokens_for(items, runner)
+        floor = exact_match(runner, items, None, max_new_tokens=max_new)
+        results.append(ArmResult(task.task_id, "zero-shot", -1, floor))
+        logger.info("%s: zero-shot %s", task.task_id, floor.summary())
+        for seed in config.seeds:
+            for arm in ARMS:
+                results.append(_train_and_score(loaded, runner, task, arm, seed, config, items, max_new))
+    return results
+
+
+def _train_and_score(
+    loaded: LoadedModel,
+    runner: ModelRunner,
+    task: ExampleTask,
+    arm: str,
+    seed: int,
+    config: CompareConfig,
+    items: list[Any],
+    max_new: int,
+) -> ArmResult:
+    started = time.perf_counter()
+    result = train_prefix(loaded, task.examples("train"), config.train_config(arm, seed), task_id=task.task_id)
+    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="prefix-serve-compare-") as scratch:
+        adapter_dir = save_adapter(result, Path(scratch), loaded)
+        prefix = prefix_from_adapter_dir(adapter_dir, task.task_id, loaded)  # exactly what an upload serves
+    heldout = exact_match(runner, items, prefix, max_new_tokens=max_new)
+    logger.info("%s: %s (seed %d): %s in %.0f s", task.task_id, arm, seed, heldout.summary(), seconds)
+    return ArmResult(
+        task.task_id, arm, seed, heldout, result.losses[-1] if result.losses else None, seconds,
+        result.trainable_params,
+    )  # fmt: skip
+
+
+def markdown_table(results: Sequence[ArmResult]) -> str:
+    """One row per task: held-out exact match of the floor and each arm (mean over seeds, with the range)."""
+    columns = ["zero-shot", *ARMS]
+    header = ["task", "held-out n"] + [ARM_TITLES[c] for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for task_id in dict.fromkeys(r.task_id for r in results):
+        rows = [r for r in results if r.task_id == task_id]
+        cells = [task_id, str(rows[0].heldout.total)]
+        for column in columns:
+            scores = [100 * r.heldout.accuracy for r in rows if r.arm == column]
+            if not scores:
+                cells.append("n/a")
+            elif len(scores) == 1:
+                cells.append(f"{scores[0]:.1f}%")
+            else:
+                cells.append(f"{sum(scores) / len(scores):.1f}% ({min(scores):.0f}–{max(scores):.0f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, results: Sequence[ArmResult], config: CompareConfig, base: dict[str, Any]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results)
+    payload = {
+        "config": {**config.__dict__, "seeds": list(config.seeds)},
+        "base_model": base,
+        "results": [r.to_json() for r in results],
+        "table": table,
+    }
+    (out / "seq2seq-compare.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "seq2seq-compare.md").write_text(table + "\n")
+    return table
