@@ -24,7 +24,7 @@ from service.errors import UnsupportedModelError
 from service.geometry import PrefixGeometry, geometry_from_config
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, GenerationResult
-from service.rows import Row, select_tokens
+from service.rows import PaddedRows, Row, select_tokens
 from service.sampler import RowSampler
 from service import seq2seq
 
@@ -101,7 +101,7 @@ class ModelRunner:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
-class DecodeBatch:
+class DecodeBatch(PaddedRows):
     """Rows with their KV cache, attention mask and next positions. Every row always has one pending token."""
 
     def __init__(
@@ -202,13 +202,6 @@ class DecodeBatch:
 
     # -- batch algebra --------------------------------------------------------------------------------------------
 
-    def pop_finished(self) -> list[Row]:
-        """Remove finished rows (freeing their cache) and return them."""
-        done = [row for row in self.rows if row.finished]
-        if done:
-            self.filter([i for i, row in enumerate(self.rows) if not row.finished])
-        return done
-
     def filter(self, keep: list[int]) -> None:
         """Keep only rows `keep`, and drop leading KV columns no remaining row attends to."""
         self.rows = [self.rows[i] for i in keep]
@@ -265,9 +258,8 @@ class DecodeBatch:
 
 def generate(runner: ModelRunner, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
     """Run requests as one static batch to completion (rows leave the batch as they finish)."""
-    if runner.is_encoder_decoder:
-        return seq2seq.generate(runner, requests)
-    batch = DecodeBatch.prefill(runner, requests)
+    batch_type = seq2seq.Seq2SeqBatch if runner.is_encoder_decoder else DecodeBatch
+    batch: DecodeBatch | seq2seq.Seq2SeqBatch = batch_type.prefill(runner, requests)
     results: dict[int, GenerationResult] = {}
     order = {id(r): i for i, r in enumerate(requests)}
     while True:

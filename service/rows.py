@@ -67,6 +67,23 @@ class Row:
         )
 
 
+class PaddedRows:
+    """What the padded batch values (`service.batch.DecodeBatch`, `service.seq2seq.Seq2SeqBatch`) share: rows leave
+    through `filter`, which each implements for its own tensors."""
+
+    rows: list[Row]
+
+    def filter(self, keep: list[int]) -> None:
+        raise NotImplementedError
+
+    def pop_finished(self) -> list[Row]:
+        """Remove finished rows (freeing their KV) and return them."""
+        done = [row for row in self.rows if row.finished]
+        if done:
+            self.filter([i for i, row in enumerate(self.rows) if not row.finished])
+        return done
+
+
 def select_tokens(rows: list[Row], logits: torch.Tensor, device: torch.device) -> list[int]:
     """The next token of each row from its logits row (one per row, any float dtype), with one host sync for the
     batch: greedy rows take the argmax (exact in the model's dtype: upcasting changes no order), other rows run

@@ -39,8 +39,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from service.errors import UnsupportedModelError
 from service.geometry import PrefixGeometry
 from service.prefix import TaskPrefix
-from service.requests import GenerationRequest, GenerationResult
-from service.rows import Row, select_tokens
+from service.requests import GenerationRequest
+from service.rows import PaddedRows, Row, select_tokens
 from service.sampler import RowSampler
 
 ATTN_IMPLEMENTATION = "prefix_serve_seq2seq"
@@ -186,7 +186,7 @@ class _State:
 
 
 @dataclass
-class Seq2SeqBatch:
+class Seq2SeqBatch(PaddedRows):
     """Rows of an encoder-decoder model decoding together: prefill, step, filter, concatenate (as `DecodeBatch`)."""
 
     runner: object  # service.batch.ModelRunner (not imported: it imports this module's batch for the padded layout)
@@ -292,12 +292,6 @@ class Seq2SeqBatch:
 
     # -- batch algebra --------------------------------------------------------------------------------------------
 
-    def pop_finished(self) -> list[Row]:
-        done = [row for row in self.rows if row.finished]
-        if done:
-            self.filter([i for i, row in enumerate(self.rows) if not row.finished])
-        return done
-
     def filter(self, keep: list[int]) -> None:
         """Keep rows `keep`; drop leading self-attention and trailing encoder columns no remaining row uses."""
         self.rows = [self.rows[i] for i in keep]
@@ -374,20 +368,6 @@ def _encode(
     with torch.inference_mode(), active_plan(plan):
         states = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
     return states, mask
-
-
-def generate(runner: object, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-    """Run requests as one static batch to completion (rows leave the batch as they finish)."""
-    batch = Seq2SeqBatch.prefill(runner, requests)
-    results: dict[int, GenerationResult] = {}
-    order = {id(r): i for i, r in enumerate(requests)}
-    while True:
-        for row in batch.pop_finished():
-            results[order[id(row.request)]] = row.result(runner.decode(row.generated))  # type: ignore[attr-defined]
-        if not len(batch):
-            break
-        batch.step()
-    return [results[i] for i in range(len(requests))]
 
 
 def verify_seq2seq_support(runner: object, geometry: PrefixGeometry) -> None:

@@ -66,19 +66,7 @@ def peft_generate(
     """Greedy generation for one prompt under one task's prefix; with ignore_eos, exactly max_new_tokens."""
     peft_model.set_adapter(task_id)
     input_ids = torch.tensor([prompt_ids], device=peft_model.device)
-    base = peft_model.get_base_model()
-    if base.config.is_encoder_decoder:
-        output = base.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens if ignore_eos else None,
-            do_sample=False,
-            streamer=streamer,
-            cache=peft_model.get_prompt(batch_size=1),
-        )
-        return output[0, 1:].tolist()  # after the decoder start token
-    output = peft_model.generate(
+    kwargs: dict[str, Any] = dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
@@ -86,4 +74,9 @@ def peft_generate(
         do_sample=False,
         streamer=streamer,
     )
+    base = peft_model.get_base_model()
+    if base.config.is_encoder_decoder:
+        output = base.generate(**kwargs, cache=peft_model.get_prompt(batch_size=1))
+        return output[0, 1:].tolist()  # after the decoder start token
+    output = peft_model.generate(**kwargs)
     return output[0, len(prompt_ids) :].tolist()
