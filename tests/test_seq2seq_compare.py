@@ -30,6 +30,7 @@ def test_compare_runs_every_arm_and_writes_the_table(tmp_path: Path, capsys: pyt
     assert all(r["total"] == 8 for r in payload["results"])
     # The full prefix trains more parameters than V decoder tokens alone (its encoder prefix's own MLP).
     assert by_arm["encoder+decoder"]["trainable_params"] > by_arm["decoder"]["trainable_params"]
+    assert all(by_arm[a]["heldout_loss"] > 0 for a in ("decoder", "decoder-long", "encoder+decoder"))
     assert payload["base_model"]["steps"] == 2
     assert "full prefix (V + Ve)" in capsys.readouterr().out
 

@@ -11,7 +11,9 @@ order and seed:
                      encoder,decoder`);
 
 and scores each on the task's held-out split, greedy through the serving engine, after the adapter went through the
-same validation and conversion as an upload. The zero-shot base model (same prompt) is the floor.
+same validation and conversion as an upload, and by its held-out loss (teacher forcing, per target token), which
+still separates the arms where a weak base model leaves exact match near zero. The zero-shot base model (same
+prompt) is the floor.
 
 No model hub is reachable here, so the base model is the tiny T5 this project pretrains itself on synthetic text
 (`service.training.seq2seq_base`), and the tasks are its seeded synthetic tasks; the script builds the base model
@@ -81,6 +83,7 @@ class ArmResult:
     seed: int
     heldout: ExactMatch
     final_loss: float | None = None
+    heldout_loss: float | None = None
     seconds: float = 0.0
     trainable_params: int = 0
 
@@ -93,6 +96,7 @@ class ArmResult:
             "correct": self.heldout.correct,
             "total": self.heldout.total,
             "final_loss": None if self.final_loss is None else round(self.final_loss, 4),
+            "heldout_loss": None if self.heldout_loss is None else round(self.heldout_loss, 4),
             "train_seconds": round(self.seconds, 1),
             "trainable_params": self.trainable_params,
             "sample_errors": [
@@ -109,14 +113,15 @@ def compare_prefix_sites(loaded: LoadedModel, tasks: Sequence[ExampleTask], conf
     runner = ModelRunner(loaded.model, loaded.tokenizer)
     results: list[ArmResult] = []
     for task in tasks:
-        items = eval_items(task.examples("heldout")[: config.heldout_limit], runner)
+        heldout = task.examples("heldout")[: config.heldout_limit]
+        items = eval_items(heldout, runner)
         max_new = max_new_tokens_for(items, runner)
         floor = exact_match(runner, items, None, max_new_tokens=max_new)
         results.append(ArmResult(task.task_id, "zero-shot", -1, floor))
         logger.info("%s: zero-shot %s", task.task_id, floor.summary())
         for seed in config.seeds:
             for arm in ARMS:
-                results.append(_train_and_score(loaded, runner, task, arm, seed, config, items, max_new))
+                results.append(_train_and_score(loaded, runner, task, arm, seed, config, heldout, items, max_new))
     return results
 
 
@@ -127,25 +132,29 @@ def _train_and_score(
     arm: str,
     seed: int,
     config: CompareConfig,
+    heldout: Sequence[Any],
     items: list[Any],
     max_new: int,
 ) -> ArmResult:
     started = time.perf_counter()
-    result = train_prefix(loaded, task.examples("train"), config.train_config(arm, seed), task_id=task.task_id)
+    train_config = config.train_config(arm, seed)
+    # eval_every=0 with held-out examples: one evaluation at the end, whose teacher-forced loss is reported.
+    result = train_prefix(loaded, task.examples("train"), train_config, eval_examples=heldout, task_id=task.task_id)
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="prefix-serve-compare-") as scratch:
         adapter_dir = save_adapter(result, Path(scratch), loaded)
         prefix = prefix_from_adapter_dir(adapter_dir, task.task_id, loaded)  # exactly what an upload serves
-    heldout = exact_match(runner, items, prefix, max_new_tokens=max_new)
-    logger.info("%s: %s (seed %d): %s in %.0f s", task.task_id, arm, seed, heldout.summary(), seconds)
+    heldout_match = exact_match(runner, items, prefix, max_new_tokens=max_new)
+    logger.info("%s: %s (seed %d): %s in %.0f s", task.task_id, arm, seed, heldout_match.summary(), seconds)
     return ArmResult(
-        task.task_id, arm, seed, heldout, result.losses[-1] if result.losses else None, seconds,
-        result.trainable_params,
+        task.task_id, arm, seed, heldout_match, result.losses[-1] if result.losses else None,
+        result.evals[-1].eval_loss if result.evals else None, seconds, result.trainable_params,
     )  # fmt: skip
 
 
 def markdown_table(results: Sequence[ArmResult]) -> str:
-    """One row per task: held-out exact match of the floor and each arm (mean over seeds, with the range)."""
+    """One row per task: held-out exact match of the floor and each arm (mean over seeds, with the range), and the
+    arms' mean held-out loss."""
     columns = ["zero-shot", *ARMS]
     header = ["task", "held-out n"] + [ARM_TITLES[c] for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -156,10 +165,14 @@ def markdown_table(results: Sequence[ArmResult]) -> str:
             scores = [100 * r.heldout.accuracy for r in rows if r.arm == column]
             if not scores:
                 cells.append("n/a")
-            elif len(scores) == 1:
-                cells.append(f"{scores[0]:.1f}%")
             else:
-                cells.append(f"{sum(scores) / len(scores):.1f}% ({min(scores):.0f}–{max(scores):.0f})")
+                cell = f"{scores[0]:.1f}%" if len(scores) == 1 else (
+                    f"{sum(scores) / len(scores):.1f}% ({min(scores):.0f}–{max(scores):.0f})"
+                )  # fmt: skip
+                losses = [r.heldout_loss for r in rows if r.arm == column and r.heldout_loss is not None]
+                if losses:
+                    cell += f", loss {sum(losses) / len(losses):.2f}"
+                cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
