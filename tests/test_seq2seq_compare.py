@@ -19,13 +19,13 @@ def test_compare_runs_every_arm_and_writes_the_table(tmp_path: Path, capsys: pyt
     build_seq2seq_base(base, steps=2, corpus_size=300, vocab_size=300, batch_size=4, threads=1)
     out = tmp_path / "out"
     code = cli.main([
-        "examples", "seq2seq-compare", "--base", str(base), "--tasks", "trip-destination", "--steps", "2",
+        "examples", "seq2seq-compare", "--base", str(base), "--tasks", "travel-mode", "--steps", "2",
         "--num-virtual-tokens", "2", "--encoder-virtual-tokens", "3", "--batch-size", "4", "--limit", "8", "--out", str(out),
     ])  # fmt: skip
     assert code == 0
     payload = json.loads((out / "seq2seq-compare.json").read_text())
     arms = [(r["task_id"], r["arm"]) for r in payload["results"]]
-    assert arms == [("trip-destination", a) for a in ("zero-shot", "decoder", "decoder-long", "encoder+decoder")]
+    assert arms == [("travel-mode", a) for a in ("zero-shot", "decoder", "decoder-long", "encoder+decoder")]
     by_arm = {r["arm"]: r for r in payload["results"]}
     assert all(r["total"] == 8 for r in payload["results"])
     # The full prefix trains more parameters than V decoder tokens alone (its encoder prefix's own MLP).
@@ -33,6 +33,21 @@ def test_compare_runs_every_arm_and_writes_the_table(tmp_path: Path, capsys: pyt
     assert all(by_arm[a]["heldout_loss"] > 0 for a in ("decoder", "decoder-long", "encoder+decoder"))
     assert payload["base_model"]["steps"] == 2
     assert "full prefix (V + Ve)" in capsys.readouterr().out
+
+
+def test_label_tasks_are_seeded_and_their_splits_disjoint() -> None:
+    import re
+
+    from service.training.seq2seq_compare import _LABEL_WORDS, LABEL_TASKS
+
+    train_words = set(_LABEL_WORDS["train"]["name"]) | set(_LABEL_WORDS["train"]["place"])
+    for task in LABEL_TASKS.values():
+        train, heldout = task.records("train"), task.records("heldout")
+        assert train == task.records("train") and len(train) == 400 and len(heldout) == 100
+        assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+        for record in heldout:  # no held-out sentence names a training name or place
+            assert not set(re.findall(r"[A-Za-z]+", record["prompt"])) & train_words, record
+        assert {r["completion"] for r in heldout} <= {r["completion"] for r in train}
 
 
 def test_compare_refuses_unknown_tasks(tmp_path: Path) -> None:

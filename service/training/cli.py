@@ -194,7 +194,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s2s.add_argument("--base", type=Path, default=Path("seq2seq-base"),
                      help="The base model directory; built there (a few CPU minutes) when it holds no model.")
     s2s.add_argument("--base-steps", type=int, default=None, help="Pretraining steps when the base is built.")
-    s2s.add_argument("--tasks", nargs="+", help="Only these seq2seq tasks (default: all).")
+    s2s.add_argument("--tasks", nargs="+",
+                     help="Tasks: travel-mode, event-month (the default pair) and the base module's trip-destination, "
+                          "who-did-what.")
     s2s.add_argument("--steps", type=int, default=300, help="Training steps of every arm (default 300).")
     s2s.add_argument("--num-virtual-tokens", type=int, default=10, help="V of every prefix (default 10).")
     s2s.add_argument("--encoder-virtual-tokens", type=int, default=10, help="Ve of the full prefix (default 10).")
@@ -587,13 +589,15 @@ def _examples_seq2seq_compare(args: argparse.Namespace) -> int:
     from service.model_loader import load_base_model
     from service.settings import Settings
     from service.training.seq2seq_base import DEFAULT_STEPS, REPORT_FILE, SEQ2SEQ_TASKS, build_seq2seq_base
-    from service.training.seq2seq_compare import CompareConfig, compare_prefix_sites, write_report
+    from service.training.seq2seq_compare import LABEL_TASKS, CompareConfig, compare_prefix_sites, write_report
+
+    available = {**LABEL_TASKS, **SEQ2SEQ_TASKS}
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    unknown = sorted(set(args.tasks or []) - set(SEQ2SEQ_TASKS))
+    unknown = sorted(set(args.tasks or []) - set(available))
     if unknown:
-        raise ValueError(f"--tasks: unknown seq2seq tasks {unknown}; choose from {', '.join(SEQ2SEQ_TASKS)}")
+        raise ValueError(f"--tasks: unknown seq2seq tasks {unknown}; choose from {', '.join(available)}")
     if not (args.base / "config.json").is_file():
         logger.info("building the seq2seq base model into %s", args.base)
         build_seq2seq_base(args.base, steps=args.base_steps or DEFAULT_STEPS, threads=torch.get_num_threads())
@@ -604,7 +608,7 @@ def _examples_seq2seq_compare(args: argparse.Namespace) -> int:
         steps=args.steps, num_virtual_tokens=args.num_virtual_tokens, encoder_virtual_tokens=args.encoder_virtual_tokens,
         lr=args.lr, batch_size=args.batch_size, seeds=tuple(args.seeds), heldout_limit=args.limit,
     )  # fmt: skip
-    tasks = [SEQ2SEQ_TASKS[t] for t in (args.tasks or SEQ2SEQ_TASKS)]
+    tasks = [available[t] for t in (args.tasks or LABEL_TASKS)]
     results = compare_prefix_sites(loaded, tasks, config)
     print(write_report(args.out, results, config, base))
     print(f"wrote {args.out / 'seq2seq-compare.json'}")

@@ -16,17 +16,20 @@ still separates the arms where a weak base model leaves exact match near zero. T
 prompt) is the floor.
 
 No model hub is reachable here, so the base model is the tiny T5 this project pretrains itself on synthetic text
-(`service.training.seq2seq_base`), and the tasks are its seeded synthetic tasks; the script builds the base model
-when the directory does not hold one yet.
+(`service.training.seq2seq_base`); the script builds it when the directory does not hold one yet. Tasks: the base
+module's extraction tasks (whose answers are held-out words the model must copy, hard for so small a base), and two
+label tasks defined here (`LABEL_TASKS`) whose answers come from a fixed set but must be read off the right part of
+a sentence with distractors: held-out sentences use other names, places, dates and sentence shapes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +37,98 @@ from typing import Any
 from service.batch import ModelRunner
 from service.model_loader import LoadedModel
 from service.training.evaluate import ExactMatch, exact_match, max_new_tokens_for, prefix_from_adapter_dir
-from service.training.examples import ExampleTask
+from service.training.examples import ExampleTask, Record, Split, split_pool
+from service.training.seq2seq_base import MONTHS, NAMES, PLACES
 from service.training.report import eval_items
 from service.training.trainer import TrainConfig, save_adapter, train_prefix
 
 logger = logging.getLogger(__name__)
+
+# -- two label tasks ------------------------------------------------------------------------------------------------
+
+_MODES = {"flew": "plane", "drove": "car", "walked": "foot", "cycled": "bike", "sailed": "boat"}
+_HABITS = {"plane": "flies", "car": "drives", "foot": "walks", "bike": "cycles", "boat": "sails"}
+_MODE_SHAPES: dict[Split, list[str]] = {
+    "train": [
+        "{a} {verb} from {x} to {y} in {month}.",
+        "{a}, who usually {habit}, {verb} from {x} to {y}.",
+        "Last {month} {a} {verb} to {y}, although {b} {habit}.",
+    ],
+    "heldout": [
+        "In {month}, {a} {verb} all the way to {y} from {x}.",
+        "Although {a} always {habit}, this time {a} {verb} to {y}.",
+    ],
+}
+_MONTH_SHAPES: dict[Split, list[str]] = {
+    "train": [
+        "{a}, born in {other}, moved to {x} on {day} {month} {year}.",
+        "On {day} {month} {year} {a} opened a shop in {x}; {b} joined in {other}.",
+        "{a} booked the trip in {other} and flew to {x} on {day} {month} {year}.",
+    ],
+    "heldout": [
+        "{a} arrived in {x} on {day} {month} {year}, having left {y} in {other}.",
+        "Planned since {other}, the move of {a} to {x} happened on {day} {month} {year}.",
+    ],
+}
+_LABEL_POOL = {"name": NAMES, "place": PLACES, "year": [str(y) for y in range(1950, 2030)]}
+_LABEL_WORDS = split_pool("seq2seq-label-tasks", _LABEL_POOL)
+
+
+def _label_records(
+    make: Callable[[random.Random, dict[str, list[str]], str], Record], shapes: dict[Split, list[str]]
+) -> Callable[[Split, int, random.Random], list[Record]]:
+    """A task generator: `size` distinct records of the split, each from a sentence shape of that split."""
+
+    def generate(split: Split, size: int, rng: random.Random) -> list[Record]:
+        words, records, seen = _LABEL_WORDS[split], [], set()
+        while len(records) < size:
+            record = make(rng, words, rng.choice(shapes[split]))
+            if record["prompt"] not in seen:
+                seen.add(record["prompt"])
+                records.append(record)
+        return records
+
+    return generate
+
+
+def _mode(rng: random.Random, words: dict[str, list[str]], shape: str) -> Record:
+    a, b = rng.sample(words["name"], 2)
+    x, y = rng.sample(words["place"], 2)
+    verb = rng.choice(list(_MODES))
+    habit = _HABITS[rng.choice([m for m in _HABITS if m != _MODES[verb]])]  # a distractor: another way to travel
+    text = shape.format(a=a, b=b, x=x, y=y, verb=verb, habit=habit, month=rng.choice(MONTHS))
+    return {"prompt": f"Trip : {text} Mode :", "completion": f" {_MODES[verb]}"}
+
+
+def _month(rng: random.Random, words: dict[str, list[str]], shape: str) -> Record:
+    a, b = rng.sample(words["name"], 2)
+    x, y = rng.sample(words["place"], 2)
+    month, other = rng.sample(MONTHS, 2)  # the event's month and a distractor month
+    text = shape.format(a=a, b=b, x=x, y=y, month=month, other=other, day=rng.randint(1, 28),
+                        year=rng.choice(words["year"]))  # fmt: skip
+    return {"prompt": f"Event : {text} Month :", "completion": f" {month}"}
+
+
+LABEL_TASKS: dict[str, ExampleTask] = {
+    task.task_id: task
+    for task in (
+        ExampleTask(
+            task_id="travel-mode",
+            description="how the trip in the sentence was made (plane/car/foot/bike/boat), past a habit distractor",
+            template=None, prompt_template="Trip : {inputs} Mode :",
+            instruction="How was this trip made? Answer plane, car, foot, bike or boat.",
+            train_size=400, heldout_size=100, seed=0, _generate=_label_records(_mode, _MODE_SHAPES),
+        ),
+        ExampleTask(
+            task_id="event-month",
+            description="the month of the sentence's main event, past another month",
+            template=None, prompt_template="Event : {inputs} Month :",
+            instruction="In which month did the main event happen? Answer with the month only.",
+            train_size=400, heldout_size=100, seed=0, _generate=_label_records(_month, _MONTH_SHAPES),
+        ),
+    )
+}  # fmt: skip
+
 
 ARMS = ("decoder", "decoder-long", "encoder+decoder")
 ARM_TITLES = {
