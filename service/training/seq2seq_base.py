@@ -4,24 +4,31 @@ Why: the experiment "what does an encoder prefix buy on a frozen seq2seq model" 
 that actually reads its encoder input, plus tasks whose held-out exact match is measurable. No hub model can be
 downloaded here, and a randomly initialised T5 reads nothing, so the project builds its own:
 
-- `generate_corpus`: English-like synthetic sentences (actions, trips, purchases, meetings, descriptions, births)
-  from the word lists below, each with the fields it states (who, did, what, where, when, from, to, ...). Seeded,
-  nothing downloaded.
+- `generate_corpus`: English-like synthetic sentences (actions, trips, purchases, meetings, descriptions, births,
+  everyday scenes) from the word lists below, each with the fields it states (who, did, what, where, when, from,
+  to, ...). Seeded, nothing downloaded.
 - `train_tokenizer`: a case-preserving BPE tokenizer (SentencePiece-style `▁` spaces, digits split one by one,
   punctuation split off) trained offline on that corpus, wrapped as a `PreTrainedTokenizerFast` with T5's special
   tokens: `<pad>`=0, `</s>`=1, `<unk>`=2, sentinels `<extra_id_0>`..`<extra_id_N>`, and `</s>` appended to every
-  encoded text, as T5's tokenizer does.
-- `tiny_t5_config` + `build_seq2seq_base`: a ~3M-parameter `T5ForConditionalGeneration` pretrained from random init
-  on a T5-style mixture: span-corruption denoising (no instruction, like T5) plus instructed transformations of the
-  sentences (copy, word reversal, one field, all fields as a record) so the decoder learns to read the encoder.
+  encoded text, as T5's tokenizer does. Every word of the lists is one token.
+- `tiny_t5_config` + `build_seq2seq_base`: a ~2.5M-parameter `T5ForConditionalGeneration` pretrained from random
+  init (plus `copy_friendly_init`, see there: without it the model never learnt to copy a word in the budget) on a
+  T5-style mixture: span-corruption denoising (no instruction, like T5) plus instructed transformations of the
+  sentences (all fields as a record, one field, copy, word reversal) so the decoder learns to read the encoder.
   The result is a normal Hugging Face directory (float32 safetensors, tokenizer, generation config).
 - `SEQ2SEQ_TASKS`: two prefix-tuning tasks on that frozen model (`trip-destination`, `who-did-what`), in the style of
-  `service.training.examples`: `{"prompt", "completion"}` records, train / held-out splits built from disjoint word
-  lists (names, places, verbs, objects, adjectives), so a held-out answer never contains a training value. Their
-  sentence templates are the task's own (not the corpus's) and shared by both splits: the tasks test reading a role
-  out of a sentence, and the values are what must not be memorised. Their prompt format ("Trip : ... Destination :")
-  is not one the base model was pretrained on, so it does not solve them zero-shot; it did learn the underlying skills
-  (copying fields out of the encoder input), which a prefix can steer it to.
+  `service.training.examples`: `{"prompt", "completion"}` records whose completion is a short normalised form built
+  from words of the input ("Anna to Oslo", "Anna repaired the bicycle"), train / held-out splits built from disjoint
+  word lists (names, places, verbs, objects, adjectives), so a held-out answer never contains a training value.
+  Their sentence templates are the task's own (not the corpus's) and shared by both splits: the tasks test reading
+  roles out of a sentence, and the values are what must not be memorised. Their prompt format ("Trip : ... Who went
+  where :") and answer forms are not ones the base model was pretrained on, so it does not solve them zero-shot; it
+  did learn the underlying skill (finding a role's word in the encoder input and copying it), which a prefix can
+  steer it to.
+
+Runs on CPU: ~0.2 s per step of 32 examples with 2 threads, so the default 1200 steps take about 4-5 minutes. On a
+shared machine, set OMP_WAIT_POLICY=PASSIVE before starting Python: with another process busy on the same cores,
+OpenMP's spin-waiting made steps up to 30 times slower.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 from service.training.examples import ExampleTask, Record, Split, split_pool
@@ -52,7 +59,7 @@ DEFAULT_VOCAB_SIZE = 1500
 DEFAULT_CORPUS_SIZE = 20_000
 DEFAULT_STEPS = 1200
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_LEARNING_RATE = 2e-3
+DEFAULT_LEARNING_RATE = 3e-3  # 5e-3 was unstable; 2e-3 slower
 MAX_INPUT_TOKENS = 128
 MAX_TARGET_TOKENS = 64
 REPORT_FILE = "pretrain_report.json"
@@ -175,6 +182,7 @@ def _purchase(rng: random.Random) -> tuple[str, dict[str, str]]:
     f = {"who": rng.choice(NAMES), "count": str(count), "what": rng.choice(OBJECTS), "where": rng.choice(PLACES),
          "when": _when(rng)}  # fmt: skip
     adj, things = rng.choice(ADJECTIVES), _plural(f["what"])
+    f["what"] = things  # the field is what the sentence says: copied, not lemmatised
     templates = [
         ("{who} bought {count} {things} in {where}.", ("who", "count", "what", "where")),
         ("In {where}, {who} sold {count} {adj} {things}.", ("who", "count", "what", "where")),
@@ -288,9 +296,13 @@ def train_tokenizer(
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
+        [
+            pre_tokenizers.Metaspace(prepend_scheme="first"),  # "first": no "▁" invented after a sentinel
+            pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
     )
-    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[PAD_TOKEN, EOS_TOKEN, UNK_TOKEN],
@@ -303,7 +315,8 @@ def train_tokenizer(
         if tokenizer.token_to_id(token) != expected:
             raise RuntimeError(f"tokenizer put {token} at {tokenizer.token_to_id(token)}, T5 needs {expected}")
     sentinel_tokens = [sentinel(index) for index in range(sentinels)]
-    tokenizer.add_special_tokens(sentinel_tokens)
+    # lstrip: "the <extra_id_0> lamp" -> ▁the <extra_id_0> ▁lamp, no stray "▁" for the space before a sentinel
+    tokenizer.add_special_tokens([AddedToken(token, lstrip=True, special=True) for token in sentinel_tokens])
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS_TOKEN}", pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}", special_tokens=[(EOS_TOKEN, EOS_ID)]
     )
@@ -357,10 +370,37 @@ def generation_config() -> GenerationConfig:
 
 
 def new_model(config: T5Config, seed: int) -> T5ForConditionalGeneration:
+    """A randomly initialised T5 (Hugging Face's init, seeded) with a copy-friendly cross-attention init."""
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config)
+    copy_friendly_init(model, seed)
     model.generation_config = generation_config()
     return model
+
+
+@torch.no_grad()
+def copy_friendly_init(model: T5ForConditionalGeneration, seed: int) -> None:
+    """Initialise each decoder cross-attention's value and output projections as a random orthogonal pair (o = v^T).
+
+    Why: almost every pretraining target is a word the decoder must copy from the encoder, and a copy of one of
+    ~450 different words needs the cross-attention's value -> output map to be close to the identity on the
+    embedding space. From T5's Gaussian init that full-rank map took longer to appear than a CPU budget allows: after
+    1200 steps the model only copied digits (10 frequent tokens) and guessed names and places from the templates.
+    Started as an identity map (still random: a random orthogonal basis), a decoder that attends to a word already
+    emits it, and the model only has to learn where to attend: a field-extraction run reached 0.8 exact match on
+    names and places in 400 steps, against ~0.02 from the plain init. The query/key projections (where to attend) and
+    everything else keep Hugging Face's T5 init. With heads * d_kv < d_model the map is a projection onto a random
+    subspace of that size instead of the identity.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for block in model.decoder.block:
+        attention = block.layer[1].EncDecAttention
+        inner, d_model = attention.v.weight.shape
+        size = max(inner, d_model)
+        basis, _ = torch.linalg.qr(torch.randn(size, size, generator=generator))
+        value = basis[:inner, :d_model]
+        attention.v.weight.copy_(value)
+        attention.o.weight.copy_(value.T)
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -373,10 +413,14 @@ def parameter_count(model: torch.nn.Module) -> int:
 Pair = tuple[list[int], list[int]]  # (encoder input ids, decoder target ids), both ending in </s>
 
 FIELD_ORDER = ["who", "did", "whom", "what", "count", "how", "from", "to", "where", "when"]
+# Record-heavy: in a record the decoder has just written the key ("to =") when it must find the value, so it learns
+# role lookups faster than from the one-field objective, whose key it can only read through the encoder. After 1200
+# steps, record 0.35 / field 0.2 beat field 0.45 / record 0.15 on one-field exact match: object 0.66 vs 0.28, verb
+# 0.56 vs 0.09, destination 0.63 vs 0.50 (origin 0.39 vs 0.45, names equal).
 DEFAULT_MIXTURE: dict[str, float] = {
-    "span": 0.4,  # T5 span corruption, no instruction
-    "field": 0.3,  # "<field> : sentence" -> that field's value
-    "record": 0.1,  # "fields : sentence" -> "who = Anna ; did = repaired ; ..."
+    "span": 0.25,  # T5 span corruption, no instruction
+    "record": 0.35,  # "fields : sentence" -> "who = Anna ; did = repaired ; what = bicycle ; where = Oslo"
+    "field": 0.2,  # "<field> : sentence" -> that field's value
     "copy": 0.1,  # "copy : sentence" -> sentence
     "reverse": 0.1,  # "reverse : sentence" -> its words in reverse order
 }
@@ -441,9 +485,8 @@ class PretrainingMixture:
         self.sentinels = sentinel_ids(tokenizer)
         if not self.sentinels:
             raise ValueError("the tokenizer has no <extra_id_N> sentinels for span corruption")
-        self._ids: list[list[int]] = [
-            ids for ids in tokenizer([s.text for s in self.corpus], add_special_tokens=False)["input_ids"]
-        ]
+        encoded = tokenizer([s.text for s in self.corpus], add_special_tokens=False)
+        self._ids: list[list[int]] = list(encoded["input_ids"])
 
     def sample(self, batch_size: int) -> tuple[list[Pair], list[str]]:
         """`batch_size` pairs and the objective each came from."""
@@ -471,7 +514,7 @@ class PretrainingMixture:
 
     def _span_pair(self) -> Pair:
         ids: list[int] = []
-        for _ in range(self.rng.randint(1, 3)):  # a few sentences: more context to fill the spans from
+        for _ in range(self.rng.randint(1, 2)):  # sometimes two sentences: more context to fill the spans from
             ids += self._ids[self.rng.randrange(len(self._ids))]
         source, target = span_corruption_pair(ids[: MAX_INPUT_TOKENS - 1], self.sentinels, self.rng)
         return source, target[:MAX_TARGET_TOKENS]
@@ -511,7 +554,8 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: f
     return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.98))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, floor: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, floor: float = 0.1
+                  ) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
     """Linear warmup over 5% of the steps, then cosine decay to `floor` times the peak rate."""
     warmup = max(1, steps // 20)
 
@@ -527,7 +571,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, floor: float = 0
 @dataclass
 class PretrainResult:
     losses: list[float]
-    objective_losses: dict[str, float]  # mean loss per objective over the last 10% of steps (single-objective batches)
+    objective_losses: dict[str, float]  # per objective: mean loss of its examples in the last 10% of steps
     seconds: float
 
 
@@ -574,6 +618,7 @@ def build_seq2seq_base(
     learning_rate: float = DEFAULT_LEARNING_RATE,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     sentinels: int = DEFAULT_SENTINELS,
+    mixture: dict[str, float] | None = None,
     threads: int = 2,
     model_overrides: dict[str, Any] | None = None,
     log_every: int = 50,
@@ -594,8 +639,8 @@ def build_seq2seq_base(
         model = new_model(config, seed)
         logger.info("pretraining a %d-parameter T5 (vocab %d) on %d sentences for %d steps",
                     parameter_count(model), len(tokenizer), len(corpus), steps)  # fmt: skip
-        mixture = PretrainingMixture(corpus, tokenizer, seed)
-        result = pretrain(model, mixture, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+        stream = PretrainingMixture(corpus, tokenizer, seed, mixture)
+        result = pretrain(model, stream, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                           log_every=log_every)  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -616,8 +661,9 @@ def build_seq2seq_base(
         "params": parameter_count(model),
         "vocab_size": len(tokenizer),
         "corpus_size": len(corpus),
-        "mixture": DEFAULT_MIXTURE,
+        "mixture": stream.mixture,
         "threads": threads,
+        "init": "Hugging Face T5 init + copy_friendly_init (orthogonal cross-attention value/output)",
         "config": {key: getattr(config, key) for key in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers",
                                                            "num_decoder_layers", "feed_forward_proj")},  # fmt: skip
     }
@@ -655,7 +701,7 @@ def exact_match_rate(model: T5ForConditionalGeneration, tokenizer: PreTrainedTok
 # ---------------------------------------------------------------------------------------------------------------------
 # Seq2seq tasks for prefix tuning on the frozen base model
 
-_TRIP_PROMPT = "Trip : {input} Destination :"
+_TRIP_PROMPT = "Trip : {input} Who went where :"
 _TRIP_TEMPLATES = [
     "{name} took the night train from {a} to {b}.",
     "On {date}, {name} flew to {b} from {a}.",
@@ -710,7 +756,8 @@ def _trips(split: Split, size: int, rng: random.Random) -> list[Record]:
         name, other = rng.sample(words["name"], 2)
         a, b, c = rng.sample(words["place"], 3)
         sentence = rng.choice(_TRIP_TEMPLATES).format(name=name, other=other, a=a, b=b, c=c, date=_date(rng))
-        return {"prompt": _TRIP_PROMPT.format(input=sentence), "completion": " " + b, "input": sentence}
+        completion = f" {name} to {b}"
+        return {"prompt": _TRIP_PROMPT.format(input=sentence), "completion": completion, "input": sentence}
 
     return _distinct(make, size)
 
@@ -736,10 +783,11 @@ SEQ2SEQ_TASKS: dict[str, ExampleTask] = {
     for task in (
         ExampleTask(
             task_id="trip-destination",
-            description="a sentence about a journey -> the place it ends in (origin, home town and date distract)",
+            description="a sentence about a journey -> '<traveller> to <destination>' (origin, home town, a second "
+            "person and the date distract)",
             template=None,
             prompt_template=_TRIP_PROMPT.replace("{input}", "{inputs}"),
-            instruction="Where did the journey in this sentence end? Answer with the place name only.",
+            instruction="Who travelled, and where did the journey end? Answer as '<name> to <place>'.",
             train_size=400,
             heldout_size=100,
             seed=0,
