@@ -17,14 +17,13 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.errors import UnsupportedModelError
 from service.geometry import PrefixGeometry, geometry_from_config
-from service.prefix import TaskPrefix
+from service.prefix import TaskPrefix, left_padded_kv
 from service.requests import GenerationRequest, GenerationResult
-from service.rows import PaddedRows, Row, select_tokens
+from service.rows import PaddedRows, Row, padded_to, select_tokens
 from service.sampler import RowSampler
 from service import seq2seq
 
@@ -167,17 +166,10 @@ class DecodeBatch(PaddedRows):
     def _prefix_cache(runner: ModelRunner, requests: Sequence[GenerationRequest], max_prefix: int) -> DynamicCache:
         if max_prefix == 0:
             return DynamicCache()
-        padded = []
-        for request in requests:
-            if request.prefix is None:
-                padded.append(None)
-                continue
-            kv = request.prefix.kv  # (L, 2, H, V, D)
-            padded.append(F.pad(kv, (0, 0, max_prefix - kv.shape[3], 0)))
-        template = next(p for p in padded if p is not None)
-        stacked = torch.stack([p if p is not None else torch.zeros_like(template) for p in padded])  # (B, L, 2, H, V, D)
-        stacked = stacked.to(device=runner.device, dtype=runner.dtype)
-        return DynamicCache([(stacked[:, layer, 0], stacked[:, layer, 1]) for layer in range(stacked.shape[1])])
+        kvs = [r.prefix.kv if r.prefix is not None else None for r in requests]  # (L, 2, H, V, D) each
+        layers, _, heads, _, head_dim = next(kv for kv in kvs if kv is not None).shape
+        keys, values, _ = left_padded_kv(kvs, (layers, heads, head_dim), device=runner.device, dtype=runner.dtype)
+        return DynamicCache(list(zip(keys, values)))
 
     # -- decoding -------------------------------------------------------------------------------------------------
 
@@ -233,8 +225,7 @@ class DecodeBatch(PaddedRows):
         width = max(b.attention_mask.shape[1] for b in batches)
 
         def pad_left(t: torch.Tensor, seq_dim_from_end: int) -> torch.Tensor:
-            missing = width - t.shape[-seq_dim_from_end]
-            return F.pad(t, (0, 0) * (seq_dim_from_end - 1) + (missing, 0)) if missing else t
+            return padded_to(t, width, seq_dim_from_end, left=True)
 
         mask = torch.cat([pad_left(b.attention_mask, 1) for b in batches])
         cache = DynamicCache(

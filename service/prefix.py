@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,3 +86,20 @@ def encoder_prompt_embeddings_to_kv(
     kv = encoder_prompt_embeddings.reshape(length, 2 * g.encoder_num_layers, g.num_kv_heads, g.head_dim)
     kv = kv.permute(1, 2, 0, 3).reshape(g.encoder_num_layers, 2, g.num_kv_heads, length, g.head_dim)
     return kv.to(device=device, dtype=dtype).contiguous()
+
+
+def left_padded_kv(
+    kvs: Sequence[torch.Tensor | None], shape: tuple[int, int, int], *, device: torch.device, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Rows' (layers, 2, H, V_i, D) prefixes (None: no prefix) as per-layer keys and values (B, H, V_max, D), each
+    row's prefix flush right (left-padded with zeros), and the (B, V_max) bool mask of its real columns."""
+    layers, heads, head_dim = shape
+    lengths = [kv.shape[3] if kv is not None else 0 for kv in kvs]
+    longest = max(lengths, default=0)
+    padded = torch.zeros((len(kvs), layers, 2, heads, longest, head_dim), device=device, dtype=dtype)
+    mask = torch.zeros((len(kvs), longest), dtype=torch.bool, device=device)
+    for i, (kv, length) in enumerate(zip(kvs, lengths)):
+        if kv is not None and length:
+            padded[i, :, :, :, longest - length :] = kv.to(device=device, dtype=dtype)
+            mask[i, longest - length :] = True
+    return [padded[:, layer, 0] for layer in range(layers)], [padded[:, layer, 1] for layer in range(layers)], mask

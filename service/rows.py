@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.sampler import RowSampler
@@ -82,6 +83,15 @@ class PaddedRows:
         if done:
             self.filter([i for i, row in enumerate(self.rows) if not row.finished])
         return done
+
+
+def padded_to(t: torch.Tensor, size: int, dim_from_end: int, *, left: bool) -> torch.Tensor:
+    """`t` zero-padded along its dimension `-dim_from_end` to `size`, on the left or the right (batch concatenation:
+    masked columns, which attention ignores)."""
+    missing = size - t.shape[-dim_from_end]
+    if not missing:
+        return t
+    return F.pad(t, (0, 0) * (dim_from_end - 1) + ((missing, 0) if left else (0, missing)))
 
 
 def select_tokens(rows: list[Row], logits: torch.Tensor, device: torch.device) -> list[int]:

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,13 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from service.errors import UnsupportedModelError
 from service.geometry import PrefixGeometry
-from service.prefix import TaskPrefix
+from service.prefix import TaskPrefix, left_padded_kv
 from service.requests import GenerationRequest
-from service.rows import PaddedRows, Row, select_tokens
+from service.rows import PaddedRows, Row, padded_to, select_tokens
 from service.sampler import RowSampler
+
+if TYPE_CHECKING:  # service.batch imports this module (the padded layout's batch for encoder-decoder models)
+    from service.batch import ModelRunner
 
 ATTN_IMPLEMENTATION = "prefix_serve_seq2seq"
 
@@ -60,20 +64,12 @@ class EncoderPrefix:
 
     @classmethod
     def of(cls, prefixes: Sequence[TaskPrefix | None], *, device: torch.device, dtype: torch.dtype) -> EncoderPrefix | None:
-        lengths = [p.encoder_virtual_tokens if p is not None else 0 for p in prefixes]
-        longest = max(lengths, default=0)
-        if longest == 0:
+        kvs = [p.encoder_kv if p is not None else None for p in prefixes]
+        template = next((kv for kv in kvs if kv is not None), None)
+        if template is None:
             return None
-        template = next(p.encoder_kv for p in prefixes if p is not None and p.encoder_kv is not None)
         layers, _, heads, _, head_dim = template.shape
-        kv = torch.zeros((len(prefixes), layers, 2, heads, longest, head_dim), device=device, dtype=dtype)
-        mask = torch.zeros((len(prefixes), longest), dtype=torch.bool, device=device)
-        for i, (prefix, length) in enumerate(zip(prefixes, lengths)):
-            if length:
-                assert prefix is not None and prefix.encoder_kv is not None
-                kv[i, :, :, :, longest - length :] = prefix.encoder_kv.to(device=device, dtype=dtype)
-                mask[i, longest - length :] = True
-        return cls([kv[:, layer, 0] for layer in range(layers)], [kv[:, layer, 1] for layer in range(layers)], mask)
+        return cls(*left_padded_kv(kvs, (layers, heads, head_dim), device=device, dtype=dtype))
 
 
 @dataclass
@@ -189,7 +185,7 @@ class _State:
 class Seq2SeqBatch(PaddedRows):
     """Rows of an encoder-decoder model decoding together: prefill, step, filter, concatenate (as `DecodeBatch`)."""
 
-    runner: object  # service.batch.ModelRunner (not imported: it imports this module's batch for the padded layout)
+    runner: ModelRunner
     rows: list[Row]
     state: _State
     last_logits: torch.Tensor | None = field(default=None, repr=False)
@@ -210,37 +206,30 @@ class Seq2SeqBatch(PaddedRows):
     # -- building -------------------------------------------------------------------------------------------------
 
     @classmethod
-    def prefill(cls, runner: object, requests: Sequence[GenerationRequest]) -> Seq2SeqBatch:
+    def prefill(cls, runner: ModelRunner, requests: Sequence[GenerationRequest]) -> Seq2SeqBatch:
         """Encode the prompts (with any encoder prefixes), then run every row's decoder start token over its prefix."""
         if not requests:
             raise ValueError("prefill needs at least one request")
-        model: PreTrainedModel = runner.model  # type: ignore[attr-defined]
-        device, dtype = runner.device, runner.dtype  # type: ignore[attr-defined]
+        model: PreTrainedModel = runner.model
+        device, dtype = runner.device, runner.dtype
         prefixes = [r.prefix for r in requests]
         encoder_states, encoder_mask = _encode(model, [r.prompt_ids for r in requests], prefixes, runner)
 
-        start = runner.decoder_start_token_id  # type: ignore[attr-defined]
-        lengths = [p.num_virtual_tokens if p is not None else 0 for p in prefixes]
-        longest = max(lengths)
-        layers = runner.decoder_layers  # type: ignore[attr-defined]
-        heads, head_dim = runner.decoder_kv_shape  # type: ignore[attr-defined]
-        kv = torch.zeros((len(requests), layers, 2, heads, longest, head_dim), device=device, dtype=dtype)
-        self_mask = torch.zeros((len(requests), longest + 1), dtype=torch.long, device=device)
-        for i, (prefix, length) in enumerate(zip(prefixes, lengths)):
-            if length:
-                assert prefix is not None
-                kv[i, :, :, :, longest - length :] = prefix.kv.to(device=device, dtype=dtype)
-                self_mask[i, longest - length : longest] = 1
-        self_mask[:, -1] = 1
+        start = runner.decoder_start_token_id
+        shape = (runner.decoder_layers, *runner.decoder_kv_shape)
+        keys, values, prefix_mask = left_padded_kv(
+            [p.kv if p is not None else None for p in prefixes], shape, device=device, dtype=dtype
+        )
+        start_column = torch.ones((len(requests), 1), dtype=torch.long, device=device)  # the decoder start token
         state = _State(
-            self_keys=[kv[:, layer, 0] for layer in range(layers)],
-            self_values=[kv[:, layer, 1] for layer in range(layers)],
+            self_keys=keys,
+            self_values=values,
             cross_keys=[],
             cross_values=[],
-            self_mask=self_mask,
+            self_mask=torch.cat([prefix_mask.long(), start_column], dim=1),
             encoder_states=encoder_states,
             encoder_mask=encoder_mask,
-            next_positions=torch.tensor(lengths, dtype=torch.long, device=device),
+            next_positions=prefix_mask.sum(dim=1),  # PEFT: a row's first decoder token sits at position V_i
             next_tokens=torch.full((len(requests),), start, dtype=torch.long, device=device),
         )
         rows = [Row(request=r, sampler=RowSampler(r.params, device), decoder_start_token_id=start) for r in requests]
@@ -259,7 +248,7 @@ class Seq2SeqBatch(PaddedRows):
     def _forward(self) -> None:
         """One decoder step over the pending tokens (the self mask already covers them); appends their K/V."""
         s = self.state
-        model: PreTrainedModel = self.runner.model  # type: ignore[attr-defined]
+        model: PreTrainedModel = self.runner.model
         cross = DynamicCache([(k, v) for k, v in zip(s.cross_keys, s.cross_values)]) if s.cross_keys else DynamicCache()
         cache = EncoderDecoderCache(DynamicCache(list(zip(s.self_keys, s.self_values))), cross)
         plan = Seq2SeqPlan(decoder_positions=s.next_positions.unsqueeze(1))
@@ -283,11 +272,11 @@ class Seq2SeqBatch(PaddedRows):
 
     def _accept(self, logits: torch.Tensor) -> None:
         self.last_logits = logits
-        device = self.runner.device  # type: ignore[attr-defined]
+        device = self.runner.device
         chosen = select_tokens(self.rows, logits, device)
         for row, token in zip(self.rows, chosen):
             if not row.finished:
-                row.accept(token, self.runner.eos_token_ids)  # type: ignore[attr-defined]
+                row.accept(token, self.runner.eos_token_ids)
         self.state.next_tokens = torch.tensor(chosen, dtype=torch.long, device=device)
 
     # -- batch algebra --------------------------------------------------------------------------------------------
@@ -330,12 +319,10 @@ class Seq2SeqBatch(PaddedRows):
         source = max(s.encoder_mask.shape[1] for s in states)
 
         def left(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            missing = width - t.shape[-dim_from_end]
-            return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else t
+            return padded_to(t, width, dim_from_end, left=True)
 
         def right(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            missing = source - t.shape[-dim_from_end]
-            return F.pad(t, (0, 0) * (dim_from_end - 1) + (0, missing)) if missing else t
+            return padded_to(t, source, dim_from_end, left=False)
 
         layers = range(len(states[0].self_keys))
         state = _State(
@@ -353,12 +340,12 @@ class Seq2SeqBatch(PaddedRows):
 
 
 def _encode(
-    model: PreTrainedModel, prompts: Sequence[Sequence[int]], prefixes: Sequence[TaskPrefix | None], runner: object
+    model: PreTrainedModel, prompts: Sequence[Sequence[int]], prefixes: Sequence[TaskPrefix | None], runner: ModelRunner
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's output for right-padded prompts (BART's encoder positions start at 0 for every row)."""
-    device, dtype = runner.device, runner.dtype  # type: ignore[attr-defined]
+    device, dtype = runner.device, runner.dtype
     longest = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), longest), runner.pad_token_id, dtype=torch.long)  # type: ignore[attr-defined]
+    input_ids = torch.full((len(prompts), longest), runner.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.long)
     for i, prompt in enumerate(prompts):
         input_ids[i, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
@@ -370,7 +357,7 @@ def _encode(
     return states, mask
 
 
-def verify_seq2seq_support(runner: object, geometry: PrefixGeometry) -> None:
+def verify_seq2seq_support(runner: ModelRunner, geometry: PrefixGeometry) -> None:
     """Start-up check: the decoder attends to a prefix, the encoder to an encoder prefix, and two rows with prefixes
     of different lengths (and prompts of different lengths) decode in one batch exactly as each does alone."""
     generator = torch.Generator().manual_seed(0)
@@ -400,7 +387,7 @@ def verify_seq2seq_support(runner: object, geometry: PrefixGeometry) -> None:
     except Exception as exc:  # shapes the model rejects surface as assorted errors deep in attention code
         raise UnsupportedModelError(f"{geometry.model_type}: a forward pass with a prefix failed: {exc}") from exc
     assert together.last_logits is not None
-    tolerance = 1e-3 if runner.dtype == torch.float32 else 5e-2  # type: ignore[attr-defined]
+    tolerance = 1e-3 if runner.dtype == torch.float32 else 5e-2
     for i, logits in enumerate(alone):
         scale = float(logits.abs().max()) or 1.0
         if float((together.last_logits[i] - logits).abs().max()) > tolerance * scale:
