@@ -270,16 +270,21 @@ def _guarded(
     return run
 
 
-def _load_model(args: argparse.Namespace) -> LoadedModel:
+def _set_threads(args: argparse.Namespace) -> None:
+    """--threads, checked, as torch's CPU thread count."""
     import torch
-
-    from service.model_loader import load_base_model
-    from service.settings import Settings
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+
+
+def _load_model(args: argparse.Namespace) -> LoadedModel:
+    from service.model_loader import load_base_model
+    from service.settings import Settings
+
+    _set_threads(args)
 
     overrides: dict[str, Any] = {"model": args.model, "device": args.device, "dtype": args.dtype}
     if args.cache_dir is not None:
@@ -582,8 +587,6 @@ def _examples_sweep(args: argparse.Namespace) -> int:
 
 
 def _examples_seq2seq_compare(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from service.model_loader import load_base_model
@@ -593,8 +596,7 @@ def _examples_seq2seq_compare(args: argparse.Namespace) -> int:
 
     available = {**LABEL_TASKS, **SEQ2SEQ_TASKS}
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     unknown = sorted(set(args.tasks or []) - set(available))
     if unknown:
         raise ValueError(f"--tasks: unknown seq2seq tasks {unknown}; choose from {', '.join(available)}")

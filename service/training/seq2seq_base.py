@@ -733,7 +733,7 @@ _EVENT_POOL = {"name": NAMES, "place": PLACES, "verb": VERBS, "object": OBJECTS,
 EVENT_WORDS = split_pool("who-did-what", _EVENT_POOL)
 
 
-def _distinct(make: Callable[[], Record], size: int) -> list[Record]:
+def distinct_records(make: Callable[[], Record], size: int) -> list[Record]:
     """`size` records with distinct prompts (the generator's rng makes them; order as made)."""
     seen: set[str] = set()
     out: list[Record] = []
@@ -759,7 +759,7 @@ def _trips(split: Split, size: int, rng: random.Random) -> list[Record]:
         completion = f" {name} to {b}"
         return {"prompt": _TRIP_PROMPT.format(input=sentence), "completion": completion, "input": sentence}
 
-    return _distinct(make, size)
+    return distinct_records(make, size)
 
 
 def _events(split: Split, size: int, rng: random.Random) -> list[Record]:
@@ -775,7 +775,7 @@ def _events(split: Split, size: int, rng: random.Random) -> list[Record]:
         completion = f" {agent} {verb} the {thing}"
         return {"prompt": _EVENT_PROMPT.format(input=sentence), "completion": completion, "input": sentence}
 
-    return _distinct(make, size)
+    return distinct_records(make, size)
 
 
 SEQ2SEQ_TASKS: dict[str, ExampleTask] = {

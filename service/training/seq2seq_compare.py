@@ -38,7 +38,7 @@ from service.batch import ModelRunner
 from service.model_loader import LoadedModel
 from service.training.evaluate import ExactMatch, exact_match, max_new_tokens_for, prefix_from_adapter_dir
 from service.training.examples import ExampleTask, Record, Split, split_pool
-from service.training.seq2seq_base import MONTHS, NAMES, PLACES
+from service.training.seq2seq_base import MONTHS, NAMES, PLACES, distinct_records
 from service.training.report import eval_items
 from service.training.trainer import TrainConfig, save_adapter, train_prefix
 
@@ -80,13 +80,7 @@ def _label_records(
     """A task generator: `size` distinct records of the split, each from a sentence shape of that split."""
 
     def generate(split: Split, size: int, rng: random.Random) -> list[Record]:
-        words, records, seen = _LABEL_WORDS[split], [], set()
-        while len(records) < size:
-            record = make(rng, words, rng.choice(shapes[split]))
-            if record["prompt"] not in seen:
-                seen.add(record["prompt"])
-                records.append(record)
-        return records
+        return distinct_records(lambda: make(rng, _LABEL_WORDS[split], rng.choice(shapes[split])), size)
 
     return generate
 
