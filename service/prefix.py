@@ -34,11 +34,26 @@ class TaskPrefix:
     def encoder_virtual_tokens(self) -> int:
         return int(self.encoder_kv.shape[3]) if self.encoder_kv is not None else 0
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskPrefix:
-        """A copy on `device` (and `dtype`); the same object when nothing would change."""
+    def to(
+        self, device: torch.device | str, dtype: torch.dtype | None = None, *, non_blocking: bool = False
+    ) -> TaskPrefix:
+        """A copy on `device` (and `dtype`). `non_blocking`: from pinned host memory to a GPU, the copy is queued on
+        the current stream (which orders it before any step that reads it) instead of stalling the caller."""
 
         def moved(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype or t.dtype).contiguous()
+            return t.to(device=device, dtype=dtype or t.dtype, non_blocking=non_blocking).contiguous()
+
+        encoder_kv = moved(self.encoder_kv) if self.encoder_kv is not None else None
+        return TaskPrefix(self.task_id, moved(self.kv), self.sha256, encoder_kv)
+
+    def to_host(self, *, pinned: bool) -> TaskPrefix:
+        """A copy in host memory; `pinned` (page-locked, CUDA only) lets the way back be an asynchronous DMA."""
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            if not pinned:
+                return t.to("cpu").contiguous()
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            return host.copy_(t)
 
         encoder_kv = moved(self.encoder_kv) if self.encoder_kv is not None else None
         return TaskPrefix(self.task_id, moved(self.kv), self.sha256, encoder_kv)

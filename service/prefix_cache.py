@@ -33,6 +33,9 @@ class TieredPrefixCache:
         metrics: Metrics | None = None,
     ) -> None:
         self.device = device
+        # On a GPU the host tier is pinned memory and the way back an asynchronous copy (no stall of the engine
+        # thread); pinning means nothing to a CPU device (and CPU-only torch builds cannot pin).
+        self.pinned_host = device.type == "cuda"
         self.device_budget = device_budget_bytes  # 0 = unlimited
         self.host_budget = host_budget_bytes
         self.metrics = metrics
@@ -73,7 +76,7 @@ class TieredPrefixCache:
         if on_host is not None:
             self.stats.misses_from_host += 1
             source = "host"
-            prefix = on_host.to(self.device)
+            prefix = on_host.to(self.device, non_blocking=self.pinned_host)
         else:
             self.stats.misses_from_disk += 1
             source = "disk"
@@ -91,7 +94,7 @@ class TieredPrefixCache:
                 task_id, prefix = next((t, p) for t, p in self._on_device.items() if t != keep)
                 del self._on_device[task_id]
                 # Running batches hold their own reference, so moving the registry's copy never disturbs them.
-                self._on_host[task_id] = prefix.to("cpu")
+                self._on_host[task_id] = prefix.to_host(pinned=self.pinned_host)
                 self.stats.evictions_to_host += 1
                 if self.metrics:
                     self.metrics.prefix_cache_evictions.labels("host").inc()

@@ -207,10 +207,12 @@ class ThreadedServer:
 def peft_greedy(
     peft_model: PeftModel | PreTrainedModel, prompt: list[int], new_tokens: int, eos_token_id: int | None = EOS
 ) -> list[int]:
-    """The reference: re-run PEFT's full forward (prefix injected by PEFT itself) for every new token."""
+    """The reference: re-run PEFT's full forward (prefix injected by PEFT itself) for every new token, on the
+    model's device."""
+    device = next(peft_model.parameters()).device
     ids = list(prompt)
     for _ in range(new_tokens):
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=device)
         logits = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits
         ids.append(int(logits[0, -1].argmax()))
         if ids[-1] == eos_token_id:
@@ -591,3 +593,34 @@ def peft_seq2seq_greedy(
         if decoded[-1] == eos_token_id:
             break
     return decoded[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host syncs, counted on the CPU: the tensor operations that make a CUDA host wait for the device (a value read back,
+# a data-dependent shape). Counting them needs no GPU, so CI keeps the step loop's sync budget.
+
+HOST_SYNC_OPERATIONS = frozenset({
+    "item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select",
+    "unique", "unique_consecutive", "repeat_interleave",
+})
+
+
+class HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts host-syncing tensor operations run inside it, with where each was called from (file:line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = getattr(func, "__name__", "")
+        if name in HOST_SYNC_OPERATIONS:
+            import traceback
+
+            caller = traceback.extract_stack(limit=2)[0]
+            self.calls.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
