@@ -207,7 +207,10 @@ def upload_over_http(
     return httpx.post(
         f"{url}/prefixes",
         data={"task_id": task_id, **form},
-        files={"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", weights)},
+        files={
+            "adapter_config": ("adapter_config.json", config),
+            "adapter_model": ("adapter_model.safetensors", weights),
+        },
         headers=headers,
         timeout=60,
     )

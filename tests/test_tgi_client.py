@@ -199,7 +199,8 @@ def test_api_key_is_the_clients_token(
     peft_model = make_peft_prefix_model(loaded.model, num_virtual_tokens=V, seed=32)
     with ThreadedServer(create_app(settings, loaded)) as server:
         admin = {"Authorization": "Bearer admin-key"}
-        assert upload_over_http(server.url, TASK, save_adapter(peft_model, tmp_path / "a"), headers=admin).status_code == 201
+        uploaded = upload_over_http(server.url, TASK, save_adapter(peft_model, tmp_path / "a"), headers=admin)
+        assert uploaded.status_code == 201, uploaded.text
         url = f"{server.url}/tasks/{TASK}"
         assert InferenceClient(model=url, token=API_KEY).text_generation(PROMPT, max_new_tokens=NEW_TOKENS) == (
             expected_text(loaded, peft_model, PROMPT, NEW_TOKENS)

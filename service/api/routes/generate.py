@@ -95,7 +95,8 @@ async def generate_response(
         async with aclosing(state.engine.stream(request, with_text=True)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
-                    tokens.append(GeneratedToken(id=event.token_id, text=event.text, special=event.token_id in special_ids))
+                    special = event.token_id in special_ids
+                    tokens.append(GeneratedToken(id=event.token_id, text=event.text, special=special))
                 elif isinstance(event, FinalEvent):
                     result = event.result
         if result is None:
@@ -127,7 +128,8 @@ async def stream_response(state: ServiceState, http: Request, task_id: str, body
             else:
                 result = event.result
                 state.metrics.observe_generation(task_id, result)
-                yield sse(StreamEvent(token=pending, generated_text=_output_text(body, result), details=_details(result)))
+                text = _output_text(body, result)
+                yield sse(StreamEvent(token=pending, generated_text=text, details=_details(result)))
 
     return event_stream(chunks(), events, path=http.url.path)
 
