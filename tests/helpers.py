@@ -199,6 +199,23 @@ class ThreadedServer:
         self.thread.join(timeout=30)
 
 
+def upload_over_http(
+    url: str, task_id: str, adapter_dir: Path, headers: dict[str, str] | None = None, **form: str
+) -> httpx.Response:
+    """Upload a saved adapter to a live server (`url` = its base URL); `form` adds fields (e.g. prompt_template)."""
+    config, weights = read_adapter(adapter_dir)
+    return httpx.post(
+        f"{url}/prefixes",
+        data={"task_id": task_id, **form},
+        files={
+            "adapter_config": ("adapter_config.json", config),
+            "adapter_model": ("adapter_model.safetensors", weights),
+        },
+        headers=headers,
+        timeout=60,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The reference: PEFT's own forward
 

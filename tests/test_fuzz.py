@@ -89,9 +89,9 @@ def _operations() -> list[tuple[str, str]]:
 
 
 def _steer_task_id(case, rng: random.Random) -> None:
-    """Point half of the generation requests (`task_id`, or the OpenAI routes' `model`) at the uploaded task, so
-    they reach the engine, and a fifth of the single-resource GETs too. DELETE never targets it: the generate
-    operations need it."""
+    """Point half of the generation requests (`task_id` in the body or, on /tasks/{task_id}, the URL; the OpenAI
+    routes' `model`) at the uploaded task, so they reach the engine, and a fifth of the single-resource GETs too.
+    DELETE never targets it: the generate operations need it."""
     body = case.body
     if isinstance(body, dict):
         for key in ("task_id", "model"):
@@ -100,6 +100,8 @@ def _steer_task_id(case, rng: random.Random) -> None:
     params = case.path_parameters or {}
     for key in ("task_id", "model"):
         if case.method.upper() == "GET" and isinstance(params.get(key), str) and rng.random() < 0.2:
+            params[key] = FUZZ_TASK
+        if case.method.upper() == "POST" and isinstance(params.get(key), str) and rng.random() < 0.5:
             params[key] = FUZZ_TASK
         if case.method.upper() == "DELETE" and params.get(key) == FUZZ_TASK:
             params[key] = FUZZ_TASK + "-absent"

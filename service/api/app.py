@@ -18,7 +18,7 @@ from service import __version__
 from service.api.auth import ApiKeys, AuthMiddleware
 from service.api.error_bodies import error_body, service_error_body
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes
+from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes, tasks
 from service.api.state import ServiceState
 from service.compute_thread import run_in_fresh_thread
 from service.batch import ModelRunner, verify_prefix_support
@@ -140,7 +140,10 @@ def create_app(
         redirect_slashes=False,
     )
     # Each router declares its own auth (`require(...)` dependencies); AuthMiddleware enforces the same declarations.
-    routers = [health_router or health.router, metrics_route.router, generate.router, prefixes.router, openai.router]
+    routers = [
+        health_router or health.router, metrics_route.router, generate.router, tasks.router, prefixes.router,
+        openai.router,
+    ]
     for router in routers:
         app.include_router(router)
     _install_error_handlers(app)
