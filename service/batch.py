@@ -272,6 +272,7 @@ def verify_prefix_support(runner: ModelRunner, geometry: PrefixGeometry) -> None
     if runner.is_encoder_decoder:
         seq2seq.verify_seq2seq_support(runner, geometry)
         return
+    _check_cache_shape(runner, geometry)
     generator = torch.Generator().manual_seed(0)
     shape = (geometry.num_layers, 2, geometry.num_kv_heads, 2, geometry.head_dim)
     prompt = [1, 2, 3]
@@ -296,3 +297,36 @@ def verify_prefix_support(runner: ModelRunner, geometry: PrefixGeometry) -> None
             )
     if torch.allclose(outputs[0], outputs[1]):
         raise UnsupportedModelError(f"{geometry.model_type}: the model's output ignores the prefix KV")
+
+
+def model_cache_shape(runner: ModelRunner) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the KV cache the model itself builds for a short prompt."""
+    input_ids = torch.tensor([[1, 2, 3]], device=runner.device)
+    with torch.inference_mode():
+        output = runner.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
+    cache = output.get("cache", None)  # transformers >= 5.24; `past_key_values` before
+    if cache is None:
+        cache = output.get("past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise UnsupportedModelError(f"{runner.model.config.model_type}: the model returned no per-layer KV cache")
+    shapes = {(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers}
+    if len(shapes) != 1:
+        raise UnsupportedModelError(
+            f"{runner.model.config.model_type}: layers cache different KV shapes {sorted(shapes)}; "
+            "one PEFT prefix cannot fit every layer"
+        )
+    heads, head_dim = shapes.pop()
+    return len(layers), heads, head_dim
+
+
+def _check_cache_shape(runner: ModelRunner, geometry: PrefixGeometry) -> None:
+    """A PEFT prefix has the shape PEFT derives from the config; the model must cache exactly that shape, or the
+    prefix would be reshaped into something PEFT never trained (or fail deep inside attention)."""
+    cached = model_cache_shape(runner)
+    peft = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+    if cached != peft:
+        raise UnsupportedModelError(
+            f"{geometry.model_type}: the model caches (layers, kv_heads, head_dim) = {cached} but a PEFT prefix for "
+            f"its config has {peft}; PEFT's prefix cannot be applied to this model as trained"
+        )

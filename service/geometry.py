@@ -79,8 +79,14 @@ def geometry_from_config(config: PretrainedConfig) -> PrefixGeometry:
     hidden = _first_set(text, "hidden_size", "n_embd", "d_model")
     if num_layers is None or num_heads is None or hidden is None:
         raise UnsupportedModelError(f"{model_type}: config lacks layer count, head count or hidden size")
-    num_kv_heads = _first_set(text, "num_key_value_heads") or num_heads
-    head_dim = _first_set(text, "head_dim") or hidden // num_heads
+    # PEFT reads the serialised config: GQA (and an explicit head_dim) count only where `num_key_value_heads` is
+    # in it; otherwise the prefix has one head per query head of hidden/heads. Whether the model's cache has that
+    # shape is checked at start (service.batch.verify_prefix_support).
+    if raw.get("num_key_value_heads") is not None:
+        num_kv_heads = int(raw["num_key_value_heads"])
+        head_dim = int(raw.get("head_dim") or hidden // num_heads)
+    else:
+        num_kv_heads, head_dim = num_heads, hidden // num_heads
 
     max_positions = _first_set(text, "max_position_embeddings", "n_positions", "n_ctx", "seq_length") or 2048
     # A sliding window would silently evict prefix slots once the sequence outgrows it: cap the context instead.

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from service.batch import ModelRunner, verify_prefix_support
+from service.batch import ModelRunner, generate as generate_padded, verify_prefix_support
 from service.errors import UnsupportedModelError
 from service.geometry import geometry_from_config
 from tests.helpers import tiny_tokenizer
@@ -70,13 +70,90 @@ def test_unserved_encoder_decoder_families_are_rejected() -> None:
         geometry_from_config(config("bart", encoder_attention_heads=4, decoder_attention_heads=2, d_model=32))
 
 
-def test_model_whose_kv_shape_differs_from_peft_geometry_is_rejected_at_start() -> None:
-    """Multi-query falcon keeps 1 KV head while PEFT's rule gives it one per query head: refuse, don't serve wrong."""
-    falcon = config("falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+# Families whose KV layout is not simply "one head per query head": the premise (does PEFT's prefix shape match the
+# model's cache?) is asked of the installed transformers and PEFT, not assumed; it moved for falcon in 5.25.
+KV_LAYOUT_CASES = {
+    "falcon-multi-query": ("falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+    "falcon-multi-head": ("falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=False)),
+    "falcon-new-architecture": ("falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               new_decoder_architecture=True, num_kv_heads=2)),
+    "gpt_bigcode-multi-query": ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4, multi_query=True)),
+    "gpt_bigcode-multi-head": ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4, multi_query=False)),
+    "llama-gqa": ("llama", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=64)),
+}  # fmt: skip
+
+
+def _peft_prefix_shape(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the prefix PEFT itself builds, trains and saves for this model."""
+    import copy
+
+    from peft import PrefixTuningConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    cfg = peft_model.peft_config["default"]
+    return cfg.num_layers, cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads
+
+
+def _model_cache_shape(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the cache the installed transformers builds for this model."""
+    out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    keys = cache.layers[0].keys
+    return len(cache.layers), int(keys.shape[1]), int(keys.shape[3])
+
+
+@pytest.mark.parametrize("case", list(KV_LAYOUT_CASES))
+def test_a_model_is_served_exactly_when_its_cache_fits_peft_prefix(case: str, tmp_path) -> None:
+    """The server's geometry is PEFT's; where the model caches that shape it is served PEFT-exact, where it does not
+    it is refused at start with a message naming the model type and both shapes."""
+    from service.registry import PrefixRegistry
+    from service.requests import GenerationRequest, SamplingParams
+    from service.slots import generate as slots_generate, slot_layout_supported
+    from tests.helpers import make_peft_prefix_model, peft_greedy, read_adapter, save_adapter
+
+    model_type, kwargs = KV_LAYOUT_CASES[case]
+    cfg = config(model_type, initializer_range=0.5, **kwargs)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(falcon).eval()
-    with pytest.raises(UnsupportedModelError, match="falcon"):
-        verify_prefix_support(ModelRunner(model, tiny_tokenizer()), geometry_from_config(falcon))
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    peft_shape, cache_shape = _peft_prefix_shape(model), _model_cache_shape(model)
+    geometry = geometry_from_config(cfg)
+    assert (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim) == peft_shape
+    runner = ModelRunner(model, tiny_tokenizer())
+    if cache_shape != peft_shape:
+        with pytest.raises(UnsupportedModelError) as refused:
+            verify_prefix_support(runner, geometry)
+        assert model_type in str(refused.value)
+        assert str(cache_shape) in str(refused.value) and str(peft_shape) in str(refused.value)
+        return
+    verify_prefix_support(runner, geometry)
+    peft_model = make_peft_prefix_model(model, num_virtual_tokens=4, seed=1)
+    registry = PrefixRegistry(
+        tmp_path / "store", geometry, device=torch.device("cpu"), dtype=torch.float32, served_model_name="tiny",
+        max_virtual_tokens=64, max_prefix_bytes=1 << 24, max_config_bytes=1 << 16,
+    )
+    save_adapter(peft_model, tmp_path / "adapter")
+    registry.put("task", *read_adapter(tmp_path / "adapter"))
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    expected = [peft_greedy(peft_model, p, 6) for p in prompts]
+    assert expected != [peft_greedy(model, p, 6) for p in prompts], "the prefix must change the output"
+    requests = [GenerationRequest(p, registry.get("task"), SamplingParams(max_new_tokens=6)) for p in prompts]
+    if slot_layout_supported(runner):
+        assert [r.token_ids for r in slots_generate(runner, requests)] == expected
+    assert [r.token_ids for r in generate_padded(runner, requests)] == expected
+
+
+def test_a_prefix_shape_the_model_does_not_cache_is_refused_naming_both_shapes() -> None:
+    """The server's rule whatever the installed versions do: a geometry that differs from the model's cache (here one
+    that claims 4 KV heads where the model caches 2) is refused at start, not reshaped into something else."""
+    import dataclasses
+
+    llama = config("llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                   intermediate_size=64)
+    model = AutoModelForCausalLM.from_config(llama).eval()
+    wrong = dataclasses.replace(geometry_from_config(llama), num_kv_heads=4)
+    with pytest.raises(UnsupportedModelError, match=r"llama: the model caches .* = \(2, 2, 8\) but a PEFT prefix .* \(2, 4, 8\)"):
+        verify_prefix_support(ModelRunner(model, tiny_tokenizer()), wrong)
 
 
 def test_model_that_ignores_the_prefix_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
