@@ -126,7 +126,7 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
     Why bfloat16 on such CPUs: batched decode steps run ~2x faster than float32, and on the shipped tasks' held-out
     sets the two dtypes give the same greedy answer for 300 of 300 examples (service/bench/dtype_agreement.py,
-    results in service/bench/results/dtype-agreement.json). Parity tests pin float32.
+    results in benchmarks/results/dtype-agreement.json). Parity tests pin float32.
     """
     choice = choice.strip().lower()
     if choice == "auto":

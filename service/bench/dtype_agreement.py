@@ -1,6 +1,6 @@
 """Does bfloat16 serve the same answers as float32? Greedy agreement on the shipped tasks' held-out sets.
 
-    python -m service.bench.dtype_agreement --json service/bench/results/dtype-agreement.json
+    python -m service.bench.dtype_agreement --json benchmarks/results/dtype-agreement.json
 
 For every shipped example task and every held-out example, the prompt is decoded greedily (the serving engine's
 slot layout, stop at EOS) by the embedded model in float32 and in bfloat16, with the task's stored prefix. Reported
