@@ -79,6 +79,9 @@ KV_LAYOUT_CASES = {
                                                new_decoder_architecture=True, num_kv_heads=2)),
     "gpt_bigcode-multi-query": ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4, multi_query=True)),
     "gpt_bigcode-multi-head": ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4, multi_query=False)),
+    # A stored num_key_value_heads against the model's own rule: PEFT takes 2 heads, the model caches 1 (refused).
+    "gpt_bigcode-stated-kv-heads": ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4, multi_query=True,
+                                                        num_key_value_heads=2)),
     "llama-gqa": ("llama", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                 intermediate_size=64)),
 }  # fmt: skip
