@@ -311,3 +311,23 @@ def test_upload_with_the_wrong_content_type_or_a_broken_form_says_so(client_with
         "/prefixes", content=b"--nope\r\nnot a part", headers={"content-type": "multipart/form-data; boundary=b"}
     )
     assert_error(broken, 422, "multipart/form-data body could not be parsed")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Round three of the outside attack (issue 18): downloads, text-task uploads, prefix values that overflow
+
+
+def test_downloading_a_task_needs_the_admin_scope(secured: TestClient) -> None:
+    """A text task's text (system prompts, customer instructions) and any task's trained weights leave the server
+    only with an admin key; a generate key still lists the task, without its text."""
+    secret = "t5 t6 t7 t8"
+    created = secured.post("/prefixes", data={"task_id": "private", "text": secret}, headers=bearer(ADMIN_KEY))
+    assert created.status_code == 201, created.text
+    refused = secured.get("/prefixes/private/adapter", headers=bearer(GENERATE_KEY))
+    assert_error(refused, 403, "admin")
+    assert secret not in refused.text
+    assert_error(secured.get("/prefixes/private/adapter"), 401)
+    shown = secured.get("/prefixes/private", headers=bearer(GENERATE_KEY))
+    assert shown.status_code == 200 and secret not in shown.text
+    downloaded = secured.get("/prefixes/private/adapter", headers=bearer(ADMIN_KEY))
+    assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "application/zip"

@@ -31,8 +31,10 @@ from service.text_prefix import make_text_adapter
 router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=CheckedBodyRoute)
 
 State = Annotated[ServiceState, Depends(get_state)]
-ADMIN = [Depends(require("admin"))]  # upload, replace, delete
-READ = [Depends(require("generate"))]
+# Upload, replace, delete, and download: a download carries a text task's text (system prompts, customer
+# instructions) and any task's trained weights, a customer's asset, so reading it needs what writing it does.
+ADMIN = [Depends(require("admin"))]
+READ = [Depends(require("generate"))]  # the list and one task's record (never its text or weights)
 
 
 def _info(record: PrefixRecord) -> PrefixInfo:
@@ -216,9 +218,10 @@ def get_prefix(task_id: str, state: State) -> PrefixState:
     response_class=Response,
     responses={
         200: {"content": {"application/zip": {}}, "description": "A zip of the PEFT adapter directory"},
+        403: {"model": ErrorResponse, "description": "The key lacks the admin scope"},
         404: {"model": ErrorResponse},
     },
-    dependencies=READ,
+    dependencies=ADMIN,
 )
 def download_adapter(task_id: str, state: State) -> Response:
     """The task's PEFT files as a zip (adapter_config.json, adapter_model.safetensors, and task.json when the task
