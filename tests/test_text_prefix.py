@@ -234,3 +234,24 @@ def test_trained_adapter_download_round_trips(client: TestClient, loaded: Loaded
         assert archive.read("trained/adapter_config.json") == config
         assert archive.read("trained/adapter_model.safetensors") == weights
         assert "trained/task.json" not in archive.namelist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text tasks at their real limits (issue 18): a real tokenizer, 2,048 tokens
+
+
+def test_a_text_with_long_tokens_is_not_refused_before_tokenizing(loaded_smol_tokenizer: LoadedModel,
+                                                                  tmp_path: Path) -> None:
+    """520 lines of 64 '=' are 33,800 characters but 1,040 tokens: a fixed 16-characters-per-token pre-check refused
+    them. Only a text that cannot fit by the tokenizer's longest vocabulary entry is refused untokenized."""
+    text = ("=" * 64 + "\n") * 520
+    settings = Settings(prefix_dir=tmp_path / "store")  # max_text_task_tokens 2048
+    with TestClient(create_app(settings, loaded_smol_tokenizer)) as client:
+        created = client.post("/prefixes", data={"task_id": "rules", "text": text})
+        assert created.status_code == 201, created.text
+        assert created.json()["num_virtual_tokens"] == len(loaded_smol_tokenizer.tokenizer(text)["input_ids"]) > 1000
+        bound = client.app.state.service.inputs.chars_per_token
+        assert bound == 81  # SmolLM2's longest vocabulary entry: the prompts' bound
+        over = client.post("/prefixes", data={"task_id": "over", "text": "=" * (2048 * bound + 1)})
+        assert over.status_code == 413, over.text
+        assert "2048" in over.json()["error"] and str(2048 * bound) in over.json()["error"], over.json()

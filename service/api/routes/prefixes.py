@@ -176,6 +176,7 @@ def _store(
         made = make_text_adapter(
             state.model.model, state.model.tokenizer, state.model.geometry, text,
             base_model_name_or_path=state.model.name, max_tokens=settings.max_text_task_tokens,
+            chars_per_token=state.inputs.chars_per_token,  # the prompts' bound: one rule for every text read
         )  # fmt: skip
         config_bytes, weights_bytes = made.config_bytes, made.weights_bytes
         info = TaskInfo(prompt_template=info.prompt_template, description=info.description, source="text", text=text)
