@@ -31,6 +31,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from service.errors import InvalidPrefixError, PayloadTooLargeError
 from service.geometry import PrefixGeometry
 from service.inputs import longest_token_chars
+from service.templates import refuse_nul
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,17 @@ class TextAdapter:
     num_tokens: int
 
 
+def check_text(text: str) -> None:
+    """A 422 for a text no task can be made from: blank (empty or only whitespace), or holding a NUL (the rule of
+    every stored text, `service.templates.refuse_nul`)."""
+    if not text.strip():
+        raise InvalidPrefixError(
+            "text", "a non-blank text", "an empty or blank text",
+            message="text: the text is blank (empty or only whitespace); send the text the task is made from",
+        )  # fmt: skip
+    refuse_nul(text, "text")
+
+
 def text_token_ids(
     tokenizer: PreTrainedTokenizerBase, text: str, *, max_tokens: int, chars_per_token: int | None = None
 ) -> list[int]:
@@ -57,8 +69,7 @@ def text_token_ids(
 
     PayloadTooLargeError (413) over `max_tokens`; InvalidPrefixError (422) for a text that is blank or encodes to
     nothing."""
-    if not text.strip():
-        raise InvalidPrefixError("text", "a non-blank text", "an empty or blank text")
+    check_text(text)
     per_token = chars_per_token if chars_per_token is not None else longest_token_chars(tokenizer)
     max_chars = max_tokens * per_token
     if len(text) > max_chars:

@@ -331,3 +331,73 @@ def test_downloading_a_task_needs_the_admin_scope(secured: TestClient) -> None:
     assert shown.status_code == 200 and secret not in shown.text
     downloaded = secured.get("/prefixes/private/adapter", headers=bearer(ADMIN_KEY))
     assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "application/zip"
+
+
+NOT_UTF8 = b"t5 \xff\xfe\x80 t6"  # the first bad byte at offset 3
+
+
+@pytest.mark.parametrize("sent_as", ["multipart_field", "multipart_file", "urlencoded"])
+def test_text_that_is_not_utf8_is_422_naming_the_field_and_byte_offset(client_with_task: TestClient,
+                                                                       sent_as: str) -> None:
+    """One rule for every text the upload form carries (fields, the text as a file part, adapter_config.json): UTF-8,
+    else a 422 naming the field and the first bad byte's offset. It used to be stored as Latin-1 mojibake."""
+    client = client_with_task
+    before = client.get("/prefixes").json()
+    if sent_as == "urlencoded":
+        response = client.post("/prefixes", content=b"task_id=bad&text=t5+%FF%FE%80+t6",
+                               headers={"content-type": "application/x-www-form-urlencoded"})
+    else:
+        part = ("text.txt", NOT_UTF8) if sent_as == "multipart_file" else (None, NOT_UTF8)
+        response = client.post("/prefixes", data={"task_id": "bad"}, files={"text": part})
+    body = assert_error(response, 422, "text", "UTF-8", "byte 3")
+    assert body["field"] == "text"
+    assert client.get("/prefixes").json() == before
+    if sent_as == "multipart_file":  # the control: a UTF-8 text file part is the task's text
+        created = client.post("/prefixes", data={"task_id": "from-file"}, files={"text": ("text.txt", b"t5 t6")})
+        assert created.status_code == 201 and created.json()["num_virtual_tokens"] == 2, created.text
+
+
+def test_adapter_config_that_is_not_utf8_names_the_byte_offset(client_with_task: TestClient, loaded: LoadedModel,
+                                                               tmp_path: Path) -> None:
+    adapter_dir = adapter(loaded, tmp_path, "u", v=3, seed=5)[0]
+    config = (adapter_dir / "adapter_config.json").read_bytes()
+    bad = b'{"x": "\xff", ' + config[1:]
+    body = assert_error(upload(client_with_task, "bad", adapter_dir, config=bad), 422, "adapter_config", "UTF-8",
+                        "byte 7")
+    assert body["field"] == "adapter_config"
+
+
+@pytest.mark.parametrize("field_name", ["text", "prompt_template", "description"])
+def test_a_nul_character_is_refused_in_every_stored_text(client_with_task: TestClient, field_name: str) -> None:
+    """One NUL rule for the text, templates and descriptions: refused, naming the field and the offset."""
+    form = {"task_id": "nul", "text": "t5 t6", "prompt_template": "{inputs} t7", "description": "ok"}
+    form[field_name] = "t5 \x00" + ("{inputs}" if field_name == "prompt_template" else "")
+    body = assert_error(client_with_task.post("/prefixes", data=form), 422, field_name, "NUL", "offset 3")
+    assert body["field"] == field_name
+    assert "nul" not in [p["task_id"] for p in client_with_task.get("/prefixes").json()["prefixes"]]
+
+
+@pytest.mark.parametrize("sent_as", ["multipart", "urlencoded"])
+def test_a_text_over_the_limit_is_413_naming_the_text_limit(client_with_task: TestClient, sent_as: str) -> None:
+    """Over Starlette's 1 MiB part limit a text field used to be 'the multipart body could not be parsed'; the form is
+    now read with the text's own bound (max_text_task_tokens x the longest token, in UTF-8 bytes) and stops there."""
+    text = b"t5 " * 400_000  # 1.2 MB
+    if sent_as == "multipart":
+        response = client_with_task.post("/prefixes", data={"task_id": "big"}, files={"text": (None, text)})
+    else:
+        response = client_with_task.post("/prefixes", content=b"task_id=big&text=" + text.replace(b" ", b"+"),
+                                         headers={"content-type": "application/x-www-form-urlencoded"})
+    body = assert_error(response, 413, "text", "2048 tokens", "max_text_task_tokens")
+    assert body["field"] == "text"
+
+
+@pytest.mark.parametrize("sent_as", ["multipart", "urlencoded"])
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_a_blank_text_is_422_saying_so(client_with_task: TestClient, sent_as: str, text: str) -> None:
+    """An empty text field used to read as no text at all: '422 adapter_config: missing'."""
+    if sent_as == "multipart":
+        response = client_with_task.post("/prefixes", data={"task_id": "blank"}, files={"text": (None, text.encode())})
+    else:
+        response = client_with_task.post("/prefixes", data={"task_id": "blank", "text": text})
+    body = assert_error(response, 422, "text", "blank")
+    assert body["field"] == "text"

@@ -26,7 +26,7 @@ from service.errors import (
 )
 from service.registry import PrefixRecord, TaskInfo, validate_task_id
 from service.templates import validate_description, validate_template
-from service.text_prefix import make_text_adapter
+from service.text_prefix import check_text, make_text_adapter
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=CheckedBodyRoute)
 
@@ -116,7 +116,10 @@ async def upload_prefix(
     replace: Annotated[bool, Form(description="Overwrite an existing prefix of this task.")] = False,
 ) -> PrefixUploadResponse:
     try:
-        _check_form_fields([name for name, _ in (await request.form()).multi_items()])  # parsed already: cached
+        form = await request.form()  # parsed already (service.api.forms): cached
+        _check_form_fields([name for name, _ in form.multi_items()])
+        if text is None and "text" in form:  # FastAPI reads an empty field as absent: it is a blank text
+            text = ""
         # Reading the spooled files, a text task's forward pass, validating and the fsynced write all block: keep
         # them off the event loop.
         record, created, warnings = await asyncio.to_thread(
@@ -155,6 +158,7 @@ def _store(
             message="send either the adapter files (adapter_config + adapter_model) or a text, not both",
         )  # fmt: skip
     if text is not None:
+        check_text(text)  # blank, or a NUL: before anything is computed
         if state.model.geometry.is_encoder_decoder:
             raise InvalidPrefixError(
                 "text", "adapter files (this server runs an encoder-decoder model)", "a text",
