@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
 
 from service import cli
-from service.api.app import create_app
+from service.api.app import create_app, make_registry
 from service.api.auth import ApiKeys, exposure_problem, is_loopback
 from service.logging_setup import JsonFormatter
 from service.model_loader import LoadedModel
 from service.settings import Settings
-from tests.helpers import adapter, assert_error, upload
+from tests.helpers import (
+    adapter,
+    assert_error,
+    prometheus_values,
+    read_adapter,
+    safetensors_bytes,
+    sse_events,
+    upload,
+)
 
 GENERATE_KEY, ADMIN_KEY = "gen-key-123", "admin-key-456"
 
@@ -401,3 +412,45 @@ def test_a_blank_text_is_422_saying_so(client_with_task: TestClient, sent_as: st
         response = client_with_task.post("/prefixes", data={"task_id": "blank", "text": text})
     body = assert_error(response, 422, "text", "blank")
     assert body["field"] == "text"
+
+
+def _overflowing_adapter(loaded: LoadedModel, tmp_path: Path, value: float = 1e30) -> tuple[bytes, bytes]:
+    """A PEFT adapter of the tiny model whose every value is `value`: finite in float32, yet the model's computation
+    overflows with it (an RMSNorm's variance becomes inf and zeroes the state: every logit equal, token 0 forever)."""
+    config, weights = read_adapter(adapter(loaded, tmp_path, "overflowing", v=3, seed=6)[0])
+    tensor = load_safetensors(weights)["prompt_embeddings"]
+    return config, safetensors_bytes({"prompt_embeddings": torch.full_like(tensor, value)})
+
+
+def test_a_prefix_the_model_cannot_compute_with_is_refused_at_upload(client_with_task: TestClient,
+                                                                     loaded: LoadedModel, tmp_path: Path) -> None:
+    config, weights = _overflowing_adapter(loaded, tmp_path)
+    files = {"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", weights)}
+    refused = client_with_task.post("/prefixes", data={"task_id": "huge"}, files=files)
+    body = assert_error(refused, 422, "prompt_embeddings", "probe", "float32")
+    assert body["field"] == "prompt_embeddings"
+    assert [p["task_id"] for p in client_with_task.get("/prefixes").json()["prefixes"]] == ["t"]
+
+
+def test_a_stored_prefix_the_model_cannot_compute_with_fails_only_its_own_requests(tmp_path: Path,
+                                                                                  loaded: LoadedModel) -> None:
+    """A task stored before uploads were probed: its requests get a 422 `non_finite_logits` (also as a stream's last
+    event), counted in /metrics, never tokens; requests of another task at the same time are untouched."""
+    settings = Settings(prefix_dir=tmp_path / "store")
+    older = make_registry(settings, loaded, None, shared=False)  # no probe: what an older server stored
+    older.put("huge", *_overflowing_adapter(loaded, tmp_path))
+    body = {"task_id": "huge", "inputs": "t5 t6", "parameters": {"max_new_tokens": 4}}
+    with TestClient(create_app(settings, loaded)) as client:
+        upload(client, "t", adapter(loaded, tmp_path, "a", v=3, seed=3)[0])
+        good = {"task_id": "t", "inputs": "t5 t6", "parameters": {"max_new_tokens": 4}}
+        expected = client.post("/generate", json=good).json()["generated_text"]
+        with ThreadPoolExecutor(4) as pool:  # the failing and the good requests share the engine's batches
+            answers = list(pool.map(lambda b: client.post("/generate", json=b), [body, good, body, good]))
+        for failed in answers[0::2]:
+            assert_error(failed, 422, "NaN", "huge")
+            assert failed.json()["type"] == "non_finite_logits"
+        assert [a.json()["generated_text"] for a in answers[1::2]] == [expected, expected]
+        events = sse_events(client.post("/generate_stream", json=body).text)
+        assert events[-1]["type"] == "non_finite_logits" and all("token" not in e for e in events), events
+        counted = prometheus_values(client.get("/metrics").text, "prefix_serve_generation_errors_total")
+        assert counted == {frozenset({("kind", "non_finite_logits")}): 3.0}, counted
