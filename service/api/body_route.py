@@ -49,8 +49,7 @@ class CheckedBodyRoute(APIRoute):
                         field="content-type", got=shown,
                     )
                 # The one form route is the upload: its fields are read by the upload's rules (UTF-8, byte bounds).
-                state = getattr(request.app.state, "service", None)
-                await parse_upload_form(request, UploadFormLimits.of(state) if state else UploadFormLimits())
+                await parse_upload_form(request, UploadFormLimits.of(request.app.state.service))
                 return await handler(request)
 
             return check_form_then_handle

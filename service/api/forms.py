@@ -39,8 +39,8 @@ PERCENT_ENCODED_BYTES_PER_BYTE = 3  # urlencoded: a byte is at most "%XX"
 class UploadFormLimits:
     """Byte bounds of the upload form's text fields (as UTF-8, before any percent-encoding)."""
 
-    text_tokens: int = 2048  # max_text_task_tokens
-    chars_per_token: int = 16  # the prompts' bound: the tokenizer's longest vocabulary entry
+    text_tokens: int  # max_text_task_tokens
+    chars_per_token: int  # the prompts' bound: the tokenizer's longest vocabulary entry (service.inputs)
 
     @classmethod
     def of(cls, state: ServiceState) -> UploadFormLimits:
