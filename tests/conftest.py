@@ -55,7 +55,8 @@ def loaded():  # -> service.model_loader.LoadedModel
 
 # ---------------------------------------------------------------------------------------------------------------------
 # A tiny random Llama with the embedded SmolLM2's real tokenizer (byte-level BPE, 49,152 entries, the longest 81
-# characters) and room for a 2,048-token text task: text tasks at their real limits, in seconds.
+# characters) and room for a 2,048-token text task: text tasks at their real limits, in seconds. Needs the embedded
+# model's files (see above): mark its tests slow.
 
 @pytest.fixture(scope="module")
 def loaded_smol_tokenizer(embedded_model_dir: Path):  # -> service.model_loader.LoadedModel

@@ -241,6 +241,7 @@ def test_trained_adapter_download_round_trips(client: TestClient, loaded: Loaded
 # Text tasks at their real limits (issue 18): a real tokenizer, 2,048 tokens
 
 
+@pytest.mark.slow  # the embedded model's tokenizer (converted once, then cached)
 def test_a_text_with_long_tokens_is_not_refused_before_tokenizing(loaded_smol_tokenizer: LoadedModel,
                                                                   tmp_path: Path) -> None:
     """520 lines of 64 '=' are 33,800 characters but 1,040 tokens: a fixed 16-characters-per-token pre-check refused
@@ -258,6 +259,7 @@ def test_a_text_with_long_tokens_is_not_refused_before_tokenizing(loaded_smol_to
         assert "2048" in over.json()["error"] and str(2048 * bound) in over.json()["error"], over.json()
 
 
+@pytest.mark.slow  # the embedded model's tokenizer (converted once, then cached)
 @pytest.mark.parametrize("num_tokens", [300, 2048])
 def test_a_downloaded_text_task_re_uploads_as_its_text(
     loaded_smol_tokenizer: LoadedModel, tmp_path: Path, num_tokens: int, monkeypatch: pytest.MonkeyPatch
