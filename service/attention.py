@@ -58,7 +58,10 @@ class StepPlan:
     own_width: int  # ... and own columns [0, own_width)
     prefix_start: int  # ... and bank columns [prefix_start, prefix_end)
     prefix_end: int
-    decode_bias: torch.Tensor | None  # (span, 1, 1, prefix cols + own_width) float32: 0 where visible, -inf not
+    # (span, 1, 1, prefix cols + own_width) bool: True where a row may not look (another task's prefix, unused
+    # columns). Applied with masked_fill, not as an additive -inf: a score another row's huge prefix overflowed to
+    # inf (or NaN) must become -inf for this row, where inf + -inf would be NaN and spread to it.
+    decode_hidden: torch.Tensor | None
     chunk_batch: "ChunkBatch | None"  # the step's prompt chunks, attended in one padded call per layer
     write_slots: torch.Tensor  # (N,) long: where each token's K/V is written
     write_columns: torch.Tensor  # (N,) long
@@ -75,6 +78,7 @@ class ChunkBatch:
     query_index: torch.Tensor  # (C, n) flat token of each query (padding: 0, masked out)
     query_valid: torch.Tensor  # (C, n) bool
     prefix_columns: torch.Tensor  # (C, P) bank column of each prefix key (padding: 0, masked)
+    prefix_padding: torch.Tensor  # (C, 1, P, 1) bool: the padding prefix columns, whose keys are zeroed
     own_slots: torch.Tensor  # (C, 1) slot of each chunk
     own_columns: torch.Tensor  # (C, O) own column of each own key (padding: 0, masked)
     mask: torch.Tensor  # (C, 1, n, P + O) bool
@@ -158,6 +162,9 @@ def slot_attention(
         own_k = key[batch.own_slots, :, batch.own_columns].permute(0, 2, 1, 3)  # (C, H_kv, O, D)
         own_v = value[batch.own_slots, :, batch.own_columns].permute(0, 2, 1, 3)
         prefix_k = bank_keys[:, batch.prefix_columns].transpose(0, 1)  # (C, H_kv, P, D)
+        # Padding columns read bank column 0, another task's prefix. sdpa adds its mask as -inf, and a score that
+        # prefix's huge keys overflowed to inf would become NaN for this chunk: zero those keys instead.
+        prefix_k = prefix_k.masked_fill(batch.prefix_padding, 0.0)
         prefix_v = bank_values[:, batch.prefix_columns].transpose(0, 1)
         k = torch.cat([prefix_k, own_k], dim=2)
         v = torch.cat([prefix_v, own_v], dim=2)
@@ -178,7 +185,7 @@ def _decode_attention(
 ) -> torch.Tensor:
     """One query per decoding row against [bank columns of the step's tasks ; the row's own columns], batched over
     slots [0, span) as views of the store (no gather of anyone's KV). Rows only see their own task's prefix columns
-    and their own valid columns through `decode_bias`."""
+    and their own valid columns through `decode_hidden`."""
     span, width = plan.span, plan.own_width
     num_kv_heads, head_dim = key.shape[1], key.shape[3]
     out_dtype = query.dtype
@@ -208,7 +215,7 @@ def _decode_attention(
         scores = torch.cat([prefix_scores, own_scores], dim=-1)
     else:
         scores = own_scores
-    probs = torch.softmax(scores.float().add_(plan.decode_bias), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.float().masked_fill_(plan.decode_hidden, float("-inf")), dim=-1).to(q.dtype)
     out = torch.matmul(probs[..., prefix_columns:], own_values)  # (span, H_kv, G, D)
     if prefix_columns:
         p = probs[..., :prefix_columns].permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, prefix_columns)

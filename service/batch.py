@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from typing import Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from service.errors import UnsupportedModelError
+from service.errors import InvalidPrefixError, UnsupportedModelError
 from service.geometry import PrefixGeometry, geometry_from_config
 from service.prefix import TaskPrefix, left_padded_kv
-from service.requests import GenerationRequest, GenerationResult
+from service.requests import GenerationRequest, GenerationResult, SamplingParams
 from service.rows import PaddedRows, Row, padded_to, select_tokens
 from service.sampler import RowSampler
 from service import seq2seq
@@ -260,6 +261,33 @@ def generate(runner: ModelRunner, requests: Sequence[GenerationRequest]) -> list
             break
         batch.step()
     return [results[i] for i in range(len(requests))]
+
+
+_PROBE_LOCK = threading.Lock()  # probes run beside the engine's thread: one at a time, like text tasks
+
+
+def probe_prefix(runner: ModelRunner, prefix: TaskPrefix) -> None:
+    """Refuse (422) a prefix the model cannot compute with: one forward with it and a one-token prompt, as the
+    engine would run it, must give usable logits (finite and not all equal, `service.rows.select_tokens`). Finite
+    values can still overflow inside the forward in the serving dtype (1e30 in float32: an RMSNorm's variance
+    becomes inf and zeroes the state; every request would answer token 0), and no bound derived from the dtype
+    alone covers every architecture's attention and norms, so the upload runs the computation itself."""
+    batch_type = seq2seq.Seq2SeqBatch if runner.is_encoder_decoder else DecodeBatch
+    request = GenerationRequest([runner.pad_token_id], prefix, SamplingParams(max_new_tokens=1))
+    with _PROBE_LOCK:
+        row = batch_type.prefill(runner, [request]).rows[0]
+    if row.error is not None:
+        dtype = str(runner.dtype).removeprefix("torch.")
+        largest = float(prefix.kv.abs().max())
+        raise InvalidPrefixError(
+            "prompt_embeddings", f"values the served model computes usable logits with ({dtype})",
+            f"values up to {largest:.3g}, with which a probe forward gave NaN/inf or all-equal logits",
+            message=(
+                f"prompt_embeddings: a probe forward with this prefix gave NaN/inf or all-equal logits: values up to "
+                f"{largest:.3g} overflow the served model's {dtype} computation (attention or norms), so every "
+                "request of the task would answer garbage; scale the prefix's values down"
+            ),
+        )  # fmt: skip
 
 
 def verify_prefix_support(runner: ModelRunner, geometry: PrefixGeometry) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -67,23 +68,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_fields(adapter_dir: Path | None, args: argparse.Namespace) -> dict[str, str]:
-    """prompt_template / description: from the flags, else from the adapter directory's task.json (written by
-    `prefix-serve train` and by GET /prefixes/{id}/adapter)."""
-    stored: dict[str, Any] = {}
+def _stored_task(adapter_dir: Path | None) -> dict[str, Any]:
+    """The adapter directory's task.json (written by `prefix-serve train` and by GET /prefixes/{id}/adapter), or {}."""
     task_file = adapter_dir / "task.json" if adapter_dir is not None else None
-    if task_file is not None and task_file.is_file():
-        try:
-            loaded = json.loads(task_file.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ValueError(f"{task_file}: not valid JSON ({exc})") from None
-        stored = loaded if isinstance(loaded, dict) else {}
+    if task_file is None or not task_file.is_file():
+        return {}
+    try:
+        loaded = json.loads(task_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{task_file}: not valid JSON ({exc})") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _task_fields(stored: dict[str, Any], args: argparse.Namespace) -> dict[str, str]:
+    """prompt_template / description: from the flags, else from the stored task.json."""
     fields = {}
     for name, flag in (("prompt_template", args.prompt_template), ("description", args.description)):
         value = flag if flag is not None else stored.get(name)
         if isinstance(value, str) and value:
             fields[name] = value
     return fields
+
+
+def _stored_text(stored: dict[str, Any]) -> str | None:
+    """The text of a downloaded task made from text: the server re-creates it from the text (the same prefix on the
+    same model), which holds for every length the server holds; its files would be refused over max_virtual_tokens
+    and run to ~94 MB at 2,048 tokens of SmolLM2."""
+    text = stored.get("text")
+    return text if stored.get("source") == "text" and isinstance(text, str) and text else None
 
 
 def _upload(args: argparse.Namespace) -> int:
@@ -93,15 +105,22 @@ def _upload(args: argparse.Namespace) -> int:
         return 2
     adapter_dir = Path(args.adapter_dir) if args.adapter_dir is not None else None
     try:
+        stored = _stored_task(adapter_dir)
         data = {"task_id": args.task_id, "replace": "true" if args.replace else "false"}
-        data.update(_task_fields(adapter_dir, args))
-        if args.text is not None:
-            data["text"] = Path(args.text).read_text(encoding="utf-8")
+        data.update(_task_fields(stored, args))
+        text = Path(args.text).read_text(encoding="utf-8") if args.text is not None else _stored_text(stored)
+        if text is not None:
+            data["text"] = text
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     files: dict[str, Any] = {}
-    if adapter_dir is not None:
+    downloaded_sha256: str | None = None
+    if adapter_dir is not None and text is not None:
+        weights_path = adapter_dir / "adapter_model.safetensors"
+        if weights_path.is_file():
+            downloaded_sha256 = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    elif adapter_dir is not None:
         config_path = adapter_dir / "adapter_config.json"
         weights_path = adapter_dir / "adapter_model.safetensors"
         for path in (config_path, weights_path):
@@ -127,10 +146,18 @@ def _upload(args: argparse.Namespace) -> int:
         return 1
     body = response.text
     try:
-        body = json.dumps(response.json(), indent=2)
+        parsed = response.json()
+        body = json.dumps(parsed, indent=2)
     except ValueError:
-        pass
+        parsed = None
     print(body)
+    recomputed = parsed.get("sha256") if isinstance(parsed, dict) else None
+    if response.is_success and downloaded_sha256 and recomputed != downloaded_sha256:
+        print(
+            "note: the task was re-created from task.json's text; its prefix differs from the directory's "
+            "adapter_model.safetensors (a server with another model or dtype computes other K/V)",
+            file=sys.stderr,
+        )
     return 0 if response.is_success else 1
 
 
@@ -167,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upload.add_argument(
         "adapter_dir", nargs="?",
-        help="Directory with adapter_config.json and adapter_model.safetensors (and optionally task.json).",
+        help="Directory with adapter_config.json and adapter_model.safetensors (and optionally task.json); a "
+        "downloaded task made from text is re-created from task.json's text.",
     )  # fmt: skip
     upload.add_argument("--text", metavar="FILE", help="Instead of an adapter: a task made from this UTF-8 text file.")
     upload.add_argument("--prompt-template", help="The task's template with one {inputs} slot (default: task.json's).")

@@ -40,7 +40,7 @@ from typing import AsyncIterator, Callable, Literal
 from service.batch import DecodeBatch, ModelRunner
 from service.seq2seq import Seq2SeqBatch
 from service.detokenizer import OutputProcessor
-from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError
+from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.rows import Row
 from service.slots import SlotBatch, SlotLimits, slot_layout_supported
@@ -96,6 +96,7 @@ class EngineStats:
     kv_bytes: int = 0  # KV memory held now (slots layout: store + prefix bank)
     peak_kv_bytes: int = 0
     prefix_bank_bytes: int = 0  # of which the per-task prefix bank (each task's prefix once)
+    failed_rows: int = 0  # rows answered with an error of their own (non-finite logits), the batch unharmed
 
 
 def check_kv_budget(request: GenerationRequest, limits: EngineLimits) -> None:
@@ -197,6 +198,8 @@ class ContinuousBatchingEngine(Engine):
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Handle, object]]] = {}
         # Called after every forward pass with its row count and duration (metrics, benchmarks).
         self.on_pass: Callable[[int, float], None] | None = None
+        # Called with the error of each row that fails on its own (metrics: counted by the error's code).
+        self.on_row_error: Callable[[ServiceError], None] | None = None
         logger.info("engine: %s policy, %s layout", policy, layout)
 
     # -- caller side (event loop) -----------------------------------------------------------------------------------
@@ -536,7 +539,12 @@ class ContinuousBatchingEngine(Engine):
 
     def _finish(self, row: Row) -> None:
         handle = self._handles.pop(id(row))
-        if row.finish_reason is FinishReason.CANCELLED:
+        if row.error is not None:  # its logits were not finite: an error for this request, never its tokens
+            self.stats.failed_rows += 1
+            self._send(handle, row.error)
+            if self.on_row_error is not None:
+                self.on_row_error(row.error)
+        elif row.finish_reason is FinishReason.CANCELLED:
             self.stats.cancelled += 1
         elif row.finish_reason is not FinishReason.STOP_SEQUENCE:  # the caller already answered a stop
             self._send(handle, _Finished(handle.stamp(row.result())))

@@ -137,6 +137,24 @@ class NotAvailableHereError(ServiceError):
     code = "not_implemented"
 
 
+class NonFiniteLogitsError(ServiceError):
+    """The model's logits for one request became NaN or inf, or collapsed to one value (an inf inside the forward,
+    e.g. a norm's variance, zeroed the state): a prefix whose values overflow the computation. The request fails with
+    this instead of returning tokens picked from them. Other rows of the batch are unaffected."""
+
+    status_code = 422
+    code = "non_finite_logits"
+
+    def __init__(self, task_id: str | None, token_index: int) -> None:
+        what = f"task '{task_id}'" if task_id else "the base model"
+        super().__init__(
+            f"the model's logits became NaN/inf (or all equal) at generated token {token_index} ({what}): the "
+            "task's prefix values overflow the model's computation, so no token could be chosen; re-upload the task "
+            "with smaller values (uploads refuse such prefixes)",
+            task_id=task_id, token_index=token_index,
+        )  # fmt: skip
+
+
 class PrefixVersionError(ServiceError):
     """A specific version (sha256) of a task's prefix was asked for, but the store holds another (or none)."""
 

@@ -80,6 +80,11 @@ class Metrics:
             registry=r,
         )
         self.uploads = Counter("prefix_serve_uploads", "Prefix uploads by result.", ["result"], registry=r)
+        self.generation_errors = Counter(
+            "prefix_serve_generation_errors",
+            "Requests the engine answered with an error of their own (e.g. non_finite_logits), by kind.", ["kind"],
+            registry=r,
+        )
 
     def bind_gauges(self, queue_size: Callable[[], float], running_rows: Callable[[], float]) -> None:
         """Gauges read live values at scrape time instead of being pushed."""
@@ -89,6 +94,9 @@ class Metrics:
     def observe_pass(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
         self.step_duration.observe(seconds)
+
+    def observe_generation_error(self, kind: str) -> None:
+        self.generation_errors.labels(kind).inc()
 
     def bind_kv_gauges(self, kv_bytes: Callable[[], float], prefix_bank_bytes: Callable[[], float]) -> None:
         self.kv_bytes.set_function(kv_bytes)

@@ -130,12 +130,25 @@ class _AdapterShape:
         return shapes
 
 
-def _parse_config(config_bytes: bytes) -> dict[str, Any]:
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_utf8(data: bytes, field: str, *, skip: int = 0) -> str:
+    """The one rule for every text an upload carries (the form's text fields, the text sent as a file part,
+    adapter_config.json): UTF-8, else a 422 naming the field and the offset of the first bad byte. Nothing is
+    decoded leniently: a Latin-1 fallback stored mojibake the client never sent. `skip`: leading bytes to leave out
+    (a BOM); offsets still count from the first byte."""
     try:
-        # utf-8-sig: tolerate a BOM some editors write; anything else that is not UTF-8 is rejected.
-        text = config_bytes.decode("utf-8-sig")
+        return data[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidPrefixError("adapter_config", "UTF-8 encoded JSON", f"undecodable bytes ({exc.reason})") from None
+        offset = skip + exc.start
+        got = f"invalid UTF-8 at byte {offset} (0x{data[offset]:02x}: {exc.reason})"
+        raise InvalidPrefixError(field, "UTF-8 text", got, message=f"{field}: expected UTF-8 text, got {got}") from None
+
+
+def _parse_config(config_bytes: bytes) -> dict[str, Any]:
+    # Tolerate the BOM some editors write.
+    text = decode_utf8(config_bytes, "adapter_config", skip=len(_UTF8_BOM) if config_bytes.startswith(_UTF8_BOM) else 0)
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 try:  # POSIX only; shared-store mode needs it
     import fcntl
@@ -185,6 +185,7 @@ class PrefixRegistry:
         host_budget_bytes: int = 0,
         metrics: Metrics | None = None,
         shared: bool = False,
+        probe: Callable[[TaskPrefix], None] | None = None,
     ) -> None:
         if shared and fcntl is None:
             raise RuntimeError("a shared prefix store needs POSIX file locks (fcntl), not available on this platform")
@@ -211,6 +212,9 @@ class PrefixRegistry:
         self._writing: set[str] = set()  # temp folders of puts in progress: load_all must not sweep them
         self._metrics = metrics
         self._generation_seen: str | None = None  # shared mode: the store generation the snapshot reflects
+        # Run on every new prefix before it is stored (a forward with it, `service.batch.probe_prefix`): raises a
+        # 422 for values the model cannot compute with. None where no weights are held (the Ray ingress).
+        self.probe = probe
 
     # ------------------------------------------------------------------ reading (lock-free snapshots)
 
@@ -411,6 +415,8 @@ class PrefixRegistry:
         digest = hashlib.sha256(weights_bytes).hexdigest()
         created_at = _utc_now()
         prefix, record = self._make_entry(task_id, validated, digest, len(weights_bytes), created_at, info)
+        if self.probe is not None:
+            self.probe(prefix)
         metadata = {
             "format_version": METADATA_VERSION,
             "sha256": digest,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from service.errors import NonFiniteLogitsError, ServiceError
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.sampler import RowSampler
 
@@ -28,10 +29,12 @@ class Row:
     # Encoder-decoder rows (service.seq2seq): the decoder's ids start with this token, and the ids a logits processor
     # sees (a repetition penalty) are the decoder's, as in transformers' generate; the prompt went to the encoder.
     decoder_start_token_id: int | None = None
+    # Why the row failed (its logits became non-finite): the engine answers its request with this, not a result.
+    error: ServiceError | None = None
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.finish_reason is not None or self.error is not None
 
     @property
     def prefilling(self) -> bool:
@@ -58,6 +61,8 @@ class Row:
             self.finish_reason = FinishReason.LENGTH
 
     def result(self, text: str = "") -> GenerationResult:
+        if self.error is not None:
+            raise self.error
         assert self.finish_reason is not None
         return GenerationResult(
             token_ids=list(self.generated),
@@ -94,10 +99,19 @@ def padded_to(t: torch.Tensor, size: int, dim_from_end: int, *, left: bool) -> t
     return F.pad(t, (0, 0) * (dim_from_end - 1) + ((missing, 0) if left else (0, missing)))
 
 
+_NO_TOKEN = -1  # marks a row whose logits are unusable, in the batch's one host sync
+
+
 def select_tokens(rows: list[Row], logits: torch.Tensor, device: torch.device) -> list[int]:
     """The next token of each row from its logits row (one per row, any float dtype), with one host sync for the
     batch: greedy rows take the argmax (exact in the model's dtype: upcasting changes no order), other rows run
-    their own processors and generator in float32 on the device."""
+    their own processors and generator in float32 on the device.
+
+    A row whose logits hold NaN or inf, or collapsed to one value, gets no token: it fails with NonFiniteLogitsError,
+    and its place in the returned list holds a placeholder id the caller must not accept (the row is finished). Both
+    come from an overflow inside the forward (a prefix's values too large for the computation): NaN/inf reach the
+    logits, or a norm whose variance became inf zeroes the state and every logit is equal. An argmax would
+    otherwise pick token 0, again and again."""
     chosen = logits.argmax(dim=-1)
     special = [i for i, row in enumerate(rows) if not row.sampler.is_plain_greedy]
     if special:
@@ -105,4 +119,11 @@ def select_tokens(rows: list[Row], logits: torch.Tensor, device: torch.device) -
             rows[i].sampler.select_tensor(rows[i].history(device), logits[i : i + 1].float()) for i in special
         ]
         chosen = chosen.index_put((torch.tensor(special, device=chosen.device),), torch.stack(picks))
-    return chosen.tolist()
+    usable = torch.isfinite(logits).all(dim=-1) & (logits.amax(dim=-1) > logits.amin(dim=-1))
+    tokens = torch.where(usable, chosen, _NO_TOKEN).tolist()
+    for index, (row, token) in enumerate(zip(rows, tokens)):
+        if token == _NO_TOKEN:
+            if not row.finished:  # a row already done keeps its result whatever its leftover logits
+                row.error = NonFiniteLogitsError(row.request.task_id, len(row.generated))
+            tokens[index] = 0  # a valid id for the step's tensors; the row leaves before the next forward
+    return tokens

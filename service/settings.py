@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(default=4096, ge=1)
     max_prompt_chars_per_token: int | None = Field(
         default=None, ge=1,
-        description="Prompts longer than max_prompt_tokens x this many characters are refused before tokenizing. "
+        description="Prompts longer than max_prompt_tokens x this many characters are refused before tokenizing "
+        "(texts of tasks made from text: max_text_task_tokens x this many). "
         "Unset: the longest vocabulary entry (81 for SmolLM2), which never refuses a prompt that would fit.",
     )
     input_threads: int = Field(default=2, ge=1, description="Threads that tokenize prompts and look up prefixes.")

@@ -158,6 +158,8 @@ class SlotBatch:
         stepped = [row for row, _ in logit_rows]
         chosen = select_tokens(stepped, logits, self.runner.device)
         for row, token in zip(stepped, chosen):
+            if row.finished:  # its logits were not finite (select_tokens failed it): no token
+                continue
             row.accept(token, self.runner.eos_token_ids)
             self._next_tokens[row.slot] = token
         return stepped
@@ -175,7 +177,7 @@ class SlotBatch:
         entries = [r.bank_entry for r in decoding if r.bank_entry is not None]
         prefix_start = min((e.offset for e in entries), default=0)  # type: ignore[attr-defined]
         prefix_end = max((e.offset + e.length for e in entries), default=0)  # type: ignore[attr-defined]
-        decode_bias = None
+        decode_hidden = None
         if decoding:
             prefix_lo = torch.zeros(span, dtype=torch.long)
             prefix_hi = torch.zeros(span, dtype=torch.long)
@@ -194,8 +196,7 @@ class SlotBatch:
                 ],
                 dim=1,
             )
-            bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
-            decode_bias = bias[:, None, None, :].to(device)
+            decode_hidden = (~visible)[:, None, None, :].to(device)
         chunk_batch = _chunk_batch(chunks, device) if chunks else None
         decode_slots = [r.slot for r in decoding]
         return StepPlan(
@@ -206,7 +207,7 @@ class SlotBatch:
             own_width=own_width,
             prefix_start=prefix_start,
             prefix_end=prefix_end,
-            decode_bias=decode_bias,
+            decode_hidden=decode_hidden,
             chunk_batch=chunk_batch,
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
             write_columns=torch.tensor(write_columns, dtype=torch.long, device=device),
@@ -258,6 +259,7 @@ def _chunk_batch(chunks: list[PrefillChunk], device: torch.device) -> ChunkBatch
         query_index=query_index.to(device),
         query_valid=query_valid.to(device),
         prefix_columns=prefix_columns.to(device),
+        prefix_padding=(~prefix_valid)[:, None, :, None].to(device),
         own_slots=torch.tensor([[c.slot] for c in chunks], device=device),
         own_columns=torch.arange(o).expand(count, o).contiguous().to(device),
         mask=mask[:, None].to(device),

@@ -45,8 +45,20 @@ def _check_text(value: str, field: str, max_chars: int) -> None:
             field, f"at most {max_chars} characters", f"{len(value)} characters",
             message=f"{field}: at most {max_chars} characters, got {len(value)}",
         )  # fmt: skip
-    if "\x00" in value:
-        raise InvalidPrefixError(field, "text without NUL characters", "a NUL character")
+    refuse_nul(value, field)
+
+
+def refuse_nul(value: str, field: str) -> None:
+    """The one NUL rule for every text a task stores (its text, template and description): refused with a 422 naming
+    the field and the character offset. NUL is no instruction, and C-string consumers (logs, terminals, tools that
+    read task.json) truncate at it."""
+    offset = value.find("\x00")
+    if offset >= 0:
+        raise InvalidPrefixError(
+            field, "text without NUL characters", f"a NUL character at offset {offset}",
+            message=f"{field}: a NUL character at offset {offset}; the text, prompt_template and description may not "
+            "contain NUL",
+        )  # fmt: skip
 
 
 def render(template: str | None, inputs: str, *, raw: bool = False) -> str:

@@ -30,13 +30,12 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.errors import InvalidPrefixError, PayloadTooLargeError
 from service.geometry import PrefixGeometry
+from service.inputs import longest_token_chars
+from service.templates import refuse_nul
 
 logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
-# Texts are capped by characters before they are tokenised (cheap), then by tokens. No tokenizer of a served model
-# produces fewer than one token per this many characters of ordinary text.
-MAX_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -48,17 +47,35 @@ class TextAdapter:
     num_tokens: int
 
 
-def text_token_ids(tokenizer: PreTrainedTokenizerBase, text: str, *, max_tokens: int) -> list[int]:
+def check_text(text: str) -> None:
+    """A 422 for a text no task can be made from: blank (empty or only whitespace), or holding a NUL (the rule of
+    every stored text, `service.templates.refuse_nul`)."""
+    if not text.strip():
+        raise InvalidPrefixError(
+            "text", "a non-blank text", "an empty or blank text",
+            message="text: the text is blank (empty or only whitespace); send the text the task is made from",
+        )  # fmt: skip
+    refuse_nul(text, "text")
+
+
+def text_token_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, *, max_tokens: int, chars_per_token: int | None = None
+) -> list[int]:
     """The ids of `text` as a prompt would be tokenised (the tokenizer's special tokens, e.g. a BOS, included).
+
+    Texts are capped by characters before they are tokenised (cheap), then by tokens. The character bound is the
+    prompts' (`service.inputs`): one token stands for at most `chars_per_token` characters (default: the tokenizer's
+    longest vocabulary entry), so only a text that certainly cannot fit is refused untokenised.
 
     PayloadTooLargeError (413) over `max_tokens`; InvalidPrefixError (422) for a text that is blank or encodes to
     nothing."""
-    if not text.strip():
-        raise InvalidPrefixError("text", "a non-blank text", "an empty or blank text")
-    if len(text) > max_tokens * MAX_CHARS_PER_TOKEN:
+    check_text(text)
+    per_token = chars_per_token if chars_per_token is not None else longest_token_chars(tokenizer)
+    max_chars = max_tokens * per_token
+    if len(text) > max_chars:
         raise PayloadTooLargeError(
-            f"text: {len(text)} characters, more than a {max_tokens}-token text task can hold "
-            f"(the limit is {max_tokens} tokens, checked as {max_tokens * MAX_CHARS_PER_TOKEN} characters first)",
+            f"text: {len(text)} characters cannot fit the limit of {max_tokens} tokens for a task made from text "
+            f"(one token stands for at most {per_token} characters, so at most {max_chars} characters are accepted)",
             field="text",
             limit=max_tokens,
         )
@@ -161,10 +178,12 @@ def make_text_adapter(
     *,
     base_model_name_or_path: str,
     max_tokens: int,
+    chars_per_token: int | None = None,
 ) -> TextAdapter:
-    """Tokenise `text`, run it through the model once and return the PEFT adapter files of its K/V."""
+    """Tokenise `text`, run it through the model once and return the PEFT adapter files of its K/V.
+    `chars_per_token`: the character bound checked before tokenizing (see `text_token_ids`)."""
     cap = min(max_tokens, geometry.max_positions - 1)  # at least one position must stay free for a real token
-    ids = text_token_ids(tokenizer, text, max_tokens=cap)
+    ids = text_token_ids(tokenizer, text, max_tokens=cap, chars_per_token=chars_per_token)
     embeddings = text_prompt_embeddings(model, ids, geometry)
     config = adapter_config(geometry, len(ids), base_model_name_or_path)
     weights = save_safetensors({"prompt_embeddings": embeddings}, metadata={"format": "pt"})

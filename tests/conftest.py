@@ -51,3 +51,20 @@ def loaded():  # -> service.model_loader.LoadedModel
 
     model = tiny_llama(seed=0, initializer_range=0.5, max_position_embeddings=TINY_MAX_POSITIONS)
     return wrap_model(model, tiny_tokenizer(128), "tiny-llama")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny random Llama with the embedded SmolLM2's real tokenizer (byte-level BPE, 49,152 entries, the longest 81
+# characters) and room for a 2,048-token text task: text tasks at their real limits, in seconds. Needs the embedded
+# model's files (see above): mark its tests slow.
+
+@pytest.fixture(scope="module")
+def loaded_smol_tokenizer(embedded_model_dir: Path):  # -> service.model_loader.LoadedModel
+    from transformers import AutoTokenizer
+
+    from service.model_loader import wrap_model
+    from tests.helpers import tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir))
+    model = tiny_llama(seed=0, initializer_range=0.5, vocab_size=len(tokenizer), max_position_embeddings=2100)
+    return wrap_model(model, tokenizer, "tiny-llama-smol-tokenizer")

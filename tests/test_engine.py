@@ -11,7 +11,7 @@ import torch
 
 from service.batch import DecodeBatch, ModelRunner, generate
 from service.engine import ContinuousBatchingEngine, EngineLimits, FinalEvent, TokenEvent
-from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError
+from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
 from service.geometry import geometry_from_config
 from service.prefix import TaskPrefix
 from service.registry import PrefixRegistry
@@ -252,3 +252,35 @@ def test_unseeded_sampling_reports_the_seed_it_used(setup) -> None:
     engine2 = ContinuousBatchingEngine(runner)
     assert run_engine(engine2, lambda: engine2.generate(replay)).token_ids == first.token_ids
     assert first.finish_reason in (FinishReason.LENGTH, FinishReason.EOS_TOKEN)
+
+
+@pytest.mark.parametrize("layout", ["slots", "padded"])
+@pytest.mark.parametrize("value", [1e30, 1e38])
+def test_non_finite_logits_fail_only_their_own_request(setup, layout: str, value: float) -> None:
+    """A prefix whose finite values overflow the model's computation (stored before uploads were probed) makes its
+    rows' logits NaN: those requests fail with an error naming the problem instead of returning token 0 repeated,
+    and the rows sharing their forward passes (another task, the bare model, a sampled row) answer exactly as alone.
+    1e38: even the keys' dot products overflow, so a neighbour's masked attention scores must stay -inf, not NaN."""
+    runner, prefixes = setup
+    g = geometry_from_config(runner.model.config)
+    overflowing = TaskPrefix("overflow", torch.full((g.num_layers, 2, g.num_kv_heads, 3, g.head_dim), value), "sha")
+    bad = [GenerationRequest([40, 41, 42], overflowing, SamplingParams(max_new_tokens=6)),
+           GenerationRequest([9, 8], overflowing, SamplingParams(max_new_tokens=6, do_sample=True, seed=3))]
+    good = [request(prefixes, "alpha", [40, 41, 42], max_new_tokens=6), request(prefixes, None, [7, 8]),
+            request(prefixes, "beta", [5, 6], max_new_tokens=6, do_sample=True, seed=5)]  # fmt: skip
+    engine = ContinuousBatchingEngine(runner, policy="mixed", layout=layout)
+
+    async def scenario() -> list[Any]:
+        # The overflowing prefix first: slot layout, bank column 0, where other rows' padding columns point.
+        mixed = [bad[0], good[0], good[1], bad[1], good[2]]
+        return await asyncio.gather(*(engine.generate(r) for r in mixed), return_exceptions=True)
+
+    results = run_engine(engine, scenario)
+    assert engine.stats.max_batch_rows_seen == 5, "all rows shared the forward passes"
+    for failed in (results[0], results[3]):
+        assert isinstance(failed, ServiceError) and failed.code == "non_finite_logits", failed
+        assert failed.status_code == 422 and "overflow" in failed.message and "NaN" in failed.message
+    for req, result in zip(good, (results[1], results[2], results[4])):
+        assert isinstance(result, GenerationResult), result
+        assert result.token_ids == alone(runner, req).token_ids
+    assert engine.stats.failed_rows == 2

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
 
 from service import cli
-from service.api.app import create_app
+from service.api.app import create_app, make_registry
 from service.api.auth import ApiKeys, exposure_problem, is_loopback
 from service.logging_setup import JsonFormatter
 from service.model_loader import LoadedModel
 from service.settings import Settings
-from tests.helpers import adapter, assert_error, upload
+from tests.helpers import (
+    adapter,
+    assert_error,
+    prometheus_values,
+    read_adapter,
+    safetensors_bytes,
+    sse_events,
+    upload,
+)
 
 GENERATE_KEY, ADMIN_KEY = "gen-key-123", "admin-key-456"
 
@@ -311,3 +322,135 @@ def test_upload_with_the_wrong_content_type_or_a_broken_form_says_so(client_with
         "/prefixes", content=b"--nope\r\nnot a part", headers={"content-type": "multipart/form-data; boundary=b"}
     )
     assert_error(broken, 422, "multipart/form-data body could not be parsed")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Round three of the outside attack (issue 18): downloads, text-task uploads, prefix values that overflow
+
+
+def test_downloading_a_task_needs_the_admin_scope(secured: TestClient) -> None:
+    """A text task's text (system prompts, customer instructions) and any task's trained weights leave the server
+    only with an admin key; a generate key still lists the task, without its text."""
+    secret = "t5 t6 t7 t8"
+    created = secured.post("/prefixes", data={"task_id": "private", "text": secret}, headers=bearer(ADMIN_KEY))
+    assert created.status_code == 201, created.text
+    refused = secured.get("/prefixes/private/adapter", headers=bearer(GENERATE_KEY))
+    assert_error(refused, 403, "admin")
+    assert secret not in refused.text
+    assert_error(secured.get("/prefixes/private/adapter"), 401)
+    shown = secured.get("/prefixes/private", headers=bearer(GENERATE_KEY))
+    assert shown.status_code == 200 and secret not in shown.text
+    downloaded = secured.get("/prefixes/private/adapter", headers=bearer(ADMIN_KEY))
+    assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "application/zip"
+
+
+NOT_UTF8 = b"t5 \xff\xfe\x80 t6"  # the first bad byte at offset 3
+
+
+@pytest.mark.parametrize("sent_as", ["multipart_field", "multipart_file", "urlencoded"])
+def test_text_that_is_not_utf8_is_422_naming_the_field_and_byte_offset(client_with_task: TestClient,
+                                                                       sent_as: str) -> None:
+    """One rule for every text the upload form carries (fields, the text as a file part, adapter_config.json): UTF-8,
+    else a 422 naming the field and the first bad byte's offset. It used to be stored as Latin-1 mojibake."""
+    client = client_with_task
+    before = client.get("/prefixes").json()
+    if sent_as == "urlencoded":
+        response = client.post("/prefixes", content=b"task_id=bad&text=t5+%FF%FE%80+t6",
+                               headers={"content-type": "application/x-www-form-urlencoded"})
+    else:
+        part = ("text.txt", NOT_UTF8) if sent_as == "multipart_file" else (None, NOT_UTF8)
+        response = client.post("/prefixes", data={"task_id": "bad"}, files={"text": part})
+    body = assert_error(response, 422, "text", "UTF-8", "byte 3")
+    assert body["field"] == "text"
+    assert client.get("/prefixes").json() == before
+    if sent_as == "multipart_file":  # the control: a UTF-8 text file part is the task's text
+        created = client.post("/prefixes", data={"task_id": "from-file"}, files={"text": ("text.txt", b"t5 t6")})
+        assert created.status_code == 201 and created.json()["num_virtual_tokens"] == 2, created.text
+
+
+def test_adapter_config_that_is_not_utf8_names_the_byte_offset(client_with_task: TestClient, loaded: LoadedModel,
+                                                               tmp_path: Path) -> None:
+    adapter_dir = adapter(loaded, tmp_path, "u", v=3, seed=5)[0]
+    config = (adapter_dir / "adapter_config.json").read_bytes()
+    bad = b'{"x": "\xff", ' + config[1:]
+    body = assert_error(upload(client_with_task, "bad", adapter_dir, config=bad), 422, "adapter_config", "UTF-8",
+                        "byte 7")
+    assert body["field"] == "adapter_config"
+
+
+@pytest.mark.parametrize("field_name", ["text", "prompt_template", "description"])
+def test_a_nul_character_is_refused_in_every_stored_text(client_with_task: TestClient, field_name: str) -> None:
+    """One NUL rule for the text, templates and descriptions: refused, naming the field and the offset."""
+    form = {"task_id": "nul", "text": "t5 t6", "prompt_template": "{inputs} t7", "description": "ok"}
+    form[field_name] = "t5 \x00" + ("{inputs}" if field_name == "prompt_template" else "")
+    body = assert_error(client_with_task.post("/prefixes", data=form), 422, field_name, "NUL", "offset 3")
+    assert body["field"] == field_name
+    assert "nul" not in [p["task_id"] for p in client_with_task.get("/prefixes").json()["prefixes"]]
+
+
+@pytest.mark.parametrize("sent_as", ["multipart", "urlencoded"])
+def test_a_text_over_the_limit_is_413_naming_the_text_limit(client_with_task: TestClient, sent_as: str) -> None:
+    """Over Starlette's 1 MiB part limit a text field used to be 'the multipart body could not be parsed'; the form is
+    now read with the text's own bound (max_text_task_tokens x the longest token, in UTF-8 bytes) and stops there."""
+    text = b"t5 " * 400_000  # 1.2 MB
+    if sent_as == "multipart":
+        response = client_with_task.post("/prefixes", data={"task_id": "big"}, files={"text": (None, text)})
+    else:
+        response = client_with_task.post("/prefixes", content=b"task_id=big&text=" + text.replace(b" ", b"+"),
+                                         headers={"content-type": "application/x-www-form-urlencoded"})
+    body = assert_error(response, 413, "text", "2048 tokens", "max_text_task_tokens")
+    assert body["field"] == "text"
+
+
+@pytest.mark.parametrize("sent_as", ["multipart", "urlencoded"])
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_a_blank_text_is_422_saying_so(client_with_task: TestClient, sent_as: str, text: str) -> None:
+    """An empty text field used to read as no text at all: '422 adapter_config: missing'."""
+    if sent_as == "multipart":
+        response = client_with_task.post("/prefixes", data={"task_id": "blank"}, files={"text": (None, text.encode())})
+    else:
+        response = client_with_task.post("/prefixes", data={"task_id": "blank", "text": text})
+    body = assert_error(response, 422, "text", "blank")
+    assert body["field"] == "text"
+
+
+def _overflowing_adapter(loaded: LoadedModel, tmp_path: Path, value: float = 1e30) -> tuple[bytes, bytes]:
+    """A PEFT adapter of the tiny model whose every value is `value`: finite in float32, yet the model's computation
+    overflows with it (an RMSNorm's variance becomes inf and zeroes the state: every logit equal, token 0 forever)."""
+    config, weights = read_adapter(adapter(loaded, tmp_path, "overflowing", v=3, seed=6)[0])
+    tensor = load_safetensors(weights)["prompt_embeddings"]
+    return config, safetensors_bytes({"prompt_embeddings": torch.full_like(tensor, value)})
+
+
+def test_a_prefix_the_model_cannot_compute_with_is_refused_at_upload(client_with_task: TestClient,
+                                                                     loaded: LoadedModel, tmp_path: Path) -> None:
+    config, weights = _overflowing_adapter(loaded, tmp_path)
+    files = {"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", weights)}
+    refused = client_with_task.post("/prefixes", data={"task_id": "huge"}, files=files)
+    body = assert_error(refused, 422, "prompt_embeddings", "probe", "float32")
+    assert body["field"] == "prompt_embeddings"
+    assert [p["task_id"] for p in client_with_task.get("/prefixes").json()["prefixes"]] == ["t"]
+
+
+def test_a_stored_prefix_the_model_cannot_compute_with_fails_only_its_own_requests(tmp_path: Path,
+                                                                                  loaded: LoadedModel) -> None:
+    """A task stored before uploads were probed: its requests get a 422 `non_finite_logits` (also as a stream's last
+    event), counted in /metrics, never tokens; requests of another task at the same time are untouched."""
+    settings = Settings(prefix_dir=tmp_path / "store")
+    older = make_registry(settings, loaded, None, shared=False)  # no probe: what an older server stored
+    older.put("huge", *_overflowing_adapter(loaded, tmp_path))
+    body = {"task_id": "huge", "inputs": "t5 t6", "parameters": {"max_new_tokens": 4}}
+    with TestClient(create_app(settings, loaded)) as client:
+        upload(client, "t", adapter(loaded, tmp_path, "a", v=3, seed=3)[0])
+        good = {"task_id": "t", "inputs": "t5 t6", "parameters": {"max_new_tokens": 4}}
+        expected = client.post("/generate", json=good).json()["generated_text"]
+        with ThreadPoolExecutor(4) as pool:  # the failing and the good requests share the engine's batches
+            answers = list(pool.map(lambda b: client.post("/generate", json=b), [body, good, body, good]))
+        for failed in answers[0::2]:
+            assert_error(failed, 422, "NaN", "huge")
+            assert failed.json()["type"] == "non_finite_logits"
+        assert [a.json()["generated_text"] for a in answers[1::2]] == [expected, expected]
+        events = sse_events(client.post("/generate_stream", json=body).text)
+        assert events[-1]["type"] == "non_finite_logits" and all("token" not in e for e in events), events
+        counted = prometheus_values(client.get("/metrics").text, "prefix_serve_generation_errors_total")
+        assert counted == {frozenset({("kind", "non_finite_logits")}): 3.0}, counted

@@ -16,6 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
 
+from service import cli
 from service.api.app import create_app
 from service.batch import ModelRunner, generate
 from service.geometry import geometry_from_config
@@ -25,7 +26,7 @@ from service.registry import PrefixRegistry, TaskInfo
 from service.requests import GenerationRequest, SamplingParams
 from service.settings import Settings
 from service.text_prefix import kv_to_prompt_embeddings, make_text_adapter, text_kv
-from tests.helpers import TINY_DECODER_SPECS, peft_greedy, tiny_decoder, tiny_tokenizer
+from tests.helpers import TINY_DECODER_SPECS, ThreadedServer, peft_greedy, tiny_decoder, tiny_tokenizer
 
 VOCAB = 128
 NEW_TOKENS = 8
@@ -234,3 +235,53 @@ def test_trained_adapter_download_round_trips(client: TestClient, loaded: Loaded
         assert archive.read("trained/adapter_config.json") == config
         assert archive.read("trained/adapter_model.safetensors") == weights
         assert "trained/task.json" not in archive.namelist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text tasks at their real limits (issue 18): a real tokenizer, 2,048 tokens
+
+
+@pytest.mark.slow  # the embedded model's tokenizer (converted once, then cached)
+def test_a_text_with_long_tokens_is_not_refused_before_tokenizing(loaded_smol_tokenizer: LoadedModel,
+                                                                  tmp_path: Path) -> None:
+    """520 lines of 64 '=' are 33,800 characters but 1,040 tokens: a fixed 16-characters-per-token pre-check refused
+    them. Only a text that cannot fit by the tokenizer's longest vocabulary entry is refused untokenized."""
+    text = ("=" * 64 + "\n") * 520
+    settings = Settings(prefix_dir=tmp_path / "store")  # max_text_task_tokens 2048
+    with TestClient(create_app(settings, loaded_smol_tokenizer)) as client:
+        created = client.post("/prefixes", data={"task_id": "rules", "text": text})
+        assert created.status_code == 201, created.text
+        assert created.json()["num_virtual_tokens"] == len(loaded_smol_tokenizer.tokenizer(text)["input_ids"]) > 1000
+        bound = client.app.state.service.inputs.chars_per_token
+        assert bound == 81  # SmolLM2's longest vocabulary entry: the prompts' bound
+        over = client.post("/prefixes", data={"task_id": "over", "text": "=" * (2048 * bound + 1)})
+        assert over.status_code == 413, over.text
+        assert "2048" in over.json()["error"] and str(2048 * bound) in over.json()["error"], over.json()
+
+
+@pytest.mark.slow  # the embedded model's tokenizer (converted once, then cached)
+@pytest.mark.parametrize("num_tokens", [300, 2048])
+def test_a_downloaded_text_task_re_uploads_as_its_text(
+    loaded_smol_tokenizer: LoadedModel, tmp_path: Path, num_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`prefix-serve upload DIR` on an unzipped download re-creates a text task from task.json's text: the same
+    prefix (sha256), `source: text` and text kept, for every length the server holds (its files would be refused
+    over max_virtual_tokens, and at 2,048 tokens of a real model they are ~94 MB)."""
+    text = "a" + " b" * (num_tokens - 1)
+    settings = Settings(prefix_dir=tmp_path / "store")  # max_virtual_tokens 256, max_text_task_tokens 2048
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)  # keep pytest's log capture
+    with ThreadedServer(create_app(settings, loaded_smol_tokenizer)) as server:
+        with TestClient(server.app) as client:
+            form = {"task_id": "long", "text": text, "prompt_template": "Q: {inputs} A:", "description": "long"}
+            created = client.post("/prefixes", data=form)
+            assert created.status_code == 201 and created.json()["num_virtual_tokens"] == num_tokens, created.text
+            with zipfile.ZipFile(io.BytesIO(client.get("/prefixes/long/adapter").content)) as archive:
+                archive.extractall(tmp_path / "download")
+            command = ["upload", str(tmp_path / "download" / "long"), "--task-id", "copy", "--url", server.url]
+            assert cli.main(command) == 0
+            copy_record = client.get("/prefixes/copy").json()
+            original = created.json()
+            for key in ("sha256", "num_virtual_tokens", "source", "prompt_template", "description"):
+                assert copy_record[key] == original[key], key
+            with zipfile.ZipFile(io.BytesIO(client.get("/prefixes/copy/adapter").content)) as archive:
+                assert json.loads(archive.read("copy/task.json"))["text"] == text

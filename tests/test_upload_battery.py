@@ -140,6 +140,8 @@ ADAPTER_CASES: dict[str, Builder] = {
     "minus_inf_value": lambda c, w, t: (c, _with_value(t, float("-inf")), 422),
     "float64_beyond_float32_range": lambda c, w, t: (c, _with_value(t, 1e300, torch.float64), 422),
     "nan_in_bfloat16": lambda c, w, t: (c, _with_value(t, float("nan"), torch.bfloat16), 422),
+    # finite, but the model's computation overflows with it (issue 18: token 0 forever); the upload's probe forward
+    "finite_values_that_overflow_the_model": lambda c, w, t: (c, _tensor(torch.full_like(t, 1e30)), 422),
     # V out of range
     "v_zero": lambda c, w, t: (_reshape_config(c, num_virtual_tokens=0), _tensor(torch.zeros(0, WIDTH)), 422),
     "v_negative": lambda c, w, t: (_reshape_config(c, num_virtual_tokens=-4), w, 422),

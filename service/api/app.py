@@ -21,12 +21,13 @@ from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes, tasks
 from service.api.state import ServiceState
 from service.compute_thread import run_in_fresh_thread
-from service.batch import ModelRunner, verify_prefix_support
+from service.batch import ModelRunner, probe_prefix, verify_prefix_support
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import ServiceError, UnauthorizedError
 from service.inputs import InputProcessor
 from service.metrics import Metrics
 from service.model_loader import LoadedModel, load_base_model
+from service.prefix import TaskPrefix
 from service.prefix_format import json_type
 from service.registry import PrefixRegistry
 from service.settings import Settings
@@ -53,6 +54,7 @@ def make_registry(
     *,
     shared: bool,
     device: torch.device | None = None,
+    probe: Callable[[TaskPrefix], None] | None = None,
 ) -> PrefixRegistry:
     """The prefix store with the settings' limits, for the single-process server, the Ray ingress (`device` cpu) and
     each Ray replica: one place, so every process accepts the same tasks (a task made from text may be longer than
@@ -74,6 +76,7 @@ def make_registry(
         host_budget_bytes=settings.prefix_host_budget_bytes,
         metrics=metrics,
         shared=shared,
+        probe=probe,
     )
 
 
@@ -81,10 +84,13 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
     """Wire registry and engine around a loaded model. Blocking: loads every stored prefix."""
     runner = ModelRunner(loaded.model, loaded.tokenizer)
     verify_prefix_support(runner, loaded.geometry)
-    registry = make_registry(settings, loaded, metrics, shared=settings.shared_prefix_store)
+    registry = make_registry(
+        settings, loaded, metrics, shared=settings.shared_prefix_store, probe=lambda p: probe_prefix(runner, p)
+    )
     registry.load_all()
     engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
     engine.on_pass = metrics.observe_pass
+    engine.on_row_error = lambda error: metrics.observe_generation_error(error.code)
     metrics.bind_gauges(lambda: engine.queue_size, lambda: engine.stats.running_rows)
     metrics.bind_kv_gauges(lambda: engine.stats.kv_bytes, lambda: engine.stats.prefix_bank_bytes)
     metrics.bind_tasks(lambda name: name in registry or name == loaded.name)

@@ -1,5 +1,5 @@
 """API keys in two scopes: `generate` (generation and reading the prefix list) and `admin` (upload, replace,
-delete; implies generate). Keys come from settings (env) or a file; they arrive as `Authorization: Bearer <key>`
+delete, and downloading a task's files, which carry a text task's text and trained weights; implies generate). Keys come from settings (env) or a file; they arrive as `Authorization: Bearer <key>`
 and are compared in constant time. With no keys configured, auth is off, which the CLI allows only on a loopback
 address unless --allow-unauthenticated is given.
 

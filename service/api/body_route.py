@@ -2,7 +2,7 @@
 `service.inputs.parse_json_body`: FastAPI answers bad UTF-8, a 5,000-digit integer or deep nesting with a bare "There
 was an error parsing the body", and a `Content-Type: text/plain` body with a validation error that never mentions the
 content type; here each is a 4xx that says what is wrong. A form route (the upload) wants multipart/form-data (or a
-urlencoded form, which cannot carry files)."""
+urlencoded form, which cannot carry files), parsed by the upload's rules (`service.api.forms`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service.api.forms import UploadFormLimits, parse_upload_form
 from service.errors import UnsupportedMediaTypeError
 from service.inputs import parse_json_body
 
@@ -47,6 +48,8 @@ class CheckedBodyRoute(APIRoute):
                         "made from text, may also be application/x-www-form-urlencoded)",
                         field="content-type", got=shown,
                     )
+                # The one form route is the upload: its fields are read by the upload's rules (UTF-8, byte bounds).
+                await parse_upload_form(request, UploadFormLimits.of(request.app.state.service))
                 return await handler(request)
 
             return check_form_then_handle

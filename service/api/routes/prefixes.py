@@ -26,13 +26,15 @@ from service.errors import (
 )
 from service.registry import PrefixRecord, TaskInfo, validate_task_id
 from service.templates import validate_description, validate_template
-from service.text_prefix import make_text_adapter
+from service.text_prefix import check_text, make_text_adapter
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=CheckedBodyRoute)
 
 State = Annotated[ServiceState, Depends(get_state)]
-ADMIN = [Depends(require("admin"))]  # upload, replace, delete
-READ = [Depends(require("generate"))]
+# Upload, replace, delete, and download: a download carries a text task's text (system prompts, customer
+# instructions) and any task's trained weights, a customer's asset, so reading it needs what writing it does.
+ADMIN = [Depends(require("admin"))]
+READ = [Depends(require("generate"))]  # the list and one task's record (never its text or weights)
 
 
 def _info(record: PrefixRecord) -> PrefixInfo:
@@ -114,7 +116,10 @@ async def upload_prefix(
     replace: Annotated[bool, Form(description="Overwrite an existing prefix of this task.")] = False,
 ) -> PrefixUploadResponse:
     try:
-        _check_form_fields([name for name, _ in (await request.form()).multi_items()])  # parsed already: cached
+        form = await request.form()  # parsed already (service.api.forms): cached
+        _check_form_fields([name for name, _ in form.multi_items()])
+        if text is None and "text" in form:  # FastAPI reads an empty field as absent: it is a blank text
+            text = ""
         # Reading the spooled files, a text task's forward pass, validating and the fsynced write all block: keep
         # them off the event loop.
         record, created, warnings = await asyncio.to_thread(
@@ -153,6 +158,7 @@ def _store(
             message="send either the adapter files (adapter_config + adapter_model) or a text, not both",
         )  # fmt: skip
     if text is not None:
+        check_text(text)  # blank, or a NUL: before anything is computed
         if state.model.geometry.is_encoder_decoder:
             raise InvalidPrefixError(
                 "text", "adapter files (this server runs an encoder-decoder model)", "a text",
@@ -174,6 +180,7 @@ def _store(
         made = make_text_adapter(
             state.model.model, state.model.tokenizer, state.model.geometry, text,
             base_model_name_or_path=state.model.name, max_tokens=settings.max_text_task_tokens,
+            chars_per_token=state.inputs.chars_per_token,  # the prompts' bound: one rule for every text read
         )  # fmt: skip
         config_bytes, weights_bytes = made.config_bytes, made.weights_bytes
         info = TaskInfo(prompt_template=info.prompt_template, description=info.description, source="text", text=text)
@@ -216,9 +223,10 @@ def get_prefix(task_id: str, state: State) -> PrefixState:
     response_class=Response,
     responses={
         200: {"content": {"application/zip": {}}, "description": "A zip of the PEFT adapter directory"},
+        403: {"model": ErrorResponse, "description": "The key lacks the admin scope"},
         404: {"model": ErrorResponse},
     },
-    dependencies=READ,
+    dependencies=ADMIN,
 )
 def download_adapter(task_id: str, state: State) -> Response:
     """The task's PEFT files as a zip (adapter_config.json, adapter_model.safetensors, and task.json when the task
