@@ -15,10 +15,8 @@ model to this implementation changes nothing else about it.
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +25,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from service.kv_store import PrefixBank, SlotStore
+from service.thread_plan import ThreadPlan
 
 ATTN_IMPLEMENTATION = "prefix_serve_slots"
 
@@ -84,20 +83,9 @@ class ChunkBatch:
     mask: torch.Tensor  # (C, 1, n, P + O) bool
 
 
-_active = threading.local()
-
-
-@contextmanager
-def active_plan(plan: StepPlan) -> Iterator[StepPlan]:
-    _active.plan = plan
-    try:
-        yield plan
-    finally:
-        _active.plan = None
-
-
-def _current_plan() -> StepPlan | None:
-    return getattr(_active, "plan", None)
+_plans: ThreadPlan[StepPlan] = ThreadPlan()
+active_plan = _plans.active  # the step's layout, for the one forward run inside the block on this thread
+_current_plan = _plans.current
 
 
 class SlotCache(Cache):

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
-import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import httpx
 from pydantic import ValidationError
 
 from service.bench.cli import register as register_bench
 from service.logging_setup import configure_logging
 from service.settings import Settings
 from service.training.cli import register as register_training
+from service.upload import upload_task
 
 logger = logging.getLogger("service.cli")
 
@@ -68,97 +64,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_task(adapter_dir: Path | None) -> dict[str, Any]:
-    """The adapter directory's task.json (written by `prefix-serve train` and by GET /prefixes/{id}/adapter), or {}."""
-    task_file = adapter_dir / "task.json" if adapter_dir is not None else None
-    if task_file is None or not task_file.is_file():
-        return {}
-    try:
-        loaded = json.loads(task_file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"{task_file}: not valid JSON ({exc})") from None
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def _task_fields(stored: dict[str, Any], args: argparse.Namespace) -> dict[str, str]:
-    """prompt_template / description: from the flags, else from the stored task.json."""
-    fields = {}
-    for name, flag in (("prompt_template", args.prompt_template), ("description", args.description)):
-        value = flag if flag is not None else stored.get(name)
-        if isinstance(value, str) and value:
-            fields[name] = value
-    return fields
-
-
-def _stored_text(stored: dict[str, Any]) -> str | None:
-    """The text of a downloaded task made from text: the server re-creates it from the text (the same prefix on the
-    same model), which holds for every length the server holds; its files would be refused over max_virtual_tokens
-    and run to ~94 MB at 2,048 tokens of SmolLM2."""
-    text = stored.get("text")
-    return text if stored.get("source") == "text" and isinstance(text, str) and text else None
-
-
 def _upload(args: argparse.Namespace) -> int:
-    configure_logging("warning", "text")
-    if (args.adapter_dir is None) == (args.text is None):
-        print("error: give an adapter directory or --text FILE (one of them)", file=sys.stderr)
-        return 2
-    adapter_dir = Path(args.adapter_dir) if args.adapter_dir is not None else None
-    try:
-        stored = _stored_task(adapter_dir)
-        data = {"task_id": args.task_id, "replace": "true" if args.replace else "false"}
-        data.update(_task_fields(stored, args))
-        text = Path(args.text).read_text(encoding="utf-8") if args.text is not None else _stored_text(stored)
-        if text is not None:
-            data["text"] = text
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    files: dict[str, Any] = {}
-    downloaded_sha256: str | None = None
-    if adapter_dir is not None and text is not None:
-        weights_path = adapter_dir / "adapter_model.safetensors"
-        if weights_path.is_file():
-            downloaded_sha256 = hashlib.sha256(weights_path.read_bytes()).hexdigest()
-    elif adapter_dir is not None:
-        config_path = adapter_dir / "adapter_config.json"
-        weights_path = adapter_dir / "adapter_model.safetensors"
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                print(f"error: {path} not found (expected a PEFT adapter directory)", file=sys.stderr)
-                return 2
-        files = {
-            "adapter_config": ("adapter_config.json", config_path.read_bytes(), "application/json"),
-            "adapter_model": ("adapter_model.safetensors", weights_path.read_bytes(), "application/octet-stream"),
-        }
-    api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = httpx.post(
-            args.url.rstrip("/") + "/prefixes",
-            headers=headers,
-            data=data,
-            files=files or None,  # a text task: a plain urlencoded form, which the route parses as well
-            timeout=300,
-        )
-    except httpx.HTTPError as exc:
-        print(f"error: could not reach {args.url}: {exc}", file=sys.stderr)
-        return 1
-    body = response.text
-    try:
-        parsed = response.json()
-        body = json.dumps(parsed, indent=2)
-    except ValueError:
-        parsed = None
-    print(body)
-    recomputed = parsed.get("sha256") if isinstance(parsed, dict) else None
-    if response.is_success and downloaded_sha256 and recomputed != downloaded_sha256:
-        print(
-            "note: the task was re-created from task.json's text; its prefix differs from the directory's "
-            "adapter_model.safetensors (a server with another model or dtype computes other K/V)",
-            file=sys.stderr,
-        )
-    return 0 if response.is_success else 1
+    return upload_task(
+        args.url, args.task_id,
+        adapter_dir=Path(args.adapter_dir) if args.adapter_dir is not None else None,
+        text_file=Path(args.text) if args.text is not None else None,
+        prompt_template=args.prompt_template, description=args.description,
+        replace=args.replace, api_key=args.api_key,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

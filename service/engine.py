@@ -37,7 +37,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Literal
 
-from service.batch import DecodeBatch, ModelRunner
+from service.batch import DecodeBatch
+from service.runner import ModelRunner
 from service.seq2seq import Seq2SeqBatch
 from service.detokenizer import OutputProcessor
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError

@@ -19,11 +19,12 @@ import torch
 
 from service.attention import ChunkBatch, PrefillChunk, SlotCache, StepPlan, active_plan
 from service.attention import register as register_slot_attention
-from service.batch import DecodeBatch, ModelRunner
+from service.batch import DecodeBatch
 from service.geometry import geometry_from_config
 from service.kv_store import KVGeometry, PrefixBank, SlotStore
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, GenerationResult, SamplingParams
+from service.runner import ModelRunner
 from service.text_prefix import text_kv
 from service.rows import Row, select_tokens
 from service.sampler import RowSampler

@@ -10,13 +10,14 @@ import torch
 from service import cli
 from service.bench.peft_baseline import load_peft_model, peft_generate
 from service.bench.workload import make_workload
-from service.batch import ModelRunner, generate
+from service.batch import generate
 from service.bench.static_baseline import _generate_batch
 from service.bench.run import TokenClock
 from service.bench.workload import WorkItem
 from service.geometry import geometry_from_config
 from service.prefix import TaskPrefix, prompt_embeddings_to_kv
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 from tests.helpers import (
     make_peft_prefix_model,
     make_peft_seq2seq_model,

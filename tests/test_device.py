@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from service import slots
-from service.batch import DecodeBatch, ModelRunner
+from service.batch import DecodeBatch
 from service.prefix import TaskPrefix
 from service.prefix_cache import TieredPrefixCache
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 from tests.helpers import HostSyncCounter, random_task_prefix, tiny_llama, tiny_tokenizer
 
 

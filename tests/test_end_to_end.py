@@ -10,10 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.batch import ModelRunner, generate
+from service.batch import generate
 from service.model_loader import LoadedModel
 from service.registry import PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 from tests.helpers import free_port, make_peft_prefix_model, peft_greedy, prefix_serve_command, read_adapter, save_adapter
 
 pytestmark = pytest.mark.slow

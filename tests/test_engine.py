@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from service.batch import DecodeBatch, ModelRunner, generate
+from service.batch import DecodeBatch, generate
 from service.engine import ContinuousBatchingEngine, EngineLimits, FinalEvent, TokenEvent
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
 from service.geometry import geometry_from_config
 from service.prefix import TaskPrefix
 from service.registry import PrefixRegistry
 from service.requests import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+from service.runner import ModelRunner
 from tests.helpers import make_peft_prefix_model, read_adapter, run_engine, save_adapter, tiny_llama, tiny_tokenizer
 
 TASKS = {"alpha": 4, "beta": 9, "gamma": 2, "delta": 6}  # task -> num_virtual_tokens

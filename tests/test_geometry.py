@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from service.batch import ModelRunner, generate as generate_padded, verify_prefix_support
+from service.batch import generate as generate_padded, verify_prefix_support
 from service.errors import UnsupportedModelError
 from service.geometry import geometry_from_config
+from service.runner import ModelRunner
 from tests.helpers import tiny_tokenizer
 
 

@@ -15,7 +15,8 @@ from safetensors.torch import load as load_safetensors
 
 from service import cli
 from service.api.app import create_app, make_registry
-from service.api.auth import ApiKeys, exposure_problem, is_loopback
+from service.api.auth import exposure_problem, is_loopback
+from service.api.keys import ApiKeys
 from service.logging_setup import JsonFormatter
 from service.model_loader import LoadedModel
 from service.settings import Settings

@@ -17,10 +17,11 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from service import slots
-from service.batch import ModelRunner, generate as padded_generate, verify_prefix_support
+from service.batch import generate as padded_generate, verify_prefix_support
 from service.geometry import geometry_from_config
 from service.registry import PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 from tests.helpers import (
     TINY_DECODER_SPECS,
     make_peft_prefix_model,

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from service.batch import ModelRunner, generate, verify_prefix_support
+from service.batch import generate, verify_prefix_support
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import UnsupportedModelError
 from service.geometry import geometry_from_config
 from service.prefix import TaskPrefix, encoder_prompt_embeddings_to_kv, prompt_embeddings_to_kv
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 from service.seq2seq import Seq2SeqBatch
 from tests.helpers import (
     EOS,

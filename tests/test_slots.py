@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from service import slots
-from service.batch import DecodeBatch, ModelRunner, generate as padded_generate
+from service.batch import DecodeBatch, generate as padded_generate
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import DeadlineExceededError
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, GenerationResult, SamplingParams
+from service.runner import ModelRunner
 from tests.helpers import random_task_prefix, run_engine, tiny_llama, tiny_tokenizer
 
 

@@ -18,12 +18,13 @@ from peft import PeftModel
 
 from service import cli
 from service.api.app import create_app
-from service.batch import ModelRunner, generate
+from service.batch import generate
 from service.geometry import geometry_from_config
 from service.model_loader import LoadedModel
 from service.prefix import prompt_embeddings_to_kv
 from service.registry import PrefixRegistry, TaskInfo
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 from service.settings import Settings
 from service.text_prefix import kv_to_prompt_embeddings, make_text_adapter, text_kv
 from tests.helpers import TINY_DECODER_SPECS, ThreadedServer, peft_greedy, tiny_decoder, tiny_tokenizer

@@ -18,10 +18,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.batch import ModelRunner
 from service.cli import main as cli_main
 from service.model_loader import LoadedModel, wrap_model
 from service.registry import CONFIG_FILE, WEIGHTS_FILE
+from service.runner import ModelRunner
 from service.settings import Settings
 from service.training.data import Example, apply_template, load_examples
 from service.training.errors import DataError, TrainingDivergedError

@@ -18,14 +18,15 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from service.batch import ModelRunner, generate
+from service.batch import generate
 from service.cli import main as cli_main
 from service.model_loader import LoadedModel, wrap_model
 from service.prefix import TaskPrefix
 from service.prefix_format import ENCODER_LENGTH_FIELD, ENCODER_WEIGHTS_TENSOR_NAME, WEIGHTS_TENSOR_NAME
 from service.registry import CONFIG_FILE, WEIGHTS_FILE
 from service.requests import GenerationRequest, SamplingParams
-from service.seq2seq import Seq2SeqPlan, active_plan
+from service.runner import ModelRunner
+from service.seq2seq_attention import Seq2SeqPlan, active_plan
 from service.training.data import Example
 from service.training.encoding import IGNORE_INDEX
 from service.training.evaluate import open_registry, prefix_from_adapter_dir

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from service.batch import ModelRunner, verify_prefix_support
+from service.batch import verify_prefix_support
 from service.bench.report import write_json
 from service.bench.run import run_engine_system
 from service.bench.static_baseline import run_static_system
@@ -35,6 +35,7 @@ from service.bench.workload import make_workload, synthetic_tokenizer, task_ids
 from service.geometry import geometry_from_config
 from service.model_loader import resolve_device, resolve_dtype
 from service.prefix import TaskPrefix
+from service.runner import ModelRunner
 from service.slots import slot_layout_supported
 
 logger = logging.getLogger("gpu_bench")

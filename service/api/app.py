@@ -15,13 +15,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api.auth import ApiKeys, AuthMiddleware
+from service.api.auth import AuthMiddleware
 from service.api.error_bodies import error_body, service_error_body
+from service.api.keys import ApiKeys
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes, tasks
 from service.api.state import ServiceState
 from service.compute_thread import run_in_fresh_thread
-from service.batch import ModelRunner, probe_prefix, verify_prefix_support
+from service.batch import probe_prefix, verify_prefix_support
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import ServiceError, UnauthorizedError
 from service.inputs import InputProcessor
@@ -30,6 +31,7 @@ from service.model_loader import LoadedModel, load_base_model
 from service.prefix import TaskPrefix
 from service.prefix_format import json_type
 from service.registry import PrefixRegistry
+from service.runner import ModelRunner
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

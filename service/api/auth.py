@@ -10,10 +10,8 @@ stays protected if it is ever served without the middleware."""
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 from fastapi import Depends, Request
@@ -21,62 +19,13 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope as AsgiScope, Send
 
 from service.api.error_bodies import service_error_body
+from service.api.keys import ApiKeys
 from service.api.state import ServiceState, get_state
 from service.errors import ForbiddenError, ServiceError, UnauthorizedError
 from service.settings import Settings
 
 Scope = Literal["generate", "admin"]
 SettingsPredicate = Callable[[Settings], bool]
-
-
-class ApiKeys:
-    def __init__(self, generate_keys: list[str], admin_keys: list[str]) -> None:
-        for key in [*generate_keys, *admin_keys]:
-            if not key.strip() or key != key.strip():
-                # Such a key would switch auth on while no request could ever match it (tokens are stripped).
-                raise ValueError("an API key is empty, only whitespace, or has surrounding whitespace")
-        self._keys: list[tuple[bytes, frozenset[str]]] = [
-            (k.encode("utf-8"), frozenset({"generate"})) for k in generate_keys
-        ] + [(k.encode("utf-8"), frozenset({"generate", "admin"})) for k in admin_keys]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ApiKeys:
-        generate_keys, admin_keys = list(settings.api_keys), list(settings.admin_api_keys)
-        if settings.api_keys_file is not None:
-            more_generate, more_admin = _read_key_file(settings.api_keys_file)
-            generate_keys += more_generate
-            admin_keys += more_admin
-        return cls(generate_keys, admin_keys)
-
-    def scopes_for(self, presented: str) -> frozenset[str]:
-        """Every stored key is compared (no early exit), each with compare_digest, so timing reveals nothing."""
-        candidate = presented.encode("utf-8")
-        scopes: frozenset[str] = frozenset()
-        for key, key_scopes in self._keys:
-            if hmac.compare_digest(candidate, key):
-                scopes = scopes | key_scopes
-        return scopes
-
-
-def _read_key_file(path: Path) -> tuple[list[str], list[str]]:
-    """Lines `admin:KEY` or `generate:KEY` (a bare `KEY` is a generate key); blank lines and `#` comments skipped."""
-    generate_keys: list[str] = []
-    admin_keys: list[str] = []
-    for number, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        scope, sep, key = line.partition(":")
-        if not sep:
-            scope, key = "generate", line
-        if scope not in ("generate", "admin") or not key.strip():
-            raise ValueError(f"{path}:{number}: expected 'generate:KEY' or 'admin:KEY'")
-        (admin_keys if scope == "admin" else generate_keys).append(key.strip())
-    return generate_keys, admin_keys
 
 
 def authorize(keys: ApiKeys, authorization: str, scope: Scope) -> None:

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from service.api.keys import ApiKeys
 from service.engine import Engine
 from service.inputs import InputProcessor
 from service.metrics import Metrics
 from service.model_loader import LoadedModel
 from service.registry import PrefixRegistry
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from service.api.auth import ApiKeys
 
 
 @dataclass

@@ -37,13 +37,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from service.batch import ModelRunner, verify_prefix_support
+from service.batch import verify_prefix_support
 from service.bench.peft_baseline import load_peft_model
 from service.bench.report import markdown_table, plot, ratios_table, write_json
 from service.bench.ray_system import ray_replicas, run_ray_system
 from service.bench.run import run_engine_system, run_peft_system
 from service.bench.static_baseline import run_static_system
 from service.compute_thread import run_in_fresh_thread
+from service.runner import ModelRunner
 from service.slots import slot_layout_supported
 from service.bench.workload import WorkItem, make_workload, synthetic_tokenizer, write_random_prefixes
 from service.logging_setup import configure_logging

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from service import slots
-from service.batch import ModelRunner
 from service.model_loader import load_base_model
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 from service.settings import Settings
 from service.training.evaluate import max_new_tokens_for, open_registry
 from service.training.examples import EXAMPLE_TASKS

@@ -22,13 +22,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from service.batch import ModelRunner, generate
+from service.batch import generate
 from service.bench.report import markdown_table, write_json
 from service.bench.run import run_engine_system
 from service.bench.workload import WorkItem
 from service.model_loader import LoadedModel
 from service.registry import PrefixRegistry, TaskInfo
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 from service.text_prefix import make_text_adapter
 
 logger = logging.getLogger(__name__)

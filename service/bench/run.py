@@ -12,13 +12,13 @@ from typing import Any, Awaitable, Callable
 from peft import PeftModel
 from transformers.generation.streamers import BaseStreamer
 
-from service.batch import ModelRunner
 from service.bench.peft_baseline import peft_generate
 from service.bench.workload import WorkItem
 from service.compute_thread import run_in_fresh_thread
 from service.engine import ContinuousBatchingEngine, EngineLimits, FinalEvent, TokenEvent
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 
 
 @dataclass

@@ -16,10 +16,10 @@ import time
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
-from service.batch import ModelRunner
 from service.bench.run import RequestTiming, RunResult, TokenClock
 from service.bench.workload import WorkItem
 from service.prefix import TaskPrefix
+from service.runner import ModelRunner
 
 
 @torch.inference_mode()

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from service.api.app import make_registry
-from service.api.auth import ApiKeys
+from service.api.keys import ApiKeys
 from service.api.state import ServiceState, get_state
 from service.engine import Engine
 from service.errors import ServiceError

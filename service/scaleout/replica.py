@@ -17,13 +17,14 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import torch
 
 from service.api.app import engine_limits, make_registry
-from service.batch import ModelRunner, verify_prefix_support
+from service.batch import verify_prefix_support
 from service.engine import ContinuousBatchingEngine, Event
 from service.errors import ServiceError
 from service.model_loader import LoadedModel, load_base_model
 from service.prefix import TaskPrefix
 from service.registry import validate_task_id
 from service.requests import GenerationRequest
+from service.runner import ModelRunner
 from service.scaleout.protocol import RemoteRequest, StreamError, StreamStart, error_body, parse_multiplexed_id
 from service.settings import Settings
 

@@ -415,17 +415,10 @@ def _check_model_takes(args: argparse.Namespace, loaded: LoadedModel) -> None:
 
 
 def _upload(adapter_dir: Path, args: argparse.Namespace) -> int:
-    """Run `prefix-serve upload` itself, parsed by its own parser, so both behave (and report) identically and
-    any option it gains keeps its default here."""
-    from service.cli import build_parser
+    """`prefix-serve upload` of the saved adapter: the same function that command runs, with its defaults."""
+    from service.upload import upload_task
 
-    argv = ["upload", str(adapter_dir), "--task-id", args.task_id, "--url", args.upload]
-    if args.replace:
-        argv.append("--replace")
-    if args.api_key:
-        argv += ["--api-key", args.api_key]
-    upload_args = build_parser().parse_args(argv)
-    return int(upload_args.func(upload_args))
+    return upload_task(args.upload, args.task_id, adapter_dir=adapter_dir, replace=args.replace, api_key=args.api_key)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,7 +426,7 @@ def _upload(adapter_dir: Path, args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from service.batch import ModelRunner
+    from service.runner import ModelRunner
     from service.settings import Settings
     from service.training.data import load_examples
     from service.training.evaluate import open_registry, prefix_from_adapter_dir
@@ -524,7 +517,7 @@ def _examples_train(args: argparse.Namespace) -> int:
 
 
 def _examples_eval(args: argparse.Namespace) -> int:
-    from service.batch import ModelRunner
+    from service.runner import ModelRunner
     from service.training.evaluate import open_registry
     from service.training.report import compare, instructed_items, markdown_table
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from service.batch import ModelRunner, generate
+from service.batch import generate
 from service.model_loader import LoadedModel
 from service.prefix import TaskPrefix, prompt_embeddings_to_kv
 from service.registry import CONFIG_FILE, WEIGHTS_FILE, PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Protocol
 import torch
 from peft import PeftModel
 
-from service.batch import ModelRunner
 from service.model_loader import LoadedModel
 from service.prefix import TaskPrefix, encoder_prompt_embeddings_to_kv
-from service.seq2seq import EncoderPrefix, Seq2SeqPlan, active_plan
+from service.runner import ModelRunner
+from service.seq2seq_attention import EncoderPrefix, Seq2SeqPlan, active_plan
 from service.training.encoding import EncodedExample, collate
 from service.training.evaluate import prefix_from_embeddings
 from service.training.seq2seq_prefix import TrainableEncoderPrefix, collate_seq2seq

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.batch import ModelRunner
 from service.prefix import TaskPrefix
+from service.runner import ModelRunner
 from service.training.data import Example
 from service.training.encoding import encode_prompt
 from service.training.evaluate import EvalItem, ExactMatch, exact_match, max_new_tokens_for

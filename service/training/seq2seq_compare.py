@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.batch import ModelRunner
 from service.model_loader import LoadedModel
+from service.runner import ModelRunner
 from service.training.evaluate import ExactMatch, exact_match, max_new_tokens_for, prefix_from_adapter_dir
 from service.training.examples import ExampleTask, Record, Split, split_pool
 from service.training.seq2seq_base import MONTHS, NAMES, PLACES, distinct_records

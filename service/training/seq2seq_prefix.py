@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from service.geometry import PrefixGeometry
 from service.prefix import encoder_prompt_embeddings_to_kv
-from service.seq2seq import EncoderPrefix
+from service.seq2seq_attention import EncoderPrefix
 from service.training.data import Example
 from service.training.encoding import IGNORE_INDEX, EncodedExample, encode_examples
 

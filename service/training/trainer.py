@@ -44,10 +44,10 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from service.batch import ModelRunner
 from service.model_loader import LoadedModel
 from service.prefix_format import ENCODER_LENGTH_FIELD, ENCODER_WEIGHTS_TENSOR_NAME, validate_adapter
 from service.registry import CONFIG_FILE, TASK_FILE, WEIGHTS_FILE, TaskInfo
+from service.runner import ModelRunner
 from service.training.data import Example
 from service.training.encoding import EncodedExample, collate, encode_examples
 from service.training.errors import TrainingDivergedError
