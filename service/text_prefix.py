@@ -17,6 +17,7 @@ time, beside the engine's own thread.
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -146,11 +147,11 @@ def text_prompt_embeddings(model: PreTrainedModel, input_ids: Sequence[int], geo
 
 def adapter_config(geometry: PrefixGeometry, num_virtual_tokens: int, base_model_name_or_path: str) -> dict:
     """The adapter_config.json PEFT 0.21 writes for a `prefix_projection=False` prefix of this geometry."""
+    # The installed PEFT's version, as PEFT writes it, read without importing PEFT. A serving install has no peft (it
+    # is the train/bench extra): then null, which PEFT itself fills in when it loads the config.
     try:
-        import peft
-
-        peft_version: str | None = peft.__version__
-    except ImportError:  # pragma: no cover - peft is a dependency; the file is valid without the field
+        peft_version: str | None = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
         peft_version = None
     return {
         "auto_mapping": None,

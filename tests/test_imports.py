@@ -14,7 +14,13 @@ before a submodule add no edges and are left out).
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = REPO_ROOT / "service"
@@ -142,3 +148,102 @@ def test_the_graph_sees_lazy_relative_and_from_imports() -> None:
 def test_no_import_cycles_in_service() -> None:
     cycles = find_cycles(import_graph())
     assert not cycles, "import circles in service/:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Serving installs neither the `train` nor the `bench` extra (pyproject.toml): the server's modules need neither.
+
+EXTRA_ONLY = ("peft", "tqdm", "matplotlib")  # what the two extras add that serving must not import itself
+# tqdm stays installed with the server (transformers and huggingface-hub import it themselves), so the import test
+# below can only block peft and matplotlib; the AST test covers all three in our own code.
+BLOCKED_AT_RUN_TIME = ("peft", "matplotlib")
+SERVING_ENTRY_POINTS = (
+    "service.api.app", "service.engine", "service.registry", "service.cli", "service.model_loader",
+    "service.scaleout.replica", "service.scaleout.ingress",
+)
+
+
+def _serving_module(module: str) -> bool:
+    return not module.startswith(("service.training", "service.bench"))
+
+
+def test_serving_code_never_imports_an_extra() -> None:
+    # Lazy imports included: a function of the server that imported peft would fail only when called.
+    offenders = {}
+    for path in PACKAGE_DIR.rglob("*.py"):
+        module = _module_name(path)
+        if not _serving_module(module) or module == "service.extras":
+            continue
+        names = _imported_names(ast.parse(path.read_text()), module, path.name == "__init__.py")
+        used = sorted({name.split(".")[0] for name in names} & set(EXTRA_ONLY))
+        if used:
+            offenders[module] = used
+    assert not offenders, f"serving modules importing the train/bench extras: {offenders}"
+
+
+_BLOCKER = """
+import importlib.abc, sys
+
+class BlockExtras(importlib.abc.MetaPathFinder):
+    # As if the package were not installed: the same exception, with the same `name`, as a real absence.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, BlockExtras())
+"""
+
+
+def _run_without_extras(code: str) -> subprocess.CompletedProcess[str]:
+    script = _BLOCKER.format(blocked=set(BLOCKED_AT_RUN_TIME)) + textwrap.dedent(code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT
+    )
+
+
+def test_the_blocker_blocks() -> None:
+    # Guards the tests below: if the finder stopped working, "imports fine without peft" would prove nothing.
+    result = _run_without_extras("import peft")
+    assert result.returncode != 0 and "blocked by the test" in result.stderr
+
+
+def test_serving_modules_import_without_the_train_and_bench_extras() -> None:
+    result = _run_without_extras(
+        f"""
+        import importlib
+        for name in {SERVING_ENTRY_POINTS!r}:
+            importlib.import_module(name)
+        from service.cli import build_parser
+        build_parser()  # the parser of every command, train and bench included
+        leaked = sorted(name for name in sys.modules if name.split(".")[0] in {BLOCKED_AT_RUN_TIME!r})
+        assert not leaked, leaked
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "argv, extra",
+    [
+        (["train", "--data", "train.jsonl", "--task-id", "t", "--out", "adapter"], "train"),
+        (["examples", "train", "--tasks", "sentiment"], "train"),
+        (["bench", "--out", "bench-out"], "bench"),
+    ],
+)
+def test_a_command_without_its_extra_says_which_extra_to_install(argv: list[str], extra: str, tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": " b"}\n')
+    result = _run_without_extras(
+        f"""
+        import os
+        os.chdir({str(tmp_path)!r})
+        from service.cli import main
+        sys.exit(main({argv!r}))
+        """
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"needs the '{extra}' extra" in result.stderr and f"pip install 'prefix-serve[{extra}]'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -27,6 +27,18 @@ def pins(lock: str) -> dict[str, str]:
     return {canonicalize_name(name): version for name, version in found.items()}
 
 
+def test_the_serving_lock_holds_no_training_or_bench_extra() -> None:
+    # The Docker image installs locks/serve-cpu.txt: PEFT and matplotlib are the train/bench extras' alone (tqdm stays:
+    # transformers and huggingface-hub need it themselves).
+    serve = pins("serve-cpu.txt")
+    assert not {"peft", "matplotlib"} & set(serve), sorted(serve)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+    assert not {"peft", "tqdm", "matplotlib"} & runtime
+    extras = project["optional-dependencies"]
+    assert {"train", "bench"} <= set(extras) and "prefix-serve[train,bench]" in extras["test"]
+
+
 def test_serving_and_cuda_locks_take_the_cpu_locks_versions() -> None:
     cpu, serve, cuda = pins("cpu.txt"), pins("serve-cpu.txt"), pins("cuda.txt")
     assert set(serve) <= set(cpu)
@@ -44,6 +56,9 @@ def test_locks_satisfy_pyprojects_ranges() -> None:
     cpu = pins("cpu.txt")
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
+        if name == canonicalize_name(project["name"]):  # `test` pulls the project's own extras (train, bench)
+            assert set(requirement.extras) <= set(project["optional-dependencies"]), requirement
+            continue
         assert name in cpu, f"{name} is not in locks/cpu.txt"
         assert requirement.specifier.contains(Version(cpu[name]), prereleases=True), (requirement, cpu[name])
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from service.training.seq2seq_base import (
+from experiments.seq2seq_base import (
     DEFAULT_MIXTURE,
     EOS_ID,
     EVENT_WORDS,

@@ -1,4 +1,4 @@
-"""`prefix-serve examples seq2seq-compare` end to end on a barely pretrained tiny T5: every arm trains, is stored
+"""The seq2seq-compare experiment (`python -m experiments.seq2seq_compare`) end to end on a barely pretrained tiny T5: every arm trains, is stored
 through an upload's validation, and is scored on held-out data; the report names what it compared."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service import cli
-from service.training.seq2seq_base import build_seq2seq_base
+from experiments.seq2seq_base import build_seq2seq_base
+from experiments.seq2seq_compare import main as compare_main
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +18,8 @@ def test_compare_runs_every_arm_and_writes_the_table(tmp_path: Path, capsys: pyt
     base = tmp_path / "base"
     build_seq2seq_base(base, steps=2, corpus_size=300, vocab_size=300, batch_size=4, threads=1)
     out = tmp_path / "out"
-    code = cli.main([
-        "examples", "seq2seq-compare", "--base", str(base), "--tasks", "travel-mode", "--steps", "2",
+    code = compare_main([
+        "--base", str(base), "--tasks", "travel-mode", "--steps", "2",
         "--num-virtual-tokens", "2", "--encoder-virtual-tokens", "3", "--batch-size", "4", "--limit", "8", "--out", str(out),
     ])  # fmt: skip
     assert code == 0
@@ -38,7 +38,7 @@ def test_compare_runs_every_arm_and_writes_the_table(tmp_path: Path, capsys: pyt
 def test_label_tasks_are_seeded_and_their_splits_disjoint() -> None:
     import re
 
-    from service.training.seq2seq_compare import _LABEL_WORDS, LABEL_TASKS
+    from experiments.seq2seq_compare import _LABEL_WORDS, LABEL_TASKS
 
     train_words = set(_LABEL_WORDS["train"]["name"]) | set(_LABEL_WORDS["train"]["place"])
     for task in LABEL_TASKS.values():
@@ -51,4 +51,13 @@ def test_label_tasks_are_seeded_and_their_splits_disjoint() -> None:
 
 
 def test_compare_refuses_unknown_tasks(tmp_path: Path) -> None:
-    assert cli.main(["examples", "seq2seq-compare", "--base", str(tmp_path), "--tasks", "nope"]) == 2
+    assert compare_main(["--base", str(tmp_path), "--tasks", "nope"]) == 2
+
+
+def test_prefix_serve_no_longer_has_the_experiment(capsys: pytest.CaptureFixture[str]) -> None:
+    # The experiment left the package: `prefix-serve examples` keeps only the shipped example tasks' commands.
+    from service import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["examples", "seq2seq-compare", "--help"])
+    assert exit_info.value.code == 2 and "invalid choice: 'seq2seq-compare'" in capsys.readouterr().err

@@ -181,33 +181,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _model_args(sweep, dtype_default="float32")
     sweep.set_defaults(func=_guarded(_examples_sweep))
 
-    s2s = ex_sub.add_parser(
-        "seq2seq-compare",
-        help="Encoder-decoder: PEFT's decoder prefix vs the full (encoder + decoder) prefix, held-out exact match.",
-        description=(
-            "On a frozen seq2seq model (default: the tiny T5 the project pretrains itself on synthetic text, built "
-            "into --base on first use), train each synthetic seq2seq task with PEFT's decoder prefix (V and V+Ve "
-            "tokens) and with the full prefix (V decoder + Ve encoder tokens), the same steps and seeds, and score "
-            "held-out exact match as served (service/training/seq2seq_compare.py)."
-        ),
-    )
-    s2s.add_argument("--base", type=Path, default=Path("seq2seq-base"),
-                     help="The base model directory; built there (a few CPU minutes) when it holds no model.")
-    s2s.add_argument("--base-steps", type=int, default=None, help="Pretraining steps when the base is built.")
-    s2s.add_argument("--tasks", nargs="+",
-                     help="Tasks: travel-mode, event-month (the default pair) and the base module's trip-destination, "
-                          "who-did-what.")
-    s2s.add_argument("--steps", type=int, default=300, help="Training steps of every arm (default 300).")
-    s2s.add_argument("--num-virtual-tokens", type=int, default=10, help="V of every prefix (default 10).")
-    s2s.add_argument("--encoder-virtual-tokens", type=int, default=10, help="Ve of the full prefix (default 10).")
-    s2s.add_argument("--lr", type=float, default=1e-2, help="Peak learning rate (default 1e-2).")
-    s2s.add_argument("--batch-size", type=int, default=16)
-    s2s.add_argument("--seeds", type=int, nargs="+", default=[0], help="Training seeds; the table shows their mean.")
-    s2s.add_argument("--limit", type=int, help="Score only the first N held-out examples of each task.")
-    s2s.add_argument("--out", type=Path, default=Path("seq2seq-compare"), help="Where the JSON and table go.")
-    s2s.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice).")
-    s2s.set_defaults(func=_guarded(_examples_seq2seq_compare))
-
 
 def _prefix_sites(text: str) -> str:
     """argparse type of --prefix-sites: the canonical spelling, or argparse's usage error with the reason."""
@@ -247,12 +220,18 @@ def _guarded(
 
     def run(args: argparse.Namespace) -> int:
         from service.errors import ServiceError
+        from service.extras import extra_of_missing_module, needs_extra_message
         from service.logging_setup import configure_logging
         from service.training.errors import DataError, TrainingDivergedError
 
         configure_logging(getattr(args, "log_level", "info"), "text")  # a person reads these, not a log shipper
         try:
             return handler(args)
+        except ModuleNotFoundError as exc:  # peft / tqdm: the `train` extra, which a serving install leaves out
+            if not extra_of_missing_module(exc.name, "train"):
+                raise
+            print(f"error: {needs_extra_message(args.command, 'train', [str(exc.name)])}", file=sys.stderr)
+            return _EXIT_BAD_INPUT
         except DataError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return _EXIT_BAD_INPUT
@@ -576,37 +555,6 @@ def _examples_sweep(args: argparse.Namespace) -> int:
     meta = {"model": loaded.name, "argv": sys.argv[1:], "seconds": round(seconds, 1)}
     write_json(args.json, rows, meta)
     print(f"wrote {args.json} ({seconds:.0f} s)")
-    return 0
-
-
-def _examples_seq2seq_compare(args: argparse.Namespace) -> int:
-    import torch
-
-    from service.model_loader import load_base_model
-    from service.settings import Settings
-    from service.training.seq2seq_base import DEFAULT_STEPS, REPORT_FILE, SEQ2SEQ_TASKS, build_seq2seq_base
-    from service.training.seq2seq_compare import LABEL_TASKS, CompareConfig, compare_prefix_sites, write_report
-
-    available = {**LABEL_TASKS, **SEQ2SEQ_TASKS}
-
-    _set_threads(args)
-    unknown = sorted(set(args.tasks or []) - set(available))
-    if unknown:
-        raise ValueError(f"--tasks: unknown seq2seq tasks {unknown}; choose from {', '.join(available)}")
-    if not (args.base / "config.json").is_file():
-        logger.info("building the seq2seq base model into %s", args.base)
-        build_seq2seq_base(args.base, steps=args.base_steps or DEFAULT_STEPS, threads=torch.get_num_threads())
-    base_report = args.base / REPORT_FILE
-    base = json.loads(base_report.read_text()) if base_report.is_file() else {"model": str(args.base)}
-    loaded = load_base_model(Settings(model=str(args.base), device="cpu", dtype="float32"))
-    config = CompareConfig(
-        steps=args.steps, num_virtual_tokens=args.num_virtual_tokens, encoder_virtual_tokens=args.encoder_virtual_tokens,
-        lr=args.lr, batch_size=args.batch_size, seeds=tuple(args.seeds), heldout_limit=args.limit,
-    )  # fmt: skip
-    tasks = [available[t] for t in (args.tasks or LABEL_TASKS)]
-    results = compare_prefix_sites(loaded, tasks, config)
-    print(write_report(args.out, results, config, base))
-    print(f"wrote {args.out / 'seq2seq-compare.json'}")
     return 0
 
 

@@ -16,17 +16,25 @@ still separates the arms where a weak base model leaves exact match near zero. T
 prompt) is the floor.
 
 No model hub is reachable here, so the base model is the tiny T5 this project pretrains itself on synthetic text
-(`service.training.seq2seq_base`); the script builds it when the directory does not hold one yet. Tasks: the base
+(`experiments.seq2seq_base`); the script builds it when the directory does not hold one yet. Tasks: the base
 module's extraction tasks (whose answers are held-out words the model must copy, hard for so small a base), and two
 label tasks defined here (`LABEL_TASKS`) whose answers come from a fixed set but must be read off the right part of
 a sentence with distractors: held-out sentences use other names, places, dates and sentence shapes.
+
+An experiment, not part of the service (it is not in the wheel): run it from a checkout with the `train` extra,
+
+    python -m experiments.seq2seq_compare --base seq2seq-base --steps 400 --seeds 0 1 2 3 4 --threads 1
+
+(`--help` lists the flags; they are those of the former `prefix-serve examples seq2seq-compare`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -34,11 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from experiments.seq2seq_base import (
+    DEFAULT_STEPS, MONTHS, NAMES, PLACES, REPORT_FILE, SEQ2SEQ_TASKS, build_seq2seq_base, distinct_records,
+)  # fmt: skip
 from service.model_loader import LoadedModel
 from service.runner import ModelRunner
 from service.training.evaluate import ExactMatch, exact_match, max_new_tokens_for, prefix_from_adapter_dir
 from service.training.examples import ExampleTask, Record, Split, split_pool
-from service.training.seq2seq_base import MONTHS, NAMES, PLACES, distinct_records
 from service.training.report import eval_items
 from service.training.trainer import TrainConfig, save_adapter, train_prefix
 
@@ -273,3 +283,93 @@ def write_report(out: Path, results: Sequence[ArmResult], config: CompareConfig,
     (out / "seq2seq-compare.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "seq2seq-compare.md").write_text(table + "\n")
     return table
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.seq2seq_compare",
+        description=(
+            "On a frozen seq2seq model (default: the tiny T5 the project pretrains itself on synthetic text, built "
+            "into --base on first use), train each synthetic seq2seq task with PEFT's decoder prefix (V and V+Ve "
+            "tokens) and with the full prefix (V decoder + Ve encoder tokens), the same steps and seeds, and score "
+            "held-out exact match as served (experiments/seq2seq_compare.py)."
+        ),
+    )
+    parser.add_argument("--base", type=Path, default=Path("seq2seq-base"),
+                     help="The base model directory; built there (a few CPU minutes) when it holds no model.")
+    parser.add_argument("--base-steps", type=int, default=None, help="Pretraining steps when the base is built.")
+    parser.add_argument("--tasks", nargs="+",
+                     help="Tasks: travel-mode, event-month (the default pair) and the base module's trip-destination, "
+                          "who-did-what.")
+    parser.add_argument("--steps", type=int, default=300, help="Training steps of every arm (default 300).")
+    parser.add_argument("--num-virtual-tokens", type=int, default=10, help="V of every prefix (default 10).")
+    parser.add_argument("--encoder-virtual-tokens", type=int, default=10, help="Ve of the full prefix (default 10).")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Peak learning rate (default 1e-2).")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Training seeds; the table shows their mean.")
+    parser.add_argument("--limit", type=int, help="Score only the first N held-out examples of each task.")
+    parser.add_argument("--out", type=Path, default=Path("seq2seq-compare"), help="Where the JSON and table go.")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice).")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.model_loader import load_base_model
+    from service.settings import Settings
+
+    available = {**LABEL_TASKS, **SEQ2SEQ_TASKS}
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    unknown = sorted(set(args.tasks or []) - set(available))
+    if unknown:
+        raise ValueError(f"--tasks: unknown seq2seq tasks {unknown}; choose from {', '.join(available)}")
+    if not (args.base / "config.json").is_file():
+        logger.info("building the seq2seq base model into %s", args.base)
+        build_seq2seq_base(args.base, steps=args.base_steps or DEFAULT_STEPS, threads=torch.get_num_threads())
+    base_report = args.base / REPORT_FILE
+    base = json.loads(base_report.read_text()) if base_report.is_file() else {"model": str(args.base)}
+    loaded = load_base_model(Settings(model=str(args.base), device="cpu", dtype="float32"))
+    config = CompareConfig(
+        steps=args.steps, num_virtual_tokens=args.num_virtual_tokens, encoder_virtual_tokens=args.encoder_virtual_tokens,
+        lr=args.lr, batch_size=args.batch_size, seeds=tuple(args.seeds), heldout_limit=args.limit,
+    )  # fmt: skip
+    tasks = [available[t] for t in (args.tasks or LABEL_TASKS)]
+    results = compare_prefix_sites(loaded, tasks, config)
+    print(write_report(args.out, results, config, base))
+    print(f"wrote {args.out / 'seq2seq-compare.json'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Expected failures (an unknown task, a bad number, a missing model) are one line on stderr and exit code 2."""
+    from service.errors import ServiceError
+    from service.logging_setup import configure_logging
+    from service.training.errors import TrainingDivergedError
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, "text")  # a person reads these, not a log shipper
+    try:
+        return _run(args)
+    except TrainingDivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:  # DataError is a ValueError
+        logger.debug("failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
