@@ -129,10 +129,6 @@ class Metrics:
                 except KeyError:  # already gone
                     pass
 
-    @property
-    def tracked_tasks(self) -> int:
-        return len(self._series)
-
     def _task_label(self, task: str) -> str:
         """Caller holds the lock."""
         if not task:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from service.errors import NonFiniteLogitsError, ServiceError
+from service.kv_store import BankEntry
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.sampler import RowSampler
 
@@ -25,7 +27,7 @@ class Row:
     # prefix's bank entry.
     slot: int = -1
     cached: int = 0
-    bank_entry: object | None = None
+    bank_entry: BankEntry | None = None
     # Encoder-decoder rows (service.seq2seq): the decoder's ids start with this token, and the ids a logits processor
     # sees (a repetition penalty) are the decoder's, as in transformers' generate; the prompt went to the encoder.
     decoder_start_token_id: int | None = None
@@ -73,14 +75,15 @@ class Row:
         )
 
 
-class PaddedRows:
+class PaddedRows(ABC):
     """What the padded batch values (`service.batch.DecodeBatch`, `service.seq2seq.Seq2SeqBatch`) share: rows leave
     through `filter`, which each implements for its own tensors."""
 
     rows: list[Row]
 
+    @abstractmethod
     def filter(self, keep: list[int]) -> None:
-        raise NotImplementedError
+        """Keep only the rows at indices `keep` (in that order), and the tensors of those rows only."""
 
     def pop_finished(self) -> list[Row]:
         """Remove finished rows (freeing their KV) and return them."""

@@ -99,7 +99,7 @@ class SlotBatch:
             self.store.free(row.slot)
             self._next_tokens.pop(row.slot, None)
             if row.bank_entry is not None:
-                self.bank.release(row.bank_entry)  # type: ignore[arg-type]
+                self.bank.release(row.bank_entry)
         self.rows = [r for r in self.rows if id(r) not in gone]
         self.store.shrink_if_oversized()
 
@@ -143,7 +143,7 @@ class SlotBatch:
             positions.extend(range(v + row.cached, v + row.cached + n))
             write_slots.extend([row.slot] * n)
             write_columns.extend(range(row.cached, row.cached + n))
-            offset = row.bank_entry.offset if row.bank_entry is not None else 0  # type: ignore[attr-defined]
+            offset = row.bank_entry.offset if row.bank_entry is not None else 0
             plan_chunks.append(PrefillChunk(row.slot, start, n, row.cached, offset, v))
             if row.cached + n == len(row.request.prompt_ids):
                 logit_rows.append((row, start + n - 1))
@@ -176,8 +176,8 @@ class SlotBatch:
         span = decoding[-1].slot + 1 if decoding else 0
         own_width = max((r.cached + 1 for r in decoding), default=0)
         entries = [r.bank_entry for r in decoding if r.bank_entry is not None]
-        prefix_start = min((e.offset for e in entries), default=0)  # type: ignore[attr-defined]
-        prefix_end = max((e.offset + e.length for e in entries), default=0)  # type: ignore[attr-defined]
+        prefix_start = min((e.offset for e in entries), default=0)
+        prefix_end = max((e.offset + e.length for e in entries), default=0)
         decode_hidden = None
         if decoding:
             prefix_lo = torch.zeros(span, dtype=torch.long)
@@ -185,8 +185,8 @@ class SlotBatch:
             own_len = torch.ones(span, dtype=torch.long)  # idle slots see one column: no all-masked softmax row
             for row in decoding:
                 if row.bank_entry is not None:
-                    prefix_lo[row.slot] = row.bank_entry.offset - prefix_start  # type: ignore[attr-defined]
-                    prefix_hi[row.slot] = prefix_lo[row.slot] + row.bank_entry.length  # type: ignore[attr-defined]
+                    prefix_lo[row.slot] = row.bank_entry.offset - prefix_start
+                    prefix_hi[row.slot] = prefix_lo[row.slot] + row.bank_entry.length
                 own_len[row.slot] = row.cached + 1
             prefix_cols = torch.arange(prefix_end - prefix_start)
             own_cols = torch.arange(own_width)

@@ -73,3 +73,20 @@ def test_each_token_decodes_a_short_window_not_the_whole_output() -> None:
         detok.push(token)
     assert max(lengths) <= 8, "the window stays a few tokens however long the output grows"
     assert detok.text == tokenizer.decode([5 + i % 50 for i in range(400)])
+
+
+def test_a_python_only_byte_tokenizer_streams_whole_characters() -> None:
+    # Why the detokenizer is hand-written (service/detokenizer.py): ByT5's tokenizer has no `tokenizers` backend for
+    # `DecodeStream`, and every multi-byte character arrives one byte-token at a time.
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()
+    assert getattr(tokenizer, "backend_tokenizer", None) is None
+    text = "héllo 日本語 🙂🚀 👩‍💻 end"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8"))
+    detok = IncrementalDetokenizer(decoder(tokenizer))
+    deltas = [detok.push(token) for token in ids]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert deltas.count("") >= len(ids) - len(text), "a character's leading bytes stream nothing until it is whole"

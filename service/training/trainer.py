@@ -49,7 +49,7 @@ from service.prefix_format import ENCODER_LENGTH_FIELD, ENCODER_WEIGHTS_TENSOR_N
 from service.registry import CONFIG_FILE, TASK_FILE, WEIGHTS_FILE, TaskInfo
 from service.runner import ModelRunner
 from service.training.data import Example
-from service.training.encoding import EncodedExample, collate, encode_examples
+from service.training.encoding import EncodedExample, encode_examples
 from service.training.errors import TrainingDivergedError
 from service.training.evaluate import EvalItem, ExactMatch, exact_match
 from service.training.objectives import (
@@ -416,22 +416,6 @@ def _evaluate(
         match.summary(),
     )
     return point
-
-
-@torch.no_grad()
-def evaluation_loss(
-    peft_model: PeftModel, items: Sequence[EncodedExample], batch_size: int, pad_id: int, device: torch.device
-) -> float:
-    """Mean per-token loss on the completions (teacher forcing) of a decoder-only model's PEFT prefix, weighted by
-    target tokens across batches (`objectives.mean_target_loss` does this for any objective)."""
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(items), batch_size):
-        batch = collate(items[start : start + batch_size], pad_id).to(device)
-        output = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-        tokens = batch.target_tokens
-        total_loss += float(output.loss) * tokens
-        total_tokens += tokens
-    return total_loss / max(total_tokens, 1)
 
 
 def _batch_stream(items: list[EncodedExample], batch_size: int, seed: int) -> Iterator[list[EncodedExample]]:
