@@ -68,3 +68,21 @@ def loaded_smol_tokenizer(embedded_model_dir: Path):  # -> service.model_loader.
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir))
     model = tiny_llama(seed=0, initializer_range=0.5, vocab_size=len(tokenizer), max_position_embeddings=2100)
     return wrap_model(model, tokenizer, "tiny-llama-smol-tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny random Llama (GQA, default init) and the PEFT prefix geometry of its config: adapter validation and the store
+# (test_prefix_format.py, test_registry.py). Per module; do not mutate it.
+
+@pytest.fixture(scope="module")
+def tiny_model():  # -> transformers.LlamaForCausalLM
+    from tests.helpers import tiny_llama
+
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_geometry(tiny_model):  # -> service.geometry.PrefixGeometry
+    from service.geometry import geometry_from_config
+
+    return geometry_from_config(tiny_model.config)

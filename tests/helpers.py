@@ -33,6 +33,8 @@ from service.bench.workload import synthetic_tokenizer
 from service.model_loader import LoadedModel
 
 TINY_MAX_POSITIONS = 96  # context of the shared tiny model (conftest's `loaded`)
+# Upload limits of the adapter-validation and store tests (`validate_adapter`, `PrefixRegistry` keywords).
+STORE_LIMITS: dict[str, Any] = dict(max_virtual_tokens=64, max_prefix_bytes=1 << 20, max_config_bytes=1 << 14)
 EOS = 2  # </s> of tiny_tokenizer; also <|im_end|> of the embedded SmolLM2
 
 # GQA: 4 query heads, 2 KV heads, head_dim 8 -> PEFT token_dim 16, prompt_embeddings width 2 * 2 * 16 = 64.

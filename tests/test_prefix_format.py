@@ -14,41 +14,30 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from service.errors import InvalidPrefixError, PayloadTooLargeError
-from service.geometry import PrefixGeometry, geometry_from_config
+from service.geometry import PrefixGeometry
 from service.prefix import prompt_embeddings_to_kv
 from service.prefix_format import ValidatedAdapter, validate_adapter
 from tests.helpers import (
+    STORE_LIMITS,
     edit_config,
     make_peft_prefix_adapter,
     make_peft_prefix_model,
     pickle_bytes,
     read_adapter,
     safetensors_bytes,
-    tiny_llama,
 )
 
 V = 5
 SERVED = "HuggingFaceTB/SmolLM2-135M-Instruct"
-LIMITS: dict[str, Any] = dict(max_virtual_tokens=64, max_prefix_bytes=1 << 20, max_config_bytes=1 << 14)
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_llama(seed=0)
-
-
-@pytest.fixture(scope="module")
-def geometry(model: torch.nn.Module) -> PrefixGeometry:
-    return geometry_from_config(model.config)
-
-
-@pytest.fixture(scope="module")
-def adapter(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
-    return read_adapter(make_peft_prefix_adapter(model, tmp_path_factory.mktemp("adapter"), V, seed=1))
+def adapter(tiny_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    return read_adapter(make_peft_prefix_adapter(tiny_model, tmp_path_factory.mktemp("adapter"), V, seed=1))
 
 
 def validate(config: bytes, weights: bytes, geometry: PrefixGeometry, **overrides: Any) -> ValidatedAdapter:
-    kwargs = {**LIMITS, "served_model_name": SERVED, **overrides}
+    kwargs = {**STORE_LIMITS, "served_model_name": SERVED, **overrides}
     return validate_adapter(config, weights, geometry, **kwargs)
 
 
@@ -86,9 +75,9 @@ def test_peft_saves_one_prompt_embeddings_tensor_and_gqa_config(adapter: tuple[b
     assert tensors["prompt_embeddings"].shape == (V, 2 * 2 * 16) and tensors["prompt_embeddings"].dtype == torch.float32
 
 
-def test_valid_adapter(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_valid_adapter(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     config_bytes, weights = adapter
-    result = validate(config_bytes, weights, geometry)
+    result = validate(config_bytes, weights, tiny_geometry)
     assert result.num_virtual_tokens == V
     assert result.config == json.loads(config_bytes)
     assert result.prompt_embeddings.dtype == torch.float32 and result.prompt_embeddings.device.type == "cpu"
@@ -97,86 +86,86 @@ def test_valid_adapter(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -
     assert result.base_model_name_or_path is None
 
 
-def test_gqa_geometry(geometry: PrefixGeometry) -> None:
-    assert (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim) == (2, 2, 8)
-    assert geometry.token_dim == 16 and geometry.numbers_per_virtual_token == 64
+def test_gqa_geometry(tiny_geometry: PrefixGeometry) -> None:
+    assert (tiny_geometry.num_layers, tiny_geometry.num_kv_heads, tiny_geometry.head_dim) == (2, 2, 8)
+    assert tiny_geometry.token_dim == 16 and tiny_geometry.numbers_per_virtual_token == 64
 
 
 @pytest.mark.parametrize("prefix_projection", [False, True])
 def test_layout_matches_peft_get_prompt(
-    model: torch.nn.Module, geometry: PrefixGeometry, tmp_path: Path, prefix_projection: bool
+    tiny_model: torch.nn.Module, tiny_geometry: PrefixGeometry, tmp_path: Path, prefix_projection: bool
 ) -> None:
-    peft_model = make_peft_prefix_model(model, 7, seed=3, prefix_projection=prefix_projection)
+    peft_model = make_peft_prefix_model(tiny_model, 7, seed=3, prefix_projection=prefix_projection)
     peft_model.save_pretrained(str(tmp_path))
-    result = validate(*read_adapter(tmp_path), geometry)
-    kv = prompt_embeddings_to_kv(result.prompt_embeddings, geometry, dtype=torch.float32, device="cpu")
+    result = validate(*read_adapter(tmp_path), tiny_geometry)
+    kv = prompt_embeddings_to_kv(result.prompt_embeddings, tiny_geometry, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         cache = peft_model.get_prompt(batch_size=1)
-    assert len(cache.layers) == geometry.num_layers
-    for layer in range(geometry.num_layers):
+    assert len(cache.layers) == tiny_geometry.num_layers
+    for layer in range(tiny_geometry.num_layers):
         torch.testing.assert_close(kv[layer, 0], cache.layers[layer].keys[0], rtol=0, atol=1e-6)
         torch.testing.assert_close(kv[layer, 1], cache.layers[layer].values[0], rtol=0, atol=1e-6)
 
 
-def test_helper_prefix_changes_the_output(model: torch.nn.Module) -> None:
+def test_helper_prefix_changes_the_output(tiny_model: torch.nn.Module) -> None:
     """The helper's init must make the prefix matter, or parity tests downstream would prove nothing."""
-    peft_model = make_peft_prefix_model(model, V, seed=4)
+    peft_model = make_peft_prefix_model(tiny_model, V, seed=4)
     input_ids = torch.tensor([[1, 5, 9, 17, 33]])
     with torch.no_grad():
-        base = model(input_ids=input_ids).logits
+        base = tiny_model(input_ids=input_ids).logits
         with_prefix = peft_model(input_ids=input_ids).logits
     assert (base - with_prefix).abs().max().item() > 0.05
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_accepted_float_dtypes_become_float32(
-    adapter: tuple[bytes, bytes], geometry: PrefixGeometry, dtype: torch.dtype
+    adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry, dtype: torch.dtype
 ) -> None:
     config_bytes, weights = adapter
     original = prompt_embeddings(weights)
-    result = validate(config_bytes, safetensors_bytes({"prompt_embeddings": original.to(dtype)}), geometry)
+    result = validate(config_bytes, safetensors_bytes({"prompt_embeddings": original.to(dtype)}), tiny_geometry)
     assert result.prompt_embeddings.dtype == torch.float32
     torch.testing.assert_close(result.prompt_embeddings, original.to(dtype).float())
 
 
-def test_base_model_warning(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_base_model_warning(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     config_bytes, weights = adapter
     other = edit_config(config_bytes, base_model_name_or_path="meta-llama/Llama-3.2-1B")
-    result = validate(other, weights, geometry)
+    result = validate(other, weights, tiny_geometry)
     assert len(result.warnings) == 1
     assert "meta-llama/Llama-3.2-1B" in result.warnings[0] and SERVED in result.warnings[0]
     # Loose comparison: basename, case-insensitive, local path or Hub id.
     for same in (SERVED, "smollm2-135m-instruct", "/models/SmolLM2-135M-Instruct/", "C:\\m\\SmolLM2-135M-Instruct"):
-        assert validate(edit_config(config_bytes, base_model_name_or_path=same), weights, geometry).warnings == []
+        assert validate(edit_config(config_bytes, base_model_name_or_path=same), weights, tiny_geometry).warnings == []
 
 
 def test_real_base_model_name_is_saved_and_warned(
-    model: torch.nn.Module, geometry: PrefixGeometry, tmp_path: Path
+    tiny_model: torch.nn.Module, tiny_geometry: PrefixGeometry, tmp_path: Path
 ) -> None:
-    out = make_peft_prefix_adapter(model, tmp_path, V, seed=2, base_model_name_or_path="org/Other-Model")
+    out = make_peft_prefix_adapter(tiny_model, tmp_path, V, seed=2, base_model_name_or_path="org/Other-Model")
     config_bytes, weights = read_adapter(out)
     assert json.loads(config_bytes)["base_model_name_or_path"] == "org/Other-Model"
-    result = validate(config_bytes, weights, geometry)
+    result = validate(config_bytes, weights, tiny_geometry)
     assert result.base_model_name_or_path == "org/Other-Model" and len(result.warnings) == 1
 
 
 # ----------------------------------------------------------------------------- size caps (413)
 
 
-def test_config_too_large(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_config_too_large(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     config_bytes, weights = adapter
     with pytest.raises(PayloadTooLargeError) as info:
-        validate(config_bytes, weights, geometry, max_config_bytes=len(config_bytes) - 1)
+        validate(config_bytes, weights, tiny_geometry, max_config_bytes=len(config_bytes) - 1)
     assert info.value.status_code == 413 and info.value.details["field"] == "adapter_config"
-    validate(config_bytes, weights, geometry, max_config_bytes=len(config_bytes))  # the cap itself is allowed
+    validate(config_bytes, weights, tiny_geometry, max_config_bytes=len(config_bytes))  # the cap itself is allowed
 
 
-def test_weights_too_large(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_weights_too_large(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     config_bytes, weights = adapter
     with pytest.raises(PayloadTooLargeError) as info:
-        validate(config_bytes, weights, geometry, max_prefix_bytes=len(weights) - 1)
+        validate(config_bytes, weights, tiny_geometry, max_prefix_bytes=len(weights) - 1)
     assert info.value.status_code == 413 and info.value.details["field"] == "adapter_model"
-    validate(config_bytes, weights, geometry, max_prefix_bytes=len(weights))
+    validate(config_bytes, weights, tiny_geometry, max_prefix_bytes=len(weights))
 
 
 # ----------------------------------------------------------------------------- config rejections (422)
@@ -219,41 +208,43 @@ CONFIG_CASES: list[tuple[str, Callable[[bytes], bytes], str]] = [
 
 @pytest.mark.parametrize(("case", "mutate", "field"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_config_rejections(
-    adapter: tuple[bytes, bytes], geometry: PrefixGeometry, case: str, mutate: Callable[[bytes], bytes], field: str
+    adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry, case: str, mutate: Callable[[bytes], bytes], field: str
 ) -> None:
     config_bytes, weights = adapter
-    reject(mutate(config_bytes), weights, geometry, field, max_config_bytes=1 << 16)
+    reject(mutate(config_bytes), weights, tiny_geometry, field, max_config_bytes=1 << 16)
 
 
-def test_error_names_expected_and_got(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_error_names_expected_and_got(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     config_bytes, weights = adapter
-    err = reject(edit_config(config_bytes, num_attention_heads=4), weights, geometry, "num_attention_heads")
+    err = reject(edit_config(config_bytes, num_attention_heads=4), weights, tiny_geometry, "num_attention_heads")
     assert err.details["expected"] == 2 and err.details["got"] == 4
-    err = reject(edit_config(config_bytes, token_dim=32), weights, geometry, "token_dim")
+    err = reject(edit_config(config_bytes, token_dim=32), weights, tiny_geometry, "token_dim")
     assert err.details["expected"] == 16 and err.details["got"] == 32
-    err = reject(edit_config(config_bytes, num_virtual_tokens=65), weights, geometry, "num_virtual_tokens")
+    err = reject(edit_config(config_bytes, num_virtual_tokens=65), weights, tiny_geometry, "num_virtual_tokens")
     assert "64" in str(err.details["expected"]) and err.details["got"] == 65
 
 
-def test_config_with_bom_and_null_submodules_accepted(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_config_with_bom_and_null_submodules_accepted(
+    adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry
+) -> None:
     config_bytes, weights = adapter
-    assert validate(b"\xef\xbb\xbf" + config_bytes, weights, geometry).num_virtual_tokens == V
+    assert validate(b"\xef\xbb\xbf" + config_bytes, weights, tiny_geometry).num_virtual_tokens == V
     no_submodules = edit_config(config_bytes, num_transformer_submodules=None)
-    assert validate(no_submodules, weights, geometry).num_virtual_tokens == V
+    assert validate(no_submodules, weights, tiny_geometry).num_virtual_tokens == V
 
 
-def test_virtual_tokens_capped_by_context(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_virtual_tokens_capped_by_context(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     config_bytes, weights = adapter
-    small = replace(geometry, max_positions=V)  # V prefix slots would leave no room for a single real token
+    small = replace(tiny_geometry, max_positions=V)  # V prefix slots would leave no room for a single real token
     reject(config_bytes, weights, small, "num_virtual_tokens")
-    assert validate(config_bytes, weights, replace(geometry, max_positions=V + 1)).num_virtual_tokens == V
+    assert validate(config_bytes, weights, replace(tiny_geometry, max_positions=V + 1)).num_virtual_tokens == V
 
 
-def test_other_geometry_rejected(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_other_geometry_rejected(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     config_bytes, weights = adapter
-    reject(config_bytes, weights, replace(geometry, num_layers=3), "num_layers")
-    reject(config_bytes, weights, replace(geometry, num_kv_heads=4), "num_attention_heads")  # an MHA model
-    reject(config_bytes, weights, replace(geometry, head_dim=16), "token_dim")
+    reject(config_bytes, weights, replace(tiny_geometry, num_layers=3), "num_layers")
+    reject(config_bytes, weights, replace(tiny_geometry, num_kv_heads=4), "num_attention_heads")  # an MHA model
+    reject(config_bytes, weights, replace(tiny_geometry, head_dim=16), "token_dim")
 
 
 # ----------------------------------------------------------------------------- weights rejections (422)
@@ -312,10 +303,10 @@ WEIGHT_CASES: list[tuple[str, Callable[[bytes], bytes], str]] = [
 
 @pytest.mark.parametrize(("case", "mutate", "field"), WEIGHT_CASES, ids=[c[0] for c in WEIGHT_CASES])
 def test_weight_rejections(
-    adapter: tuple[bytes, bytes], geometry: PrefixGeometry, case: str, mutate: Callable[[bytes], bytes], field: str
+    adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry, case: str, mutate: Callable[[bytes], bytes], field: str
 ) -> None:
     config_bytes, weights = adapter
-    reject(config_bytes, mutate(weights), geometry, field)
+    reject(config_bytes, mutate(weights), tiny_geometry, field)
 
 
 @pytest.mark.parametrize(
@@ -323,23 +314,23 @@ def test_weight_rejections(
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_non_finite_rejected(
-    adapter: tuple[bytes, bytes], geometry: PrefixGeometry, bad: float, dtype: torch.dtype
+    adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry, bad: float, dtype: torch.dtype
 ) -> None:
     config_bytes, weights = adapter
     tensor = prompt_embeddings(weights).clone().to(dtype)
     tensor[2, 17] = bad
-    reject(config_bytes, safetensors_bytes({"prompt_embeddings": tensor}), geometry, "prompt_embeddings")
+    reject(config_bytes, safetensors_bytes({"prompt_embeddings": tensor}), tiny_geometry, "prompt_embeddings")
 
 
-def test_float64_beyond_float32_range_rejected(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_float64_beyond_float32_range_rejected(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     config_bytes, weights = adapter
     tensor = prompt_embeddings(weights).double()
     tensor[0, 0] = 1e39  # finite in float64, inf once converted to float32
-    reject(config_bytes, safetensors_bytes({"prompt_embeddings": tensor}), geometry, "prompt_embeddings")
+    reject(config_bytes, safetensors_bytes({"prompt_embeddings": tensor}), tiny_geometry, "prompt_embeddings")
 
 
 def test_never_unpickles(
-    adapter: tuple[bytes, bytes], geometry: PrefixGeometry, monkeypatch: pytest.MonkeyPatch
+    adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pickle upload must be rejected by the safetensors parser, not deserialised."""
 
@@ -350,30 +341,32 @@ def test_never_unpickles(
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr(pickle, "loads", forbidden)
     config_bytes, weights = adapter
-    err = reject(config_bytes, pickle_bytes({"prompt_embeddings": torch.zeros(V, 64)}), geometry, "adapter_model")
+    err = reject(config_bytes, pickle_bytes({"prompt_embeddings": torch.zeros(V, 64)}), tiny_geometry, "adapter_model")
     assert "torch.save" in err.message and "only safetensors" in err.message
-    err = reject(config_bytes, pickle.dumps({"prompt_embeddings": [0.0]}), geometry, "adapter_model")
+    err = reject(config_bytes, pickle.dumps({"prompt_embeddings": [0.0]}), tiny_geometry, "adapter_model")
     assert "pickle" in err.message
-    assert validate(config_bytes, weights, geometry).num_virtual_tokens == V
+    assert validate(config_bytes, weights, tiny_geometry).num_virtual_tokens == V
 
 
-def test_config_errors_say_what_came_in_the_users_terms(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_config_errors_say_what_came_in_the_users_terms(
+    adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry
+) -> None:
     """A quoted number is a string, not "got 20"; an absent field is missing, not "got None"."""
     config, weights = adapter
-    quoted = reject(edit_config(config, num_virtual_tokens="4"), weights, geometry, "num_virtual_tokens")
+    quoted = reject(edit_config(config, num_virtual_tokens="4"), weights, tiny_geometry, "num_virtual_tokens")
     assert 'the string "4"' in quoted.message, quoted.message
-    missing = reject(edit_config(config, peft_type=...), weights, geometry, "peft_type")
+    missing = reject(edit_config(config, peft_type=...), weights, tiny_geometry, "peft_type")
     assert "missing" in missing.message and "None" not in missing.message, missing.message
-    null = reject(edit_config(config, num_layers=None), weights, geometry, "num_layers")
+    null = reject(edit_config(config, num_layers=None), weights, tiny_geometry, "num_layers")
     assert "null" in null.message and "None" not in null.message, null.message
 
 
-def test_oversized_safetensors_metadata_is_refused(adapter: tuple[bytes, bytes], geometry: PrefixGeometry) -> None:
+def test_oversized_safetensors_metadata_is_refused(adapter: tuple[bytes, bytes], tiny_geometry: PrefixGeometry) -> None:
     """A 30 MB `__metadata__` string used to be stored verbatim beside a 0.9 MB prefix."""
     config, weights = adapter
     tensor = prompt_embeddings(weights)
     padded = save_safetensors({"prompt_embeddings": tensor}, metadata={"format": "pt", "junk": "x" * 100_000})
-    err = reject(config, padded, geometry, "adapter_model")
+    err = reject(config, padded, tiny_geometry, "adapter_model")
     assert "__metadata__" in err.message and "16384" in err.message, err.message
     modest = save_safetensors({"prompt_embeddings": tensor}, metadata={"format": "pt", "note": "trained on X"})
-    assert validate(config, modest, geometry).num_virtual_tokens == tensor.shape[0]
+    assert validate(config, modest, tiny_geometry).num_virtual_tokens == tensor.shape[0]

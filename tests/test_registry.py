@@ -16,16 +16,16 @@ import torch
 
 import service.registry as registry_module
 from service.errors import InvalidPrefixError, InvalidTaskIdError, TaskExistsError, TaskNotFoundError
-from service.geometry import PrefixGeometry, geometry_from_config
+from service.geometry import PrefixGeometry
 from service.prefix import TaskPrefix
 from service.registry import TASK_ID_PATTERN, PrefixRecord, PrefixRegistry, validate_task_id
 from tests.helpers import (
+    STORE_LIMITS,
     edit_config,
     make_peft_prefix_adapter,
     make_peft_prefix_model,
     read_adapter,
     safetensors_bytes,
-    tiny_llama,
 )
 
 SERVED = "SmolLM2-135M-Instruct"
@@ -33,32 +33,18 @@ Adapter = tuple[bytes, bytes]
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_llama(seed=0)
-
-
-@pytest.fixture(scope="module")
-def geometry(model: torch.nn.Module) -> PrefixGeometry:
-    return geometry_from_config(model.config)
-
-
-@pytest.fixture(scope="module")
-def adapters(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Adapter]:
+def adapters(tiny_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Adapter]:
     """Three real PEFT adapters: two with V=5 (different seeds), one with V=9 made through the MLP path."""
     made = {}
     for name, v, seed, projection in [("a5", 5, 1, False), ("b5", 5, 2, False), ("c9", 9, 3, True)]:
-        made[name] = read_adapter(make_peft_prefix_adapter(model, tmp_path_factory.mktemp(name), v, seed, projection))
+        adapter_dir = make_peft_prefix_adapter(tiny_model, tmp_path_factory.mktemp(name), v, seed, projection)
+        made[name] = read_adapter(adapter_dir)
     return made
 
 
 def make_registry(root: Path, geometry: PrefixGeometry, **overrides: Any) -> PrefixRegistry:
     kwargs: dict[str, Any] = dict(
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        served_model_name=SERVED,
-        max_virtual_tokens=64,
-        max_prefix_bytes=1 << 20,
-        max_config_bytes=1 << 14,
+        device=torch.device("cpu"), dtype=torch.float32, served_model_name=SERVED, **STORE_LIMITS
     )
     kwargs.update(overrides)
     return PrefixRegistry(root, geometry, **kwargs)
@@ -71,8 +57,8 @@ def disk_entries(root: Path) -> list[str]:
 # ----------------------------------------------------------------------------- basic operations
 
 
-def test_put_get_list_delete(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
-    reg = make_registry(tmp_path, geometry)
+def test_put_get_list_delete(tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
+    reg = make_registry(tmp_path, tiny_geometry)
     config_bytes, weights = adapters["a5"]
     record, created, warnings = reg.put("sentiment", config_bytes, weights)
     assert created is True and warnings == []
@@ -125,15 +111,17 @@ def test_put_get_list_delete(tmp_path: Path, geometry: PrefixGeometry, adapters:
 
 
 def test_put_replace_true_on_new_task_creates(
-    tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
 ) -> None:
-    reg = make_registry(tmp_path, geometry)
+    reg = make_registry(tmp_path, tiny_geometry)
     _, created, _ = reg.put("t", *adapters["a5"], replace=True)
     assert created is True and "t" in reg
 
 
-def test_warning_for_other_base_model(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
-    reg = make_registry(tmp_path, geometry)
+def test_warning_for_other_base_model(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
+) -> None:
+    reg = make_registry(tmp_path, tiny_geometry)
     config_bytes, weights = adapters["a5"]
     record, _, warnings = reg.put("t", edit_config(config_bytes, base_model_name_or_path="gpt2"), weights)
     assert len(warnings) == 1 and "gpt2" in warnings[0]
@@ -150,26 +138,28 @@ def test_warning_for_other_base_model(tmp_path: Path, geometry: PrefixGeometry, 
 @pytest.mark.parametrize("prefix_projection", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_equals_peft_get_prompt(
-    tmp_path: Path, model: torch.nn.Module, geometry: PrefixGeometry, prefix_projection: bool, dtype: torch.dtype
+    tmp_path: Path, tiny_model: torch.nn.Module, tiny_geometry: PrefixGeometry, prefix_projection: bool,
+    dtype: torch.dtype,
 ) -> None:
-    peft_model = make_peft_prefix_model(model, 6, seed=11, prefix_projection=prefix_projection)
+    peft_model = make_peft_prefix_model(tiny_model, 6, seed=11, prefix_projection=prefix_projection)
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(str(adapter_dir))
-    reg = make_registry(tmp_path / "store", geometry, dtype=dtype)
+    reg = make_registry(tmp_path / "store", tiny_geometry, dtype=dtype)
     reg.put("task", *read_adapter(adapter_dir))
     kv = reg.get("task").kv
-    assert kv.dtype == dtype and kv.shape == (geometry.num_layers, 2, geometry.num_kv_heads, 6, geometry.head_dim)
+    g = tiny_geometry
+    assert kv.dtype == dtype and kv.shape == (g.num_layers, 2, g.num_kv_heads, 6, g.head_dim)
     with torch.no_grad():
         cache = peft_model.get_prompt(batch_size=1)  # a DynamicCache on this PEFT/transformers version
-    assert len(cache.layers) == geometry.num_layers
-    for layer in range(geometry.num_layers):
+    assert len(cache.layers) == tiny_geometry.num_layers
+    for layer in range(tiny_geometry.num_layers):
         keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # (kv_heads, V, head_dim)
         torch.testing.assert_close(kv[layer, 0], keys.to(dtype), rtol=0, atol=1e-6)
         torch.testing.assert_close(kv[layer, 1], values.to(dtype), rtol=0, atol=1e-6)
 
 
 def test_value_overflowing_model_dtype_rejected(
-    tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
 ) -> None:
     config_bytes, weights = adapters["a5"]
     from safetensors.torch import load
@@ -177,19 +167,19 @@ def test_value_overflowing_model_dtype_rejected(
     tensor = load(weights)["prompt_embeddings"].clone()
     tensor[1, 3] = 1e5  # finite in float32, inf in float16
     big = safetensors_bytes({"prompt_embeddings": tensor})
-    reg = make_registry(tmp_path, geometry, dtype=torch.float16)
+    reg = make_registry(tmp_path, tiny_geometry, dtype=torch.float16)
     with pytest.raises(InvalidPrefixError) as info:
         reg.put("t", config_bytes, big)
     assert info.value.details["field"] == "prompt_embeddings"
     assert disk_entries(tmp_path) == []
-    make_registry(tmp_path / "f32", geometry).put("t", config_bytes, big)  # fine for a float32 model
+    make_registry(tmp_path / "f32", tiny_geometry).put("t", config_bytes, big)  # fine for a float32 model
 
 
 # ----------------------------------------------------------------------------- replace semantics
 
 
-def test_replace_semantics(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
-    reg = make_registry(tmp_path, geometry)
+def test_replace_semantics(tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
+    reg = make_registry(tmp_path, tiny_geometry)
     first_record, _, _ = reg.put("t", *adapters["a5"])
     old = reg.get("t")
     old_kv = old.kv.clone()
@@ -212,8 +202,8 @@ def test_replace_semantics(tmp_path: Path, geometry: PrefixGeometry, adapters: d
     assert (tmp_path / "t" / "adapter_config.json").read_bytes() == adapters["c9"][0]
 
 
-def test_failed_replace_keeps_old(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
-    reg = make_registry(tmp_path, geometry)
+def test_failed_replace_keeps_old(tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
+    reg = make_registry(tmp_path, tiny_geometry)
     reg.put("t", *adapters["a5"])
     old = reg.get("t")
     config_bytes, _ = adapters["a5"]
@@ -224,9 +214,9 @@ def test_failed_replace_keeps_old(tmp_path: Path, geometry: PrefixGeometry, adap
 
 
 def test_rename_failure_during_replace_rolls_back(
-    tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reg = make_registry(tmp_path, geometry)
+    reg = make_registry(tmp_path, tiny_geometry)
     reg.put("t", *adapters["a5"])
     old = reg.get("t")
     real_rename = registry_module.os.rename
@@ -247,15 +237,17 @@ def test_rename_failure_during_replace_rolls_back(
 # ----------------------------------------------------------------------------- persistence and recovery
 
 
-def test_persistence_across_instances(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
-    reg = make_registry(tmp_path, geometry)
+def test_persistence_across_instances(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
+) -> None:
+    reg = make_registry(tmp_path, tiny_geometry)
     reg.put("one", *adapters["a5"])
     reg.put("two", *adapters["c9"])
     reg.put("one", *adapters["b5"], replace=True)
     reg.put("gone", *adapters["a5"])
     reg.delete("gone")
 
-    fresh = make_registry(tmp_path, geometry)
+    fresh = make_registry(tmp_path, tiny_geometry)
     assert len(fresh) == 0  # nothing is loaded until load_all
     fresh.load_all()
     assert fresh.list() == reg.list()
@@ -266,9 +258,9 @@ def test_persistence_across_instances(tmp_path: Path, geometry: PrefixGeometry, 
 
 
 def test_load_all_skips_corrupt_prefixes(
-    tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter], caplog: pytest.LogCaptureFixture
 ) -> None:
-    reg = make_registry(tmp_path, geometry)
+    reg = make_registry(tmp_path, tiny_geometry)
     for task_id in ("good", "bitrot", "no-metadata", "bad-config", "truncated", "bad-json"):
         reg.put(task_id, *adapters["a5"])
     weights_path = tmp_path / "bitrot" / "adapter_model.safetensors"
@@ -283,7 +275,7 @@ def test_load_all_skips_corrupt_prefixes(
     (tmp_path / "stray-file.txt").write_text("not a task")
     (tmp_path / "bad name").mkdir()
 
-    fresh = make_registry(tmp_path, geometry)
+    fresh = make_registry(tmp_path, tiny_geometry)
     with caplog.at_level(logging.WARNING, logger="service.registry"):
         fresh.load_all()
     assert [r.task_id for r in fresh.list()] == ["good"]
@@ -296,12 +288,12 @@ def test_load_all_skips_corrupt_prefixes(
 
 
 def test_load_all_applies_current_limits(
-    tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
 ) -> None:
-    reg = make_registry(tmp_path, geometry)
+    reg = make_registry(tmp_path, tiny_geometry)
     reg.put("small", *adapters["a5"])
     reg.put("large", *adapters["c9"])
-    stricter = make_registry(tmp_path, geometry, max_virtual_tokens=8)
+    stricter = make_registry(tmp_path, tiny_geometry, max_virtual_tokens=8)
     stricter.load_all()
     assert [r.task_id for r in stricter.list()] == ["small"]
     # A put over a stored-but-unloadable folder takes its place.
@@ -311,9 +303,9 @@ def test_load_all_applies_current_limits(
 
 
 def test_load_all_cleans_leftover_dot_dirs(
-    tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
 ) -> None:
-    reg = make_registry(tmp_path, geometry)
+    reg = make_registry(tmp_path, tiny_geometry)
     reg.put("kept", *adapters["a5"])
     reg.put("orphaned", *adapters["b5"])
     hex_id = uuid.uuid4().hex
@@ -328,7 +320,7 @@ def test_load_all_cleans_leftover_dot_dirs(
     (tmp_path / "orphaned").rename(tmp_path / f".old-orphaned-{hex_id}")
     (tmp_path / ".hidden-file").write_text("left alone")  # plain files are not ours to delete
 
-    fresh = make_registry(tmp_path, geometry)
+    fresh = make_registry(tmp_path, tiny_geometry)
     fresh.load_all()
     assert disk_entries(tmp_path) == [".hidden-file", "kept", "orphaned"]
     assert [r.task_id for r in fresh.list()] == ["kept", "orphaned"]
@@ -345,8 +337,10 @@ INVALID_IDS = [
 
 
 @pytest.mark.parametrize("task_id", INVALID_IDS, ids=[repr(t)[:20] for t in INVALID_IDS])
-def test_invalid_task_ids(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter], task_id: str) -> None:
-    reg = make_registry(tmp_path / "store", geometry)
+def test_invalid_task_ids(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter], task_id: str
+) -> None:
+    reg = make_registry(tmp_path / "store", tiny_geometry)
     with pytest.raises(InvalidTaskIdError) as info:
         validate_task_id(task_id)
     assert info.value.status_code == 422 and info.value.details["pattern"] == TASK_ID_PATTERN
@@ -366,15 +360,17 @@ def test_invalid_task_ids(tmp_path: Path, geometry: PrefixGeometry, adapters: di
 
 
 @pytest.mark.parametrize("task_id", ["a", "A", "0", "a" * 64, "task.v2_final-3", "9-lives"])
-def test_valid_task_ids(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter], task_id: str) -> None:
+def test_valid_task_ids(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter], task_id: str
+) -> None:
     assert validate_task_id(task_id) == task_id
-    reg = make_registry(tmp_path, geometry)
+    reg = make_registry(tmp_path, tiny_geometry)
     reg.put(task_id, *adapters["a5"])
     assert task_id in reg and disk_entries(tmp_path) == [task_id]
 
 
-def test_failed_put_leaves_nothing(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
-    reg = make_registry(tmp_path, geometry)
+def test_failed_put_leaves_nothing(tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
+    reg = make_registry(tmp_path, tiny_geometry)
     config_bytes, weights = adapters["a5"]
     for bad in [
         (edit_config(config_bytes, num_layers=3), weights),
@@ -388,9 +384,9 @@ def test_failed_put_leaves_nothing(tmp_path: Path, geometry: PrefixGeometry, ada
 
 
 def test_failed_write_leaves_nothing(
-    tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reg = make_registry(tmp_path, geometry)
+    reg = make_registry(tmp_path, tiny_geometry)
     real_write = registry_module._write_durably
 
     def failing_write(path: Path, data: bytes) -> None:
@@ -407,8 +403,8 @@ def test_failed_write_leaves_nothing(
 # ----------------------------------------------------------------------------- threads
 
 
-def test_concurrent_puts(tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
-    reg = make_registry(tmp_path, geometry)
+def test_concurrent_puts(tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]) -> None:
+    reg = make_registry(tmp_path, tiny_geometry)
     outcomes: list[str] = []
     lock = threading.Lock()
 
@@ -434,9 +430,9 @@ def test_concurrent_puts(tmp_path: Path, geometry: PrefixGeometry, adapters: dic
 
 
 def test_load_all_during_a_put_spares_its_temp_dir(
-    tmp_path: Path, geometry: PrefixGeometry, adapters: dict[str, Adapter], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reg = make_registry(tmp_path, geometry)
+    reg = make_registry(tmp_path, tiny_geometry)
     real_write = registry_module._write_durably
 
     def write_then_reload(path: Path, data: bytes) -> None:
