@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from service.batch import DecodeBatch, generate
+from service.batch import generate
 from service.engine import ContinuousBatchingEngine, EngineLimits, FinalEvent, TokenEvent
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
 from service.geometry import geometry_from_config
@@ -101,21 +101,6 @@ def test_fifty_concurrent_mixed_requests_none_lost_or_duplicated(setup) -> None:
     assert [r.token_ids for r in results] == expected
     assert engine.stats.finished == 50
     assert engine.stats.running_rows == 0, "finished rows leave the batch"
-
-
-def test_finished_rows_leave_the_cache(setup) -> None:
-    runner, prefixes = setup
-    batch = DecodeBatch.prefill(
-        runner,
-        [request(prefixes, "beta", [5, 6, 7, 8, 9, 10], max_new_tokens=1), request(prefixes, "gamma", [5], max_new_tokens=5)],
-    )
-    width_before = batch.attention_mask.shape[1]
-    finished = batch.pop_finished()
-    assert len(finished) == 1 and len(batch) == 1
-    keys = batch.cache.layers[0].keys
-    assert keys.shape[0] == 1, "the finished row's KV is gone"
-    assert keys.shape[2] == batch.attention_mask.shape[1] < width_before, "columns only it used are dropped"
-    assert batch.attention_mask[:, 0].all(), "no leading padding is kept"
 
 
 def test_full_queue_is_refused_with_retry_after(setup) -> None:

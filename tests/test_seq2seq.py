@@ -245,18 +245,6 @@ def test_start_up_check_refuses_a_model_ignoring_the_encoder_prefix() -> None:
         verify_prefix_support(runner, geometry_from_config(model.config))
 
 
-def test_without_a_plan_the_model_computes_what_sdpa_computes() -> None:
-    model = tiny_seq2seq("t5")
-    reference = tiny_seq2seq("t5")
-    ModelRunner(model, tiny_tokenizer())  # installs the attention function
-    ids, decoder = torch.tensor([PROMPTS[0]]), torch.tensor([[0, 5, 6]])
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model(input_ids=ids, decoder_input_ids=decoder).logits,
-            reference(input_ids=ids, decoder_input_ids=decoder).logits,
-        )
-
-
 def test_filter_trims_columns_no_row_uses() -> None:
     model = tiny_seq2seq("bart")
     runner = ModelRunner(model, tiny_tokenizer())
@@ -271,12 +259,6 @@ def test_filter_trims_columns_no_row_uses() -> None:
     assert F.softmax(batch.last_logits, dim=-1).isfinite().all()  # type: ignore[arg-type]
     batch.step()
     assert batch.rows[0].generated[:1] == generate(runner, [request(PROMPTS[3], short_prefix)])[0].token_ids[:1]
-
-
-def test_eos_token_of_the_config_ends_rows() -> None:
-    model = tiny_seq2seq("t5")
-    runner = ModelRunner(model, tiny_tokenizer())
-    assert EOS in runner.eos_token_ids
 
 
 def test_repetition_penalty_counts_the_decoders_ids_as_transformers_does() -> None:

@@ -1,0 +1,73 @@
+"""The padded batch value (`service.batch.DecodeBatch`, the fallback layout): finished rows take their KV with them,
+batches merge and every row continues exactly as it would alone. (Through the engine: test_engine.py; against PEFT:
+test_parity.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from service.batch import DecodeBatch, generate
+from service.prefix import TaskPrefix
+from service.requests import GenerationRequest, SamplingParams
+from service.runner import ModelRunner
+from tests.helpers import random_task_prefix, tiny_llama, tiny_tokenizer
+
+TASKS = {"beta": 9, "gamma": 2}  # task -> num_virtual_tokens
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return ModelRunner(tiny_llama(seed=0, initializer_range=0.5, max_position_embeddings=512), tiny_tokenizer(128))
+
+
+@pytest.fixture(scope="module")
+def prefixes(runner: ModelRunner) -> dict[str, TaskPrefix]:
+    return {task: random_task_prefix(runner.model, task, v, seed) for seed, (task, v) in enumerate(TASKS.items())}
+
+
+def request(prefix: TaskPrefix | None, prompt: list[int], max_new_tokens: int = 8) -> GenerationRequest:
+    return GenerationRequest(prompt, prefix, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+
+
+def test_finished_rows_leave_the_cache(runner: ModelRunner, prefixes: dict[str, TaskPrefix]) -> None:
+    batch = DecodeBatch.prefill(
+        runner,
+        [request(prefixes["beta"], [5, 6, 7, 8, 9, 10], max_new_tokens=1), request(prefixes["gamma"], [5], 5)],
+    )
+    width_before = batch.attention_mask.shape[1]
+    finished = batch.pop_finished()
+    assert len(finished) == 1 and len(batch) == 1
+    keys = batch.cache.layers[0].keys
+    assert keys.shape[0] == 1, "the finished row's KV is gone"
+    assert keys.shape[2] == batch.attention_mask.shape[1] < width_before, "columns only it used are dropped"
+    assert batch.attention_mask[:, 0].all(), "no leading padding is kept"
+
+
+def test_concatenated_batches_continue_every_row_as_it_would_alone(
+    runner: ModelRunner, prefixes: dict[str, TaskPrefix]
+) -> None:
+    requests = [
+        request(prefixes["beta"], [5, 6, 7]),
+        request(prefixes["gamma"], [8, 9, 10, 11, 12, 13, 14], max_new_tokens=5),
+        request(None, [15]),
+    ]
+    first, second = DecodeBatch.prefill(runner, requests[:1]), DecodeBatch.prefill(runner, requests[1:])
+    first.step()  # the batches are at different points of their generations when they merge
+    merged = DecodeBatch.concatenate([first, second])
+    assert len(merged) == 3
+    assert merged.attention_mask.shape[1] == max(first.attention_mask.shape[1], second.attention_mask.shape[1])
+    done = {}
+    while len(merged):
+        for row in merged.pop_finished():
+            done[id(row.request)] = row.generated
+        if len(merged):
+            merged.step()
+    alone = [generate(runner, [r])[0].token_ids for r in requests]
+    assert [done[id(r)] for r in requests] == alone
+
+
+def test_concatenate_refuses_nothing_and_returns_a_single_batch_as_is(runner: ModelRunner) -> None:
+    only = DecodeBatch.prefill(runner, [request(None, [5, 6])])
+    assert DecodeBatch.concatenate([only]) is only
+    with pytest.raises(ValueError, match="nothing to concatenate"):
+        DecodeBatch.concatenate([])
