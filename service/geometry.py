@@ -29,8 +29,13 @@ class PrefixGeometry:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    max_positions: int  # tokens the model attends over at most: prefix + prompt + generated
+    # Decoder-only: tokens the model attends over at most (prefix + prompt + generated). Encoder-decoder: the positions
+    # of each side (BART: the encoder's and the decoder's tables have this size each; see `bounded_positions`).
+    max_positions: int
     encoder_num_layers: int = 0  # encoder-decoder models: the encoder's depth; 0 for decoder-only models
+    # False for relative positions (T5's bucketed bias: distances past `relative_attention_max_distance` share a bucket):
+    # no table to run out of on either side, so they set no limit on a request; `max_positions` then only bounds V.
+    bounded_positions: bool = True
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -134,6 +139,8 @@ def _encoder_decoder_geometry(config: PretrainedConfig) -> PrefixGeometry:
             f"{model_type}: encoder ({encoder_heads}) and decoder ({decoder_heads}) head counts differ; "
             "one prefix token size cannot fit both"
         )
+    # T5's `n_positions` (512 in Google's configs) is the length it was pre-trained at, not a limit of its relative
+    # positions; it stays the cap on V, as before.
     max_positions = _first_set(config, "max_position_embeddings", "n_positions") or 2048
     return PrefixGeometry(
         model_type=model_type,
@@ -142,4 +149,5 @@ def _encoder_decoder_geometry(config: PretrainedConfig) -> PrefixGeometry:
         head_dim=head_dim,
         max_positions=max_positions,
         encoder_num_layers=encoder_layers,
+        bounded_positions=getattr(config, "relative_attention_num_buckets", None) is None,
     )

@@ -9,7 +9,9 @@ Order matters, because every step costs more than the one before:
   2. the prefix lookup (`registry.lookup` may reload a prefix from disk under the registry lock; it returns the
      task's prompt template of the same version), filling the task's template (service/templates.py), and
      tokenization (or chat-template rendering) in a small thread pool, never on the event loop;
-  3. the limits that need token counts: prompt tokens, and prompt + prefix + new tokens against the model's context.
+  3. the limits that need token counts: prompt tokens, and prompt + prefix + new tokens against the model's context
+     (encoder-decoder models: the prompt against the encoder's positions, prefix + start + new tokens against the
+     decoder's).
 
 Nothing here depends on FastAPI: errors are `ServiceError`s that each front end renders in its own shape.
 """
@@ -319,6 +321,9 @@ class InputProcessor:
                 field=fields.prompt, limit=settings.max_prompt_tokens,
             )
         virtual_tokens = prefix.num_virtual_tokens if prefix is not None else 0
+        if self.model.geometry.is_encoder_decoder:
+            self._check_seq2seq_context(len(prompt_ids), virtual_tokens, params.max_new_tokens, fields)
+            return GenerationRequest(prompt_ids=prompt_ids, prefix=prefix, params=params, request_id=request_id)
         total = len(prompt_ids) + virtual_tokens + params.max_new_tokens
         limit = self.model.max_context
         if total > limit:
@@ -331,6 +336,31 @@ class InputProcessor:
                 max_context=limit,
             )
         return GenerationRequest(prompt_ids=prompt_ids, prefix=prefix, params=params, request_id=request_id)
+
+    def _check_seq2seq_context(
+        self, prompt_tokens: int, virtual_tokens: int, max_new_tokens: int, fields: FieldNames
+    ) -> None:
+        """Encoder and decoder have positions of their own: each side against its own limit, the error naming it.
+        The encoder places the prompt (an encoder prefix takes no positions: BART's prompt starts at 0 whatever the
+        prefix); the decoder places the prefix, the start token and the new tokens (PEFT: the start token at V)."""
+        geometry = self.model.geometry
+        if not geometry.bounded_positions:
+            return  # T5: relative positions set no limit; max_prompt_tokens, max_new_tokens and the KV budget still do
+        limit = geometry.max_positions
+        if prompt_tokens > limit:
+            raise RequestTooLongError(
+                f"encoder: {fields.prompt} ({prompt_tokens} tokens) exceeds the encoder's {limit} positions "
+                "(the decoder's positions are separate)",
+                side="encoder", prompt_tokens=prompt_tokens, max_context=limit,
+            )
+        decoder_tokens = virtual_tokens + 1 + max_new_tokens
+        if decoder_tokens > limit:
+            raise RequestTooLongError(
+                f"decoder: prefix ({virtual_tokens} virtual tokens) + decoder start token (1) + {fields.max_tokens} "
+                f"({max_new_tokens}) = {decoder_tokens} exceeds the decoder's {limit} positions "
+                "(the prompt goes to the encoder, whose positions are separate)",
+                side="decoder", num_virtual_tokens=virtual_tokens, max_new_tokens=max_new_tokens, max_context=limit,
+            )
 
     def _resolve(self, target: str, base_model_allowed: bool) -> tuple[TaskPrefix | None, str | None]:
         """The task's prefix now (a later replace or delete won't touch this request) and the prompt template of

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Iterator
 
 import pytest
@@ -16,8 +18,10 @@ from service.engine import TokenEvent
 from service.metrics import Metrics
 from service.model_loader import LoadedModel
 from service.prefix import TaskPrefix
+from service.requests import SamplingParams
+from service.scaleout import ingress as ingress_module
 from service.scaleout.ingress import DeploymentView, health_router, ingress_state, install_deployment_metrics
-from service.scaleout.protocol import RemoteRequest
+from service.scaleout.protocol import RemoteRequest, StreamStart, replica_unavailable
 from service.scaleout.remote_engine import RemoteEngine
 from service.scaleout.replica import ReplicaCore
 from service.settings import Settings
@@ -90,7 +94,7 @@ def scaled(loaded: LoadedModel, adapters: dict[str, tuple[bytes, bytes]], tmp_pa
         routed = install_deployment_metrics(metrics, view)
         engine = RemoteEngine(
             replica, limits=engine_limits(settings),
-            on_routed=lambda replica, task: routed.labels(replica, task or "base").inc(),
+            on_routed=lambda replica, task: routed.inc(replica, task or "base"),
         )
         registry = make_registry(settings, loaded, metrics, shared=True, device=torch.device("cpu"))
         registry.load_all()
@@ -217,3 +221,122 @@ def test_a_text_task_on_the_ingress_without_weights_is_a_clear_501(loaded: Loade
         response = client.post("/prefixes", data={"task_id": "from-text", "text": "t5 t6 t7"})
         assert response.status_code == 501 and "single-process server" in response.json()["error"], response.text
         assert client.get("/prefixes").json()["prefixes"] == []
+
+
+# -- issue 18: 503s a retry can cure say when; series of replicas that are gone leave /metrics ----------------------
+
+
+def dead_replica_call(request: RemoteRequest, model_id: str | None, stream: bool) -> AsyncIterator[object]:
+    """The OpenCall's answer when the replica died under the request (what `handle_call` yields for Ray's error)."""
+
+    async def items() -> AsyncIterator[object]:
+        status, body = replica_unavailable(RuntimeError("the actor died"))
+        yield StreamStart(status, replica="", body=body)
+
+    return items()
+
+
+def test_a_replica_failure_is_a_503_with_retry_after(
+    loaded: LoadedModel, adapters: dict[str, tuple[bytes, bytes]], tmp_path: Any
+) -> None:
+    settings = Settings(prefix_dir=tmp_path / "store")
+
+    async def build(settings: Settings, metrics: Metrics) -> ServiceState:
+        registry = make_registry(settings, loaded, metrics, shared=True, device=torch.device("cpu"))
+        registry.load_all()
+        engine = RemoteEngine(dead_replica_call, limits=engine_limits(settings))
+        return ingress_state(settings, loaded, registry, engine, metrics)
+
+    with TestClient(create_app(settings, build=build, health_router=health_router(DeploymentView(60)))) as client:
+        assert upload(client, "alpha", adapters["alpha"]).status_code == 201
+        for path, body in [
+            ("/generate", {"task_id": "alpha", "inputs": PROMPTS[0]}),
+            ("/v1/completions", {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 4}),
+        ]:
+            response = client.post(path, json=body)
+            assert response.status_code == 503 and response.headers["retry-after"] == "1", (path, response.text)
+            assert "replica_unavailable" in response.text, path
+        # A stream's status line is sent before the replica answers: the error event says when to retry.
+        stream = client.post("/generate_stream", json={"task_id": "alpha", "inputs": PROMPTS[0]})
+        event = json.loads(stream.text.strip().removeprefix("data:"))
+        assert event["type"] == "replica_unavailable" and event["retry_after_s"] == 1
+
+
+def test_health_without_live_replicas_is_a_503_with_retry_after(loaded: LoadedModel, tmp_path: Any) -> None:
+    settings = Settings(prefix_dir=tmp_path / "store")
+
+    async def build(settings: Settings, metrics: Metrics) -> ServiceState:
+        registry = make_registry(settings, loaded, metrics, shared=True, device=torch.device("cpu"))
+        engine = RemoteEngine(dead_replica_call, limits=engine_limits(settings))
+        return ingress_state(settings, loaded, registry, engine, metrics)
+
+    view = DeploymentView(stale_after_s=12.5, poll_interval_s=2.5)  # replicas report every 2.5 s
+    with TestClient(create_app(settings, build=build, health_router=health_router(view))) as client:
+        response = client.get("/health")
+        assert response.status_code == 503 and response.headers["retry-after"] == "3", response.text
+        assert response.json()["type"] == "unavailable"
+
+
+def test_ray_handle_failures_become_a_503_with_retry_after() -> None:
+    """`handle_call` turns what Ray raises when a replica dies (before or during a stream) into that status."""
+    pytest.importorskip("ray.serve", reason="needs the ray extra: pip install -e '.[ray]'")
+    from service.scaleout.app import handle_call
+
+    class DeadResponse:
+        """A DeploymentResponse (awaited) or DeploymentResponseGenerator (iterated) of a replica that died."""
+
+        async def _fail(self) -> Any:
+            raise RuntimeError("ActorDiedError")
+
+        def __await__(self) -> Any:
+            return self._fail().__await__()
+
+        def __aiter__(self) -> "DeadResponse":
+            return self
+
+        async def __anext__(self) -> Any:
+            return await self._fail()
+
+        def cancel(self) -> None:
+            pass
+
+    method = SimpleNamespace(remote=lambda request: DeadResponse())
+    handle: Any = SimpleNamespace(options=lambda **options: SimpleNamespace(generate=method, stream=method))
+    request = RemoteRequest(prompt_ids=[5, 6], task_id=None, sha256=None, params=SamplingParams())
+
+    async def first(stream: bool) -> Any:
+        return await anext(handle_call(handle)(request, None, stream))
+
+    for stream in (False, True):
+        start = asyncio.run(first(stream))
+        assert isinstance(start, StreamStart) and start.status == 503, stream
+        assert start.body == {**start.body, "type": "replica_unavailable", "retry_after_s": 1}, stream
+
+
+def test_routed_series_of_replicas_that_are_gone_leave_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica Ray replaced stops reporting and accepting: once it is stale (as for /health), its
+    `prefix_serve_routed_requests_total` series go. A new replica's series stay before its first report is polled."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(ingress_module, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    metrics = Metrics()
+    view = DeploymentView(stale_after_s=8.0)
+    routed = install_deployment_metrics(metrics, view)
+
+    def series() -> dict[tuple[str, str], float]:
+        values = prometheus_values(metrics.render().decode(), "prefix_serve_routed_requests_total")
+        return {(dict(labels)["replica"], dict(labels)["task"]): value for labels, value in values.items()}
+
+    view.update({"r0": {"replica": "r0", "age_s": 0.0}, "r1": {"replica": "r1", "age_s": 0.0}})
+    for replica, task in [("r0", "alpha"), ("r1", "alpha"), ("r1", "beta"), ("r1", "beta")]:
+        routed.inc(replica, task)
+    assert series() == {("r0", "alpha"): 1.0, ("r1", "alpha"): 1.0, ("r1", "beta"): 2.0}
+
+    clock.now += 5.0  # r1 was killed at 1000; its replacement r2 accepts before any report of it is polled
+    routed.inc("r2", "alpha")
+    view.update({"r0": {"replica": "r0", "age_s": 0.0}, "r1": {"replica": "r1", "age_s": 5.0}})
+    assert set(series()) == {("r0", "alpha"), ("r1", "alpha"), ("r1", "beta"), ("r2", "alpha")}  # r1 not stale yet
+
+    clock.now += 5.0  # r1's last report is 10 s old (> 8): gone from /health, and now from the routed series
+    view.update({"r0": {"replica": "r0", "age_s": 0.0}, "r1": {"replica": "r1", "age_s": 10.0}})
+    assert series() == {("r0", "alpha"): 1.0, ("r2", "alpha"): 1.0}
+    assert prometheus_values(metrics.render().decode(), "prefix_serve_replicas") == {frozenset(): 1.0}

@@ -27,7 +27,9 @@ from tests.helpers import (
     save_adapter,
     sse_events,
     store_snapshot,
+    tiny_bart,
     tiny_seq2seq,
+    tiny_t5,
     tiny_tokenizer,
     upload,
 )
@@ -195,6 +197,60 @@ def test_seq2seq_adapters_are_refused_by_a_decoder_only_server(
         assert full_weights  # the full file itself is refused by the task_type check above on this server
         assert client.get("/prefixes").json()["prefixes"] == []
     assert geometry_from_config(seq2seq_loaded.model.config).is_encoder_decoder
+
+
+def words(count: int) -> str:
+    """A prompt of exactly `count` tokens for tiny_tokenizer (ids 3..122, no special tokens)."""
+    return " ".join(f"t{3 + i % 120}" for i in range(count))
+
+
+def test_encoder_and_decoder_positions_are_checked_each_against_its_own_limit(tmp_path: Path) -> None:
+    """Issue 18: BART's encoder and decoder have 512 positions each. 510 prompt tokens with max_new_tokens 3 fit
+    (the old check summed both sides: 510 + 4 + 3 = 517 > 512); each side over its own limit is a 422 naming it."""
+    loaded = wrap_model(tiny_bart(max_position_embeddings=512), tiny_tokenizer(128), "tiny-bart-512")
+    peft_adapter(loaded, tmp_path / "a", v=4, seed=1)
+    settings = Settings(prefix_dir=tmp_path / "store", max_prefix_bytes=1 << 20)
+    with TestClient(create_app(settings, loaded)) as client:
+        assert upload(client, "task", tmp_path / "a").status_code == 201
+
+        def post(prompt: str, max_new_tokens: int) -> Any:
+            body = {"task_id": "task", "inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}
+            return client.post("/generate", json=body)
+
+        served = post(words(510), 3)
+        assert served.status_code == 200, served.text
+        assert served.json()["details"]["prompt_tokens"] == 510
+        assert post(words(512), 3).status_code == 200  # the encoder's last position
+
+        encoder = assert_error(post(words(513), 3), 422, "encoder", "513", "512")
+        assert encoder["type"] == "context_length_exceeded" and encoder["side"] == "encoder"
+        assert "decoder:" not in encoder["error"]
+        # Decoder: prefix 4 + start token 1 + 508 new tokens = 513 > 512, whatever the (short) prompt.
+        decoder = assert_error(post(words(3), 508), 422, "decoder", "4", "508", "513", "512")
+        assert decoder["type"] == "context_length_exceeded" and decoder["side"] == "decoder"
+        assert post(words(3), 507).status_code == 200
+        completion = client.post("/v1/completions", json={"model": "task", "prompt": words(513), "max_tokens": 3})
+        assert completion.status_code == 422 and "encoder" in completion.text
+        info = client.get("/tasks/task/info").json()  # TGI's limits as the input path applies them
+        assert (info["max_input_tokens"], info["max_total_tokens"]) == (512, 512 + 507)
+
+
+def test_t5_relative_positions_set_no_context_limit(tmp_path: Path) -> None:
+    """T5's position bias is relative (distances past 128 share a bucket): no table to run out of on either side. A
+    config's `n_positions` (512 in Google's, 64 here) is the pre-training length, not a limit of the model."""
+    loaded = wrap_model(tiny_t5(n_positions=64), tiny_tokenizer(128), "tiny-t5-64")
+    assert not loaded.geometry.bounded_positions and loaded.geometry.max_positions == 64
+    peft_adapter(loaded, tmp_path / "a", v=4, seed=2)
+    settings = Settings(prefix_dir=tmp_path / "store", max_prefix_bytes=1 << 20, max_prompt_tokens=200)
+    with TestClient(create_app(settings, loaded)) as client:
+        assert upload(client, "task", tmp_path / "a").status_code == 201
+        body = {"task_id": "task", "inputs": words(150), "parameters": {"max_new_tokens": 80}}
+        served = client.post("/generate", json=body)
+        assert served.status_code == 200, served.text
+        assert served.json()["details"]["prompt_tokens"] == 150
+        # The server's own limits still bound the request.
+        too_long = client.post("/generate", json={**body, "inputs": words(201)})
+        assert_error(too_long, 422, "201", "200")
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ annotations (the routes themselves live in service.api and are unaffected).
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Dict, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Optional
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -26,7 +26,7 @@ from service.api.state import ServiceState
 from service.engine import TokenEvent
 from service.metrics import Metrics
 from service.scaleout.ingress import DeploymentView, build_ingress_state, health_router, install_deployment_metrics
-from service.scaleout.protocol import RemoteRequest, StreamError, StreamStart
+from service.scaleout.protocol import RemoteRequest, StreamError, StreamStart, replica_unavailable
 from service.scaleout.remote_engine import RemoteEngine
 from service.scaleout.replica import ReplicaCore
 from service.scaleout.router import TaskAffinityRouter
@@ -138,7 +138,10 @@ class Ingress:
         self._settings = settings
         self._model = model
         self._stats = stats
-        self._view = DeploymentView(stale_after_s=STALE_REPORTS * settings.ray_stats_interval_s + 5.0)
+        self._view = DeploymentView(
+            stale_after_s=STALE_REPORTS * settings.ray_stats_interval_s + 5.0,
+            poll_interval_s=settings.ray_stats_interval_s,
+        )
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self._settings, build=self._build_state, health_router=health_router(self._view))
@@ -149,7 +152,7 @@ class Ingress:
         base_name: Dict[str, str] = {}  # the served model's name, once the state is built
 
         def on_routed(replica: str, task: Optional[str]) -> None:
-            routed.labels(replica, task or base_name.get("name", "")).inc()
+            routed.inc(replica, task or base_name.get("name", ""))
 
         engine = RemoteEngine(  # every request carries its task version; TaskAffinityRouter balances
             handle_call(self._model),
@@ -192,7 +195,7 @@ def handle_call(model: DeploymentHandle) -> Callable[..., AsyncIterator[Any]]:
                     yield item
             except Exception as exc:  # noqa: BLE001 - e.g. the replica died: a status, not a pickled exception
                 logger.exception("request %s to a replica failed", request.request_id or "-")
-                status, body = _replica_failure(exc)
+                status, body = replica_unavailable(exc)
                 yield StreamError(status=status, body=body) if started else StreamStart(status, replica="", body=body)
             finally:
                 responses.cancel()  # no-op once finished; on a disconnect it cancels the replica's generator
@@ -205,17 +208,13 @@ def handle_call(model: DeploymentHandle) -> Callable[..., AsyncIterator[Any]]:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. the replica died: a status, not a pickled exception
             logger.exception("request %s to a replica failed", request.request_id or "-")
-            status, body = _replica_failure(exc)
+            status, body = replica_unavailable(exc)
             yield StreamStart(status=status, replica="", body=body)
             return
         for item in items:
             yield item
 
     return call
-
-
-def _replica_failure(exc: BaseException) -> Tuple[int, Dict[str, Any]]:
-    return 503, {"error": f"a model replica failed: {type(exc).__name__}; retry", "type": "replica_unavailable"}
 
 
 def build(args: Optional[Dict[str, Any]] = None) -> Any:

@@ -15,13 +15,14 @@ HTTP, token, upload and routing series) plus per-replica engine series labelled 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from typing import Annotated, Any, Iterator
 
 import torch
 from fastapi import APIRouter, Depends
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client import Counter
 from pydantic import BaseModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -95,10 +96,11 @@ def build_ingress_state(
 
 
 class DeploymentView:
-    """The replicas' latest reports, as the ingress last polled them."""
+    """The replicas' latest reports, as the ingress last polled them (every `poll_interval_s`)."""
 
-    def __init__(self, stale_after_s: float) -> None:
+    def __init__(self, stale_after_s: float, poll_interval_s: float = 1.0) -> None:
         self.stale_after_s = stale_after_s
+        self.poll_interval_s = poll_interval_s
         self.reports: dict[str, dict[str, Any]] = {}
         self.polled_at: float | None = None
 
@@ -164,17 +166,61 @@ class ReplicaCollector:
             yield family
 
 
-def install_deployment_metrics(metrics: Metrics, view: DeploymentView) -> Counter:
+class RoutedRequests:
+    """`prefix_serve_routed_requests_total{replica, task}`: requests each replica accepted, by task. The series of a
+    replica go with it: once it is no longer live in the view (no report within `stale_after_s`, as for /health) and
+    has accepted nothing for as long, they are dropped, so replicas that Ray replaced do not stay in /metrics forever.
+    (Both conditions: a new replica can accept requests before the ingress has polled its first report.)"""
+
+    def __init__(self, view: DeploymentView) -> None:
+        self.view = view
+        self._lock = threading.Lock()  # increments run on the event loop, scrapes on a worker thread
+        self._counts: dict[str, dict[str, float]] = {}  # replica -> task -> requests accepted
+        self._last_routed: dict[str, float] = {}  # replica -> monotonic time of its latest acceptance
+
+    def inc(self, replica: str, task: str) -> None:
+        with self._lock:
+            tasks = self._counts.setdefault(replica, {})
+            tasks[task] = tasks.get(task, 0.0) + 1.0
+            self._last_routed[replica] = time.monotonic()
+
+    def forget_gone(self) -> list[str]:
+        """Drop the series of replicas that are gone; returns their ids."""
+        live = {str(report["replica"]) for report in self.view.live()}
+        now = time.monotonic()
+        with self._lock:
+            gone = [
+                replica for replica in self._counts
+                if replica not in live and now - self._last_routed.get(replica, now) > self.view.stale_after_s
+            ]  # fmt: skip
+            for replica in gone:
+                del self._counts[replica]
+                self._last_routed.pop(replica, None)
+        if gone:
+            logger.info("metrics: dropped the routed-request series of replicas no longer live: %s", gone)
+        return gone
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        self.forget_gone()
+        family = CounterMetricFamily(
+            "prefix_serve_routed_requests", "Requests accepted by a replica, by replica and task.",
+            labels=["replica", "task"],
+        )  # fmt: skip
+        with self._lock:
+            for replica, tasks in self._counts.items():
+                for task, count in tasks.items():
+                    family.add_metric([replica, task], count)
+        yield family
+
+
+def install_deployment_metrics(metrics: Metrics, view: DeploymentView) -> RoutedRequests:
     """Bind the deployment's gauges and register the replica series on the ingress's registry. Returns the routing
     counter (`prefix_serve_routed_requests{replica, task}`) the remote engine increments."""
     metrics.bind_gauges(lambda: view.total("waiting"), lambda: view.total("running_rows"))
     metrics.registry.register(ReplicaCollector(view))
-    return Counter(
-        "prefix_serve_routed_requests",
-        "Requests accepted by a replica, by replica and task.",
-        ["replica", "task"],
-        registry=metrics.registry,
-    )
+    routed = RoutedRequests(view)
+    metrics.registry.register(routed)
+    return routed
 
 
 # ---------------------------------------------------------------------------------------------------- /health
@@ -211,8 +257,10 @@ def health_router(view: DeploymentView) -> APIRouter:
     def health(state: Annotated[ServiceState, Depends(get_state)]) -> DeploymentHealthResponse:
         live = view.live()
         if not live:
+            # Replicas starting or replaced report within a poll interval: a retry can cure this.
             raise DeploymentUnavailableError(
-                f"no model replica has reported in the last {view.stale_after_s:g} s", replicas=0
+                f"no model replica has reported in the last {view.stale_after_s:g} s", replicas=0,
+                retry_after_s=max(1, math.ceil(view.poll_interval_s)),
             )
         return DeploymentHealthResponse(
             status="ok",

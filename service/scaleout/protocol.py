@@ -73,6 +73,20 @@ class StreamError:
     body: dict[str, Any] = field(default_factory=dict)
 
 
+# A retry of a request whose replica failed is routed to a live replica at once (Ray replaces a dead one in ~9 s).
+REPLICA_RETRY_AFTER_S = 1
+
+
+def replica_unavailable(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(503, JSON body) of a call to a replica that failed in Ray (it died, or Serve could not reach one). A retry can
+    cure it, so it says when: `retry_after_s` becomes the Retry-After header, as for a 429."""
+    return 503, {
+        "error": f"a model replica failed: {type(exc).__name__}; retry",
+        "type": "replica_unavailable",
+        "retry_after_s": REPLICA_RETRY_AFTER_S,
+    }
+
+
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """(status, JSON body) of an exception as the API's error handlers would answer it."""
     if isinstance(exc, ServiceError):

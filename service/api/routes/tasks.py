@@ -68,9 +68,8 @@ def task_info(task_id: str, state: State) -> TaskEndpointInfo:
     """TGI's /info for this task: the base model, the limits a request for this task meets, and the task."""
     record = _record(state, task_id)
     settings, model = state.settings, state.model
-    # The prefix occupies part of the context, and one request alone must fit the engine's KV budget.
-    total = max(0, min(model.max_context, settings.max_kv_tokens) - record.num_virtual_tokens)
-    encoder_decoder = bool(getattr(model.model.config, "is_encoder_decoder", False))
+    max_input, total = _request_limits(state, record.num_virtual_tokens)
+    encoder_decoder = model.geometry.is_encoder_decoder
     return TaskEndpointInfo(
         model_id=model.name,
         model_dtype=str(model.dtype),
@@ -79,7 +78,7 @@ def task_info(task_id: str, state: State) -> TaskEndpointInfo:
         max_concurrent_requests=settings.max_running_rows + settings.max_waiting,
         max_best_of=1,
         max_stop_sequences=settings.max_stop_sequences,
-        max_input_tokens=min(settings.max_prompt_tokens, max(0, total - 1)),
+        max_input_tokens=max_input,
         max_total_tokens=total,
         max_batch_total_tokens=settings.max_kv_tokens,
         max_batch_size=settings.max_running_rows,
@@ -93,6 +92,23 @@ def task_info(task_id: str, state: State) -> TaskEndpointInfo:
         prompt_template=record.prompt_template,
         description=record.description,
     )
+
+
+def _request_limits(state: ServiceState, virtual_tokens: int) -> tuple[int, int]:
+    """(most prompt tokens, most prompt + new tokens) of one request of a task whose prefix has `virtual_tokens`, as
+    the input path checks them; one request alone must also fit the engine's KV budget (prefix + prompt + new)."""
+    settings, geometry = state.settings, state.model.geometry
+    budget = max(0, settings.max_kv_tokens - virtual_tokens)
+    if not geometry.is_encoder_decoder:  # the prefix occupies part of the one context
+        total = min(budget, max(0, geometry.max_positions - virtual_tokens))
+        return min(settings.max_prompt_tokens, max(0, total - 1)), total
+    # Encoder-decoder: the prompt has the encoder's positions, prefix + start token + new tokens the decoder's.
+    max_input, max_new = settings.max_prompt_tokens, settings.max_new_tokens_limit
+    if geometry.bounded_positions:
+        max_input = min(max_input, geometry.max_positions)
+        max_new = min(max_new, max(0, geometry.max_positions - virtual_tokens - 1))
+    total = min(budget, max_input + max_new)
+    return min(max_input, max(0, total - 1)), total
 
 
 @router.get("/health", response_model=TaskHealth, responses={404: ERRORS[404], 422: ERRORS[422]})
