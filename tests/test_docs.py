@@ -560,7 +560,7 @@ REPO_PATH = re.compile(
 
 
 def _repo_paths(text: str) -> list[str]:
-    candidates = code_spans(text)
+    candidates = [word.strip("(),;") for span in code_spans(text) for word in span.split()]
     for block in code_blocks(text, "bash", "console", "sh"):
         for line in logical_lines(block):
             with contextlib.suppress(ValueError):
