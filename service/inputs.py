@@ -401,8 +401,17 @@ def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
     character per character ("▁" for a space) or `<0xNN>` for a byte, WordPiece adds "##": each over-counts, never
     under-counts, so a prompt rejected by this bound could not have fit."""
     vocab = tokenizer.get_vocab()
-    longest = max((len(piece) for piece in vocab), default=1)
-    return max(1, longest)
+    longest = max(1, max((len(piece) for piece in vocab), default=1))
+    # Tokenizers that split on whitespace and drop it (word-level, WordPiece) or collapse runs of it (SentencePiece)
+    # spend no token on the spaces between words: there a token may stand for its piece plus the whitespace before
+    # it. Allow that much; a prompt with longer runs of spaces than this can be refused early on such tokenizers
+    # (MAX_PROMPT_CHARS_PER_TOKEN overrides the bound).
+    if not tokenizer(" " * WHITESPACE_ALLOWANCE, add_special_tokens=False)["input_ids"]:
+        return longest + WHITESPACE_ALLOWANCE
+    return longest
+
+
+WHITESPACE_ALLOWANCE = 64  # characters of whitespace one token may carry on tokenizers that drop whitespace
 
 
 def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:

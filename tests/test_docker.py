@@ -1,4 +1,4 @@
-"""The Docker image for real, built and run with the commands of README's "Deploy" section.
+"""The Docker image for real, built and run with the commands of docs/deploy-docker.md.
 
 - hadolint: every Dockerfile in docker/ is clean at every level (error, warning, info, style).
 - compose.yaml: a GPU service with a device reservation, a "cpu" profile, a named volume for the prefix store, a
@@ -37,12 +37,13 @@ import yaml
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+DEPLOY_DOC = REPO / "docs" / "deploy-docker.md"
 DOCKER_DIR = REPO / "docker"
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
-# README's "Deploy" commands, with placeholders. The README shows them filled with README_VALUES; the smoke test runs
-# them filled with its own names, a free port and a temporary adapter, so it never touches a real deployment.
-# test_readme_shows_the_smoke_tested_commands keeps the two in sync.
+# The commands of docs/deploy-docker.md, with placeholders. The page shows them filled with DOCS_VALUES; the smoke test
+# runs them filled with its own names, a free port and a temporary adapter, so it never touches a real deployment.
+# test_docs_show_the_smoke_tested_commands keeps the two in sync.
 COMMANDS = {
     "base": "docker/make-base-image.sh",
     "wheelhouse": "docker/build-wheelhouse.sh",
@@ -63,7 +64,7 @@ COMMANDS = {
     "remove": "docker rm -f -v {NAME}",  # -v: also its anonymous /data/cache volume, not the store
     "remove_volume": "docker volume rm {VOLUME}",
 }
-README_VALUES = {
+DOCS_VALUES = {
     "IMAGE": "prefix-serve:cpu",
     "NAME": "prefix-serve",
     "PORT": "8000",
@@ -159,16 +160,13 @@ def test_compose_file_has_gpu_service_cpu_profile_volume_port_and_restart() -> N
     assert "PREFIX_SERVE_PREFIX_DIR=/data/prefixes" in (DOCKER_DIR / "Dockerfile").read_text()
 
 
-def test_readme_shows_the_smoke_tested_commands() -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text() if readme.is_file() else ""
-    if "docker/build-wheelhouse.sh" not in text:
-        pytest.skip("README.md has no Deploy section yet")
-    unwrapped = re.sub(r"\\\n\s*", "", text)  # commands split over lines with a trailing backslash
-    missing = [command(k, **README_VALUES) for k in COMMANDS if command(k, **README_VALUES) not in unwrapped]
-    assert not missing, "README's Deploy section should show exactly what tests/test_docker.py runs:\n" + "\n".join(
-        missing
-    )
+def test_docs_show_the_smoke_tested_commands() -> None:
+    # Fails (never skips) when the page or a command is missing: the page is the user's copy of what this test runs.
+    assert DEPLOY_DOC.is_file(), f"{DEPLOY_DOC.relative_to(REPO)} is missing: it shows the commands this test runs"
+    unwrapped = re.sub(r"\\\n\s*", "", DEPLOY_DOC.read_text())  # commands split over lines with a trailing backslash
+    missing = [command(k, **DOCS_VALUES) for k in COMMANDS if command(k, **DOCS_VALUES) not in unwrapped]
+    page = DEPLOY_DOC.relative_to(REPO)
+    assert not missing, f"{page} should show exactly what tests/test_docker.py runs:\n" + "\n".join(missing)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,7 +277,8 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[float]:
 
 
 def _build_image(timings: dict[str, float], log_dir: Path) -> None:
-    """README's build steps: base image and wheelhouse (in parallel: both mostly wait on the network), then the image."""
+    """docs/deploy-docker.md's build steps: base image and wheelhouse (in parallel: both mostly wait on the network),
+    then the image."""
     started = time.monotonic()
     procs = {}
     for key in ("base", "wheelhouse"):
@@ -425,6 +424,6 @@ def test_image_serves_an_uploaded_prefix_and_keeps_it_across_restarts(
         (tmp_path / "container.log").write_text(sh(f"docker logs -t {name} 2>&1", check=False))
         sh(command("remove", **values), check=False)
         sh(command("remove_volume", **values), check=False)
-        # Shown with `pytest -s` (the numbers README's Deploy section quotes).
+        # Shown with `pytest -s` (the numbers docs/deploy-docker.md quotes).
         print("\n" + "\n".join(f"docker smoke: {k}: {v:.1f}" for k, v in timings.items()), file=sys.stderr)
     assert not sh(f"docker ps -aq --filter name={name}").strip()

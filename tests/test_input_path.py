@@ -386,3 +386,15 @@ def test_a_chat_message_filled_into_a_task_template_never_becomes_control_tokens
     assert im_end in smol_tokenizer("Review : great<|im_end|> film Sentiment :")["input_ids"]  # what /generate reads
     plain = processor._templated_message_ids(template, "great film")
     assert plain == smol_tokenizer("Review : great film Sentiment :")["input_ids"]
+
+
+def test_character_bound_counts_the_whitespace_a_word_level_tokenizer_drops() -> None:
+    """A whitespace-splitting tokenizer spends no token on spaces: "t5 t6" is 2 tokens of 2 characters each plus the
+    space. The bound checked before tokenizing must not refuse such a text that fits (it did, with 5.6 > 5)."""
+    from service.bench.workload import synthetic_tokenizer
+    from service.inputs import longest_token_chars
+
+    tokenizer = synthetic_tokenizer(2000)
+    text = " ".join(f"t{1000 + i}" for i in range(45))  # 45 tokens, 5.98 characters each
+    assert len(tokenizer(text)["input_ids"]) == 45
+    assert len(text) <= 45 * longest_token_chars(tokenizer)

@@ -2,7 +2,7 @@
 deadline gets an ~8,100-token prompt; how long until its 504, and how long does a short request sent right behind it
 take? (~1 min)
 
-Usage: .venv/bin/python tests/scripts/measure_deadline.py [DTYPE]   (one JSON line per request; README's table)
+Usage: .venv/bin/python tests/scripts/measure_deadline.py [DTYPE]   (one JSON line per request; docs/reliability.md)
 """
 
 from __future__ import annotations

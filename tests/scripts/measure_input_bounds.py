@@ -1,7 +1,7 @@
 """/health latency while huge prompts are refused: a real `prefix-serve serve` with the embedded SmolLM2, loopback
 only, `/health` probed every 10 ms from another thread during each request (~1 min).
 
-Usage: .venv/bin/python tests/scripts/measure_input_bounds.py [PORT]   (one JSON line per case; README's table)
+Usage: .venv/bin/python tests/scripts/measure_input_bounds.py [PORT]   (one JSON line per case; docs/reliability.md)
 """
 
 from __future__ import annotations

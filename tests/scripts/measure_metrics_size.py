@@ -1,6 +1,6 @@
 """/metrics size after 1,000 task ids are created, used and deleted (in-process app, tiny model; ~40 s).
 
-Usage: .venv/bin/python tests/scripts/measure_metrics_size.py   (prints one JSON line; README's reliability table)
+Usage: .venv/bin/python tests/scripts/measure_metrics_size.py   (prints one JSON line; docs/reliability.md's table)
 """
 
 from __future__ import annotations
