@@ -380,7 +380,7 @@ SETTING_NAME = re.compile(r"PREFIX_SERVE_[A-Z0-9_]*[A-Z0-9]")
 OTHER_CONSTANTS = {
     "CAUSAL_LM": None,  # PEFT's TaskType
     "SEQ_2_SEQ_LM": None,  # PEFT's TaskType
-    "LABEL_TASKS": "service/training/seq2seq_compare.py",
+    "LABEL_TASKS": "experiments/seq2seq_compare.py",
     "RELIABILITY_LOAD_S": "tests/test_load.py",
     "RELIABILITY_LOAD_CLIENTS": "tests/test_load.py",
     "RELIABILITY_CONCURRENCY_S": "tests/test_concurrency.py",
