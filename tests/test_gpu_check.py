@@ -23,12 +23,15 @@ def _gpu_bench():
     return module
 
 
+def _run_on_cpu(out: Path, *args: str) -> dict:
+    """The GPU benchmark's own entry point on the CPU in float32; its JSON report."""
+    assert _gpu_bench().main(["--device", "cpu", "--dtype", "float32", "--out", str(out), *args]) == 0
+    return json.loads((out / "gpu-bench.json").read_text())
+
+
 def test_gpu_bench_runs_every_system_and_profiles_a_slow_step(tmp_path: Path) -> None:
-    bench = _gpu_bench()
-    args = ["--device", "cpu", "--dtype", "float32", "--shapes", "tiny", "--clients", "4,32", "--tasks", "2,5",
-            "--new-tokens", "3", "--prompt-tokens", "4-6", "--out", str(tmp_path)]
-    assert bench.main(args) == 0
-    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    report = _run_on_cpu(tmp_path, "--shapes", "tiny", "--clients", "4,32", "--tasks", "2,5", "--new-tokens", "3",
+                         "--prompt-tokens", "4-6")
     assert (tmp_path / "gpu-bench.png").stat().st_size > 10_000
     runs = report["runs"]
     assert {(r["system"], r["tasks"], r["concurrency"]) for r in runs} == {
@@ -47,11 +50,8 @@ def test_gpu_bench_runs_every_system_and_profiles_a_slow_step(tmp_path: Path) ->
 
 
 def test_gpu_bench_stops_starting_runs_when_its_budget_is_spent(tmp_path: Path) -> None:
-    bench = _gpu_bench()
-    args = ["--device", "cpu", "--dtype", "float32", "--shapes", "tiny,tiny", "--clients", "2", "--tasks", "2",
-            "--new-tokens", "2", "--budget-s", "0", "--out", str(tmp_path)]
-    assert bench.main(args) == 0
-    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    report = _run_on_cpu(tmp_path, "--shapes", "tiny,tiny", "--clients", "2", "--tasks", "2", "--new-tokens", "2",
+                         "--budget-s", "0")
     assert report["runs"] == [] and len(report["skipped"]) == 2
 
 
