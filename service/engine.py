@@ -35,7 +35,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 from service.batch import DecodeBatch
 from service.runner import ModelRunner
@@ -44,6 +44,7 @@ from service.detokenizer import OutputProcessor
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.rows import Row
+from service.settings import Settings
 from service.slots import SlotBatch, SlotLimits, slot_layout_supported
 
 logger = logging.getLogger(__name__)
@@ -69,16 +70,46 @@ class FinalEvent:
 Event = TokenEvent | FinalEvent
 
 
+def _default(name: str) -> Any:
+    """A Settings field's default: the one place every engine budget's default is written (service.settings)."""
+    return Settings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class EngineLimits:
-    max_running_rows: int = 32
-    max_kv_tokens: int = 65536  # KV memory budget in tokens (slots: store rows x width + prefix bank)
-    max_waiting: int = 256
-    max_prefill_rows: int = 16  # padded layout: most rows in one prefill
-    step_token_budget: int = 128  # slots layout: most tokens (decode + prompt chunks) in one forward
-    idle_token_budget: int | None = None  # slots layout: see SlotLimits (None: 8 x step_token_budget)
-    per_task_window_s: float = 0.005
-    request_timeout_s: float = 300.0
+    """The engine's budgets. Built from the settings with `from_settings`; the field defaults are Settings' own, so
+    `EngineLimits()` runs the server's budgets."""
+
+    max_running_rows: int = _default("max_running_rows")
+    max_kv_tokens: int = _default("max_kv_tokens")  # KV memory budget in tokens (slots: store rows x width + bank)
+    max_waiting: int = _default("max_waiting")
+    max_prefill_rows: int = _default("max_prefill_rows")  # padded layout: most rows in one prefill
+    step_token_budget: int = _default("step_token_budget")  # slots: most tokens (decode + prompt chunks) per forward
+    idle_token_budget: int | None = _default("idle_token_budget")  # slots: see SlotLimits (None: 8 x step budget)
+    per_task_window_s: float = _default("batch_window_ms") / 1000.0
+    request_timeout_s: float = _default("request_timeout_s")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineLimits:
+        return cls(
+            max_running_rows=settings.max_running_rows,
+            max_kv_tokens=settings.max_kv_tokens,
+            max_waiting=settings.max_waiting,
+            max_prefill_rows=settings.max_prefill_rows,
+            step_token_budget=settings.step_token_budget,
+            idle_token_budget=settings.idle_token_budget,
+            per_task_window_s=settings.batch_window_ms / 1000.0,
+            request_timeout_s=settings.request_timeout_s,
+        )
+
+    def slot_limits(self) -> SlotLimits:
+        """The slot layout's budgets, derived from these (never set apart)."""
+        return SlotLimits(
+            num_slots=self.max_running_rows,
+            max_kv_tokens=self.max_kv_tokens,
+            step_token_budget=self.step_token_budget,
+            idle_token_budget=self.idle_token_budget,
+        )
 
 
 @dataclass
@@ -301,15 +332,7 @@ class ContinuousBatchingEngine(Engine):
 
     def _run(self) -> None:
         if self.layout == "slots":
-            self._slots = SlotBatch(
-                self.runner,
-                SlotLimits(
-                    num_slots=self.limits.max_running_rows,
-                    max_kv_tokens=self.limits.max_kv_tokens,
-                    step_token_budget=self.limits.step_token_budget,
-                    idle_token_budget=self.limits.idle_token_budget,
-                ),
-            )
+            self._slots = SlotBatch(self.runner, self.limits.slot_limits())
         while self._pull(block=not self._running() and not self._waiting):
             self._expire_waiting()
             try:

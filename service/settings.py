@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         "prefix bank (each running task's prefix once). A request whose prefix + prompt + max_new_tokens exceeds "
         "it is refused; others wait until their KV fits.",
     )
+    idle_token_budget: int | None = Field(
+        default=None, ge=1,
+        description="Slot layout: most prompt tokens in one forward while no row is decoding (unset: 8 x "
+        "step_token_budget). It bounds how long one step takes, so how long a new request may wait behind another's "
+        "prefill.",
+    )
     max_waiting: int = Field(default=256, ge=1, description="Bounded queue; beyond it requests get 429.")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Per-request deadline, queueing included.")
 

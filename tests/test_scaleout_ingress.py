@@ -12,9 +12,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app, engine_limits, make_registry
+from service.api.app import create_app, make_registry
 from service.api.state import ServiceState
-from service.engine import TokenEvent
+from service.engine import EngineLimits, TokenEvent
 from service.metrics import Metrics
 from service.model_loader import LoadedModel
 from service.prefix import TaskPrefix
@@ -93,7 +93,7 @@ def scaled(loaded: LoadedModel, adapters: dict[str, tuple[bytes, bytes]], tmp_pa
     async def build(settings: Settings, metrics: Metrics) -> ServiceState:
         routed = install_deployment_metrics(metrics, view)
         engine = RemoteEngine(
-            replica, limits=engine_limits(settings),
+            replica, limits=EngineLimits.from_settings(settings),
             on_routed=lambda replica, task: routed.inc(replica, task or "base"),
         )
         registry = make_registry(settings, loaded, metrics, shared=True, device=torch.device("cpu"))
@@ -214,7 +214,7 @@ def test_a_text_task_on_the_ingress_without_weights_is_a_clear_501(loaded: Loade
     async def build(settings: Settings, metrics: Metrics) -> ServiceState:
         registry = make_registry(settings, ingress_loaded, metrics, shared=True, device=torch.device("cpu"))
         registry.load_all()
-        engine = RemoteEngine(lambda *a: None, limits=engine_limits(settings))  # type: ignore[arg-type, return-value]
+        engine = RemoteEngine(lambda *a: None, limits=EngineLimits.from_settings(settings))  # type: ignore[arg-type, return-value]
         return ingress_state(settings, ingress_loaded, registry, engine, metrics)
 
     with TestClient(create_app(settings, build=build, health_router=health_router(DeploymentView(60)))) as client:
@@ -244,7 +244,7 @@ def test_a_replica_failure_is_a_503_with_retry_after(
     async def build(settings: Settings, metrics: Metrics) -> ServiceState:
         registry = make_registry(settings, loaded, metrics, shared=True, device=torch.device("cpu"))
         registry.load_all()
-        engine = RemoteEngine(dead_replica_call, limits=engine_limits(settings))
+        engine = RemoteEngine(dead_replica_call, limits=EngineLimits.from_settings(settings))
         return ingress_state(settings, loaded, registry, engine, metrics)
 
     with TestClient(create_app(settings, build=build, health_router=health_router(DeploymentView(60)))) as client:
@@ -267,7 +267,7 @@ def test_health_without_live_replicas_is_a_503_with_retry_after(loaded: LoadedMo
 
     async def build(settings: Settings, metrics: Metrics) -> ServiceState:
         registry = make_registry(settings, loaded, metrics, shared=True, device=torch.device("cpu"))
-        engine = RemoteEngine(dead_replica_call, limits=engine_limits(settings))
+        engine = RemoteEngine(dead_replica_call, limits=EngineLimits.from_settings(settings))
         return ingress_state(settings, loaded, registry, engine, metrics)
 
     view = DeploymentView(stale_after_s=12.5, poll_interval_s=2.5)  # replicas report every 2.5 s

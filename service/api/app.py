@@ -37,18 +37,6 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-def engine_limits(settings: Settings) -> EngineLimits:
-    return EngineLimits(
-        max_running_rows=settings.max_running_rows,
-        max_kv_tokens=settings.max_kv_tokens,
-        max_waiting=settings.max_waiting,
-        max_prefill_rows=settings.max_prefill_rows,
-        step_token_budget=settings.step_token_budget,
-        per_task_window_s=settings.batch_window_ms / 1000.0,
-        request_timeout_s=settings.request_timeout_s,
-    )
-
-
 def make_registry(
     settings: Settings,
     loaded: LoadedModel,
@@ -90,7 +78,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
         settings, loaded, metrics, shared=settings.shared_prefix_store, probe=lambda p: probe_prefix(runner, p)
     )
     registry.load_all()
-    engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
+    engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=EngineLimits.from_settings(settings))
     engine.on_pass = metrics.observe_pass
     engine.on_row_error = lambda error: metrics.observe_generation_error(error.code)
     metrics.bind_gauges(lambda: engine.queue_size, lambda: engine.stats.running_rows)

@@ -21,9 +21,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from service.api.app import create_app, engine_limits
+from service.api.app import create_app
 from service.api.state import ServiceState
-from service.engine import TokenEvent
+from service.engine import EngineLimits, TokenEvent
 from service.metrics import Metrics
 from service.scaleout.ingress import DeploymentView, build_ingress_state, health_router, install_deployment_metrics
 from service.scaleout.protocol import RemoteRequest, StreamError, StreamStart, replica_unavailable
@@ -156,7 +156,7 @@ class Ingress:
 
         engine = RemoteEngine(  # every request carries its task version; TaskAffinityRouter balances
             handle_call(self._model),
-            limits=engine_limits(settings),
+            limits=EngineLimits.from_settings(settings),
             replicas=lambda: max(1, self._view.live_count(), settings.replicas),
             on_routed=on_routed,
         )
@@ -226,7 +226,7 @@ def build(args: Optional[Dict[str, Any]] = None) -> Any:
 def build_application(settings: Settings) -> Any:
     """The bound application for these settings; `replicas` 0 means 1 here."""
     replicas = max(1, settings.replicas)
-    limits = engine_limits(settings)
+    limits = EngineLimits.from_settings(settings)
     per_replica = limits.max_waiting + limits.max_running_rows
     stats = StatsBoard.bind()
     model = ModelReplica.options(

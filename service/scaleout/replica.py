@@ -16,9 +16,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import torch
 
-from service.api.app import engine_limits, make_registry
+from service.api.app import make_registry
 from service.batch import verify_prefix_support
-from service.engine import ContinuousBatchingEngine, Event
+from service.engine import ContinuousBatchingEngine, EngineLimits, Event
 from service.errors import ServiceError
 from service.model_loader import LoadedModel, load_base_model
 from service.prefix import TaskPrefix
@@ -44,7 +44,9 @@ class ReplicaCore:
         verify_prefix_support(runner, loaded.geometry)
         # Reads one task version at a time (load_task), task.json included; the same limits as the ingress's store.
         self.registry = make_registry(settings, loaded, None, shared=True)
-        self.engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=engine_limits(settings))
+        self.engine = ContinuousBatchingEngine(
+            runner, policy=settings.batching, limits=EngineLimits.from_settings(settings)
+        )
         self.engine.start()
         self.accepted = 0
         self.rejected = 0
