@@ -45,12 +45,12 @@ from service.errors import DeadlineExceededError, OverloadedError, RequestTooLon
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.rows import Row
 from service.settings import Settings
-from service.slots import SlotBatch, SlotLimits, slot_layout_supported
+from service.slots import SlotBatch, SlotLimits, slot_attention_installed
 
 logger = logging.getLogger(__name__)
 
 BatchingPolicy = Literal["mixed", "per-task"]
-Layout = Literal["auto", "slots", "padded"]
+Layout = Literal["slots", "padded"]  # chosen at start-up: service.startup.check_model
 
 
 @dataclass(frozen=True)
@@ -207,15 +207,20 @@ class ContinuousBatchingEngine(Engine):
         *,
         policy: BatchingPolicy = "mixed",
         limits: EngineLimits | None = None,
-        layout: Layout = "auto",
+        layout: Layout,
     ) -> None:
+        """`layout` is the one `service.startup.check_model` chose; the constructor runs no forward and checks only
+        what costs nothing (the slot check having passed on this model is a flag it left)."""
         self.runner = runner
         self.policy = policy
         self.limits = limits or EngineLimits()
-        if layout == "auto":
-            layout = "slots" if policy == "mixed" and slot_layout_supported(runner) else "padded"
-        elif layout == "slots" and (policy != "mixed" or not slot_layout_supported(runner)):
-            raise ValueError("the slots layout needs the mixed policy and a model whose attention it can serve")
+        if layout not in ("slots", "padded"):
+            raise ValueError(f"layout must be 'slots' or 'padded' (service.startup.check_model chooses), not {layout!r}")
+        if layout == "slots" and (policy != "mixed" or not slot_attention_installed(runner)):
+            raise ValueError(
+                "the slots layout needs the mixed policy and a model that passed the slot layout's start-up check "
+                "(service.startup.check_model)"
+            )
         self.layout: Layout = layout
         self.stats = EngineStats()
         self._inbox: queue.Queue[_Handle | object] = queue.Queue()

@@ -294,6 +294,11 @@ def slot_layout_supported(runner: ModelRunner) -> bool:
     return cached
 
 
+def slot_attention_installed(runner: ModelRunner) -> bool:
+    """Whether `slot_layout_supported` already passed on this runner's model (no forward: the flag it leaves)."""
+    return getattr(runner.model, "_prefix_serve_slot_layout", None) is True and not runner.is_encoder_decoder
+
+
 def _own_kv_prefix(runner: ModelRunner, tokens: list[int], name: str) -> TaskPrefix:
     """The model's own keys/values for `tokens` at positions 0.. as a task prefix (what a task made from text holds)."""
     kv = text_kv(runner.model, tokens, geometry_from_config(runner.model.config))

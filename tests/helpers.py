@@ -658,3 +658,14 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
     @property
     def count(self) -> int:
         return len(self.calls)
+
+
+def make_engine(runner: Any, *, layout: str = "auto", **kwargs: Any) -> Any:
+    """A ContinuousBatchingEngine built as the service builds one: the start-up checks first
+    (`service.startup.check_model`, which chooses the layout), then the engine, which runs no forward."""
+    from service.engine import ContinuousBatchingEngine
+    from service.geometry import geometry_from_config
+    from service.startup import check_model
+
+    chosen = check_model(runner, geometry_from_config(runner.model.config), kwargs.get("policy", "mixed"), layout)
+    return ContinuousBatchingEngine(runner, layout=chosen, **kwargs)

@@ -17,7 +17,10 @@ from service.prefix import TaskPrefix
 from service.registry import PrefixRegistry
 from service.requests import FinishReason, GenerationRequest, GenerationResult, SamplingParams
 from service.runner import ModelRunner
-from tests.helpers import make_peft_prefix_model, read_adapter, run_engine, save_adapter, tiny_llama, tiny_tokenizer
+from service.startup import check_model
+from tests.helpers import (
+    make_engine, make_peft_prefix_model, read_adapter, run_engine, save_adapter, tiny_llama, tiny_tokenizer,
+)
 
 TASKS = {"alpha": 4, "beta": 9, "gamma": 2, "delta": 6}  # task -> num_virtual_tokens
 
@@ -47,7 +50,7 @@ def alone(runner: ModelRunner, req: GenerationRequest) -> GenerationResult:
 
 def test_join_mid_flight_of_other_tasks_long_generations_is_exact(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner, policy="mixed")
+    engine = make_engine(runner, policy="mixed")
     long_ones = [request(prefixes, t, [10 + i, 11, 12, 13], max_new_tokens=60) for i, t in enumerate(["beta", "gamma", "delta"])]
     probe = request(prefixes, "alpha", [40, 41, 42], max_new_tokens=10)
 
@@ -67,7 +70,7 @@ def test_join_mid_flight_of_other_tasks_long_generations_is_exact(setup) -> None
 
 def test_per_task_policy_batches_one_task_and_is_exact(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner, policy="per-task", limits=EngineLimits(per_task_window_s=0.05))
+    engine = make_engine(runner, policy="per-task", limits=EngineLimits(per_task_window_s=0.05))
     reqs = [request(prefixes, t, [5 + i, 6, 7 + i]) for i, t in enumerate(["alpha", "beta", "alpha", "beta", "alpha"])]
 
     async def scenario() -> list[GenerationResult]:
@@ -81,7 +84,7 @@ def test_per_task_policy_batches_one_task_and_is_exact(setup) -> None:
 
 def test_fifty_concurrent_mixed_requests_none_lost_or_duplicated(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner, policy="mixed", limits=EngineLimits(max_running_rows=12, max_prefill_rows=5))
+    engine = make_engine(runner, policy="mixed", limits=EngineLimits(max_running_rows=12, max_prefill_rows=5))
     tasks = list(TASKS) + [None]
     reqs = [
         request(prefixes, tasks[i % len(tasks)], [3 + (i * 7) % 120, 3 + (i * 11) % 120, 3 + i], max_new_tokens=2 + i % 9)
@@ -105,7 +108,7 @@ def test_fifty_concurrent_mixed_requests_none_lost_or_duplicated(setup) -> None:
 
 def test_full_queue_is_refused_with_retry_after(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_waiting=2))  # not started: nothing drains
+    engine = make_engine(runner, limits=EngineLimits(max_waiting=2))  # not started: nothing drains
 
     async def scenario() -> None:
         engine.stream(request(prefixes, "alpha", [5]))
@@ -119,7 +122,7 @@ def test_full_queue_is_refused_with_retry_after(setup) -> None:
 
 def test_request_over_the_kv_budget_is_refused(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_kv_tokens=20))
+    engine = make_engine(runner, limits=EngineLimits(max_kv_tokens=20))
 
     async def scenario() -> None:
         with pytest.raises(RequestTooLongError, match="KV budget"):
@@ -131,7 +134,7 @@ def test_request_over_the_kv_budget_is_refused(setup) -> None:
 def test_kv_budget_bounds_running_rows(setup) -> None:
     runner, prefixes = setup
     # Each request reserves 2 + 3 + 10 = 15 KV tokens: a budget of 40 runs at most two at once.
-    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_kv_tokens=40))
+    engine = make_engine(runner, limits=EngineLimits(max_kv_tokens=40))
     reqs = [request(prefixes, "gamma", [5, 6, 7 + i], max_new_tokens=10) for i in range(5)]
 
     async def scenario() -> list[GenerationResult]:
@@ -144,7 +147,7 @@ def test_kv_budget_bounds_running_rows(setup) -> None:
 
 def test_disconnected_stream_cancels_its_row(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner)
+    engine = make_engine(runner)
 
     async def scenario() -> None:
         events = engine.stream(request(prefixes, "alpha", [5, 6], max_new_tokens=400))
@@ -166,7 +169,7 @@ def test_disconnected_stream_cancels_its_row(setup) -> None:
 
 def test_deadline_fails_the_request(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(request_timeout_s=0.05))
+    engine = make_engine(runner, limits=EngineLimits(request_timeout_s=0.05))
 
     async def scenario() -> None:
         with pytest.raises(DeadlineExceededError):
@@ -182,7 +185,7 @@ def test_deadline_fails_the_request(setup) -> None:
 
 def test_stream_events_add_up_to_the_final_text(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner)
+    engine = make_engine(runner)
     req = request(prefixes, "delta", [8, 9, 10], max_new_tokens=12)
 
     async def scenario() -> list:
@@ -205,10 +208,10 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(setup) -> None:
     busy = [request(prefixes, t, [20 + i, 21], max_new_tokens=30, do_sample=i % 2 == 0, seed=i)
             for i, t in enumerate(["beta", "gamma", "delta", "beta"])]
 
-    engine_alone = ContinuousBatchingEngine(runner)
+    engine_alone = make_engine(runner)
     lone = run_engine(engine_alone, lambda: engine_alone.generate(sampled))
 
-    engine = ContinuousBatchingEngine(runner)
+    engine = make_engine(runner)
 
     async def crowded() -> GenerationResult:
         others = [asyncio.create_task(engine.generate(r)) for r in busy]
@@ -230,12 +233,12 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(setup) -> None:
 
 def test_unseeded_sampling_reports_the_seed_it_used(setup) -> None:
     runner, prefixes = setup
-    engine = ContinuousBatchingEngine(runner)
+    engine = make_engine(runner)
     req = request(prefixes, "alpha", [5, 6], max_new_tokens=10, do_sample=True)
     first = run_engine(engine, lambda: engine.generate(req))
     assert first.seed is not None
     replay = request(prefixes, "alpha", [5, 6], max_new_tokens=10, do_sample=True, seed=first.seed)
-    engine2 = ContinuousBatchingEngine(runner)
+    engine2 = make_engine(runner)
     assert run_engine(engine2, lambda: engine2.generate(replay)).token_ids == first.token_ids
     assert first.finish_reason in (FinishReason.LENGTH, FinishReason.EOS_TOKEN)
 
@@ -254,7 +257,7 @@ def test_non_finite_logits_fail_only_their_own_request(setup, layout: str, value
            GenerationRequest([9, 8], overflowing, SamplingParams(max_new_tokens=6, do_sample=True, seed=3))]
     good = [request(prefixes, "alpha", [40, 41, 42], max_new_tokens=6), request(prefixes, None, [7, 8]),
             request(prefixes, "beta", [5, 6], max_new_tokens=6, do_sample=True, seed=5)]  # fmt: skip
-    engine = ContinuousBatchingEngine(runner, policy="mixed", layout=layout)
+    engine = make_engine(runner, policy="mixed", layout=layout)
 
     async def scenario() -> list[Any]:
         # The overflowing prefix first: slot layout, bank column 0, where other rows' padding columns point.
@@ -270,3 +273,30 @@ def test_non_finite_logits_fail_only_their_own_request(setup, layout: str, value
         assert isinstance(result, GenerationResult), result
         assert result.token_ids == alone(runner, req).token_ids
     assert engine.stats.failed_rows == 2
+
+
+@pytest.mark.parametrize("policy", ["mixed", "per-task"])
+def test_constructing_the_engine_runs_no_forward(setup, policy: str) -> None:
+    """The start-up checks run forwards (service.startup.check_model, called where the service is built); the engine
+    constructor takes the chosen layout and runs none."""
+    runner, _ = setup
+    layout = check_model(runner, geometry_from_config(runner.model.config), policy)  # type: ignore[arg-type]
+    assert layout == ("slots" if policy == "mixed" else "padded")
+    calls = []
+    hook = runner.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        engine = ContinuousBatchingEngine(runner, policy=policy, limits=EngineLimits(), layout=layout)  # type: ignore[arg-type]
+    finally:
+        hook.remove()
+    assert calls == [] and engine.layout == layout
+
+
+def test_the_engine_refuses_a_layout_the_start_up_checks_did_not_choose(setup) -> None:
+    runner, _ = setup
+    with pytest.raises(ValueError, match="check_model"):
+        ContinuousBatchingEngine(runner, layout="auto")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mixed policy"):
+        ContinuousBatchingEngine(runner, policy="per-task", layout="slots")
+    fresh = ModelRunner(tiny_llama(seed=1), tiny_tokenizer(128))  # never checked: no slot attention installed
+    with pytest.raises(ValueError, match="check_model"):
+        ContinuousBatchingEngine(fresh, layout="slots")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from service.batch import generate, verify_prefix_support
-from service.engine import ContinuousBatchingEngine, EngineLimits
+from service.engine import EngineLimits
 from service.errors import UnsupportedModelError
 from service.geometry import geometry_from_config
 from service.prefix import TaskPrefix, encoder_prompt_embeddings_to_kv, prompt_embeddings_to_kv
@@ -24,6 +24,7 @@ from service.seq2seq import Seq2SeqBatch
 from tests.helpers import (
     EOS,
     TINY_SEQ2SEQ_KINDS,
+    make_engine,
     make_peft_seq2seq_model,
     peft_seq2seq_greedy,
     run_engine,
@@ -108,7 +109,7 @@ def test_rows_joining_mid_flight_and_leaving_are_exact(served: tuple[str, Any, M
         GenerationRequest(prompt_ids=PROMPTS[0], prefix=tasks[1][1], params=SamplingParams(max_new_tokens=24, ignore_eos=True)),
     ]  # fmt: skip
     probes = [request(PROMPTS[i], tasks[i % 2][1]) for i in (1, 3, 0)]
-    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_running_rows=8))
+    engine = make_engine(runner, limits=EngineLimits(max_running_rows=8))
     assert engine.layout == "padded"
 
     async def scenario() -> list[Any]:

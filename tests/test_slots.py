@@ -11,12 +11,12 @@ import torch
 
 from service import slots
 from service.batch import DecodeBatch, generate as padded_generate
-from service.engine import ContinuousBatchingEngine, EngineLimits
+from service.engine import EngineLimits
 from service.errors import DeadlineExceededError
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, GenerationResult, SamplingParams
 from service.runner import ModelRunner
-from tests.helpers import random_task_prefix, run_engine, tiny_llama, tiny_tokenizer
+from tests.helpers import make_engine, random_task_prefix, run_engine, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_two_hundred_requests_through_a_small_slot_pool_match_their_solo_results
         req(rng.choice(tasks), [rng.randrange(3, 128) for _ in range(rng.randint(1, 12))], rng.randint(1, 9))
         for _ in range(200)
     ]
-    engine = ContinuousBatchingEngine(
+    engine = make_engine(
         runner, limits=EngineLimits(max_running_rows=4, max_waiting=256, step_token_budget=8)
     )
     assert engine.layout == "slots"
@@ -110,7 +110,7 @@ def test_released_prefixes_are_reused_and_evicted_only_when_idle(runner, prefixe
 
 def test_deadline_is_enforced_between_prefill_chunks(runner, prefixes) -> None:
     """A long prompt prefills in chunks; the deadline ends it between chunks, not after the whole prompt."""
-    engine = ContinuousBatchingEngine(
+    engine = make_engine(
         runner, limits=EngineLimits(request_timeout_s=0.3, step_token_budget=8, idle_token_budget=8)
     )
     hook = runner.model.register_forward_pre_hook(lambda *_: time.sleep(0.05))  # 300 tokens / 8 = 38 steps ~ 1.9 s
@@ -125,7 +125,7 @@ def test_deadline_is_enforced_between_prefill_chunks(runner, prefixes) -> None:
 
 
 def test_queue_gauge_follows_cancelled_queued_requests(runner, prefixes) -> None:
-    engine = ContinuousBatchingEngine(runner, limits=EngineLimits(max_running_rows=1))
+    engine = make_engine(runner, limits=EngineLimits(max_running_rows=1))
 
     async def scenario() -> tuple[int, int]:
         running = asyncio.create_task(engine.generate(req(prefixes["a"], [5, 6], 300)))

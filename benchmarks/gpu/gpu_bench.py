@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from service.batch import verify_prefix_support
 from service.bench.report import write_json
 from service.bench.run import run_engine_system
 from service.bench.static_baseline import run_static_system
@@ -36,7 +35,7 @@ from service.geometry import geometry_from_config
 from service.model_loader import resolve_device, resolve_dtype
 from service.prefix import TaskPrefix
 from service.runner import ModelRunner
-from service.slots import slot_layout_supported
+from service.startup import check_model
 
 logger = logging.getLogger("gpu_bench")
 
@@ -190,8 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         model = build_model(shape, device, dtype)
         runner = ModelRunner(model, synthetic_tokenizer(model.config.vocab_size))
-        verify_prefix_support(runner, geometry_from_config(model.config))
-        layout = "slots" if slot_layout_supported(runner) else "padded"
+        layout = check_model(runner, geometry_from_config(model.config))  # every start-up check
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         read_s = weight_bytes / bandwidth
         prefixes = random_prefixes(model, max(task_counts), args.virtual_tokens, args.seed)

@@ -22,7 +22,7 @@ from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes, tasks
 from service.api.state import ServiceState
 from service.compute_thread import run_in_fresh_thread
-from service.batch import probe_prefix, verify_prefix_support
+from service.batch import probe_prefix
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import ServiceError, UnauthorizedError
 from service.inputs import InputProcessor
@@ -33,6 +33,7 @@ from service.prefix_format import json_type
 from service.registry import PrefixRegistry
 from service.runner import ModelRunner
 from service.settings import Settings
+from service.startup import check_model
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,14 @@ def make_registry(
 def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> ServiceState:
     """Wire registry and engine around a loaded model. Blocking: loads every stored prefix."""
     runner = ModelRunner(loaded.model, loaded.tokenizer)
-    verify_prefix_support(runner, loaded.geometry)
+    layout = check_model(runner, loaded.geometry, settings.batching)  # every start-up check; forwards run here
     registry = make_registry(
         settings, loaded, metrics, shared=settings.shared_prefix_store, probe=lambda p: probe_prefix(runner, p)
     )
     registry.load_all()
-    engine = ContinuousBatchingEngine(runner, policy=settings.batching, limits=EngineLimits.from_settings(settings))
+    engine = ContinuousBatchingEngine(
+        runner, policy=settings.batching, limits=EngineLimits.from_settings(settings), layout=layout
+    )
     engine.on_pass = metrics.observe_pass
     engine.on_row_error = lambda error: metrics.observe_generation_error(error.code)
     metrics.bind_gauges(lambda: engine.queue_size, lambda: engine.stats.running_rows)

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from service.batch import verify_prefix_support
 from service.bench import SYSTEMS
 from service.bench.peft_baseline import load_peft_model
 from service.bench.report import markdown_table, plot, ratios_table, write_json
@@ -25,7 +24,7 @@ from service.bench.run import run_engine_system, run_peft_system
 from service.bench.static_baseline import run_static_system
 from service.compute_thread import run_in_fresh_thread
 from service.runner import ModelRunner
-from service.slots import slot_layout_supported
+from service.startup import check_model
 from service.bench.workload import WorkItem, make_workload, synthetic_tokenizer, write_random_prefixes
 from service.logging_setup import configure_logging
 from service.model_loader import LoadedModel, load_base_model, resolve_device, resolve_dtype, wrap_model
@@ -81,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
         from service.bench.fewshot import run_few_shot
 
         loaded = _load(args, dtypes[0])
-        verify_prefix_support(ModelRunner(loaded.model, loaded.tokenizer), loaded.geometry)
+        check_model(ModelRunner(loaded.model, loaded.tokenizer), loaded.geometry)
         return run_few_shot(args, loaded)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -149,8 +148,7 @@ def _prepare(
     """Load the model in `dtype`, check it, write the random task prefixes and load them as the registry does."""
     loaded = _load(args, dtype)
     runner = ModelRunner(loaded.model, loaded.tokenizer)
-    verify_prefix_support(runner, loaded.geometry)
-    slot_layout_supported(runner)  # the engine's start-up check, here rather than in the caller's thread
+    check_model(runner, loaded.geometry)  # every start-up check, here rather than in the caller's thread
     adapters = write_random_prefixes(
         tmp / "adapters", loaded.geometry, num_tasks=args.tasks, num_virtual_tokens=args.virtual_tokens,
         model_name=loaded.name, seed=args.seed,

@@ -15,10 +15,11 @@ from transformers.generation.streamers import BaseStreamer
 from service.bench.peft_baseline import peft_generate
 from service.bench.workload import WorkItem
 from service.compute_thread import run_in_fresh_thread
-from service.engine import ContinuousBatchingEngine, EngineLimits, FinalEvent, TokenEvent
+from service.engine import ContinuousBatchingEngine, EngineLimits, FinalEvent, Layout, TokenEvent
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, SamplingParams
 from service.runner import ModelRunner
+from service.startup import choose_layout
 
 
 @dataclass
@@ -101,12 +102,16 @@ def run_engine_system(
     use_prefix: bool = True,
     warmup: list[WorkItem] | None = None,
     step_token_budget: int = EngineLimits.step_token_budget,
+    layout: Layout | None = None,
 ) -> RunResult:
+    """`layout` None: the one the start-up check chooses for `policy` (run once per model; callers run
+    `service.startup.check_model` first)."""
     limits = EngineLimits(
         max_running_rows=max(concurrency, 1), max_kv_tokens=1 << 30, max_waiting=len(workload) + 64,
         max_prefill_rows=max(concurrency, 1), step_token_budget=step_token_budget,
     )
-    engine = ContinuousBatchingEngine(runner, policy=policy, limits=limits)  # type: ignore[arg-type]
+    layout = layout or choose_layout(runner, policy)  # type: ignore[arg-type]
+    engine = ContinuousBatchingEngine(runner, policy=policy, limits=limits, layout=layout)  # type: ignore[arg-type]
     step_times: list[float] = []
     engine.on_pass = lambda rows, seconds: step_times.append(seconds)
 

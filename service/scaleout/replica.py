@@ -17,7 +17,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import torch
 
 from service.api.app import make_registry
-from service.batch import verify_prefix_support
 from service.engine import ContinuousBatchingEngine, EngineLimits, Event
 from service.errors import ServiceError
 from service.model_loader import LoadedModel, load_base_model
@@ -25,6 +24,7 @@ from service.prefix import TaskPrefix
 from service.registry import validate_task_id
 from service.requests import GenerationRequest
 from service.runner import ModelRunner
+from service.startup import check_model
 from service.scaleout.protocol import RemoteRequest, StreamError, StreamStart, error_body, parse_multiplexed_id
 from service.settings import Settings
 
@@ -41,11 +41,11 @@ class ReplicaCore:
         loaded = loaded or load_base_model(settings)
         self.loaded = loaded
         runner = ModelRunner(loaded.model, loaded.tokenizer)
-        verify_prefix_support(runner, loaded.geometry)
+        layout = check_model(runner, loaded.geometry, settings.batching)  # every start-up check; forwards run here
         # Reads one task version at a time (load_task), task.json included; the same limits as the ingress's store.
         self.registry = make_registry(settings, loaded, None, shared=True)
         self.engine = ContinuousBatchingEngine(
-            runner, policy=settings.batching, limits=EngineLimits.from_settings(settings)
+            runner, policy=settings.batching, limits=EngineLimits.from_settings(settings), layout=layout
         )
         self.engine.start()
         self.accepted = 0
