@@ -115,14 +115,18 @@ def select_tokens(rows: list[Row], logits: torch.Tensor, device: torch.device) -
     come from an overflow inside the forward (a prefix's values too large for the computation): NaN/inf reach the
     logits, or a norm whose variance became inf zeroes the state and every logit is equal. An argmax would
     otherwise pick token 0, again and again."""
-    chosen = logits.argmax(dim=-1)
+    # One pass gives each row's top logit and its index (NaN propagates into the max); with the row minimum that is
+    # enough to tell unusable rows (NaN/inf, or every logit equal) without a third pass over the vocabulary: a full
+    # isfinite() pass cost ~10% of a 32-row bf16 step on the CPU.
+    top, chosen = logits.max(dim=-1)
+    bottom = logits.amin(dim=-1)
     special = [i for i, row in enumerate(rows) if not row.sampler.is_plain_greedy]
     if special:
         picks = [
             rows[i].sampler.select_tensor(rows[i].history(device), logits[i : i + 1].float()) for i in special
         ]
         chosen = chosen.index_put((torch.tensor(special, device=chosen.device),), torch.stack(picks))
-    usable = torch.isfinite(logits).all(dim=-1) & (logits.amax(dim=-1) > logits.amin(dim=-1))
+    usable = torch.isfinite(top) & torch.isfinite(bottom) & (top > bottom)
     tokens = torch.where(usable, chosen, _NO_TOKEN).tolist()
     for index, (row, token) in enumerate(zip(rows, tokens)):
         if token == _NO_TOKEN:
