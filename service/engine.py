@@ -35,7 +35,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import AsyncIterator, Callable, Literal
 
 from service.batch import DecodeBatch
 from service.runner import ModelRunner
@@ -44,7 +44,7 @@ from service.detokenizer import OutputProcessor
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.rows import Row
-from service.settings import Settings
+from service.settings import Settings, setting_default
 from service.slots import SlotBatch, SlotLimits, slot_attention_installed
 
 logger = logging.getLogger(__name__)
@@ -70,24 +70,22 @@ class FinalEvent:
 Event = TokenEvent | FinalEvent
 
 
-def _default(name: str) -> Any:
-    """A Settings field's default: the one place every engine budget's default is written (service.settings)."""
-    return Settings.model_fields[name].default
-
-
 @dataclass(frozen=True)
 class EngineLimits:
     """The engine's budgets. Built from the settings with `from_settings`; the field defaults are Settings' own, so
     `EngineLimits()` runs the server's budgets."""
 
-    max_running_rows: int = _default("max_running_rows")
-    max_kv_tokens: int = _default("max_kv_tokens")  # KV memory budget in tokens (slots: store rows x width + bank)
-    max_waiting: int = _default("max_waiting")
-    max_prefill_rows: int = _default("max_prefill_rows")  # padded layout: most rows in one prefill
-    step_token_budget: int = _default("step_token_budget")  # slots: most tokens (decode + prompt chunks) per forward
-    idle_token_budget: int | None = _default("idle_token_budget")  # slots: see SlotLimits (None: 8 x step budget)
-    per_task_window_s: float = _default("batch_window_ms") / 1000.0
-    request_timeout_s: float = _default("request_timeout_s")
+    max_running_rows: int = setting_default("max_running_rows")
+    # KV memory budget in tokens (slots: store rows x width + bank)
+    max_kv_tokens: int = setting_default("max_kv_tokens")
+    max_waiting: int = setting_default("max_waiting")
+    max_prefill_rows: int = setting_default("max_prefill_rows")  # padded layout: most rows in one prefill
+    # slots layout: most tokens (decode + prompt chunks) per forward; when no row decodes, the idle budget
+    # (None: 8 x step_token_budget, see SlotLimits)
+    step_token_budget: int = setting_default("step_token_budget")
+    idle_token_budget: int | None = setting_default("idle_token_budget")
+    per_task_window_s: float = setting_default("batch_window_ms") / 1000.0
+    request_timeout_s: float = setting_default("request_timeout_s")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineLimits:

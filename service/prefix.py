@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +43,7 @@ class TaskPrefix:
         def moved(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype or t.dtype, non_blocking=non_blocking).contiguous()
 
-        encoder_kv = moved(self.encoder_kv) if self.encoder_kv is not None else None
-        return TaskPrefix(self.task_id, moved(self.kv), self.sha256, encoder_kv)
+        return self._copied(moved)
 
     def to_host(self, *, pinned: bool) -> TaskPrefix:
         """A copy in host memory; `pinned` (page-locked, CUDA only) lets the way back be an asynchronous DMA."""
@@ -55,8 +54,12 @@ class TaskPrefix:
             host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
             return host.copy_(t)
 
-        encoder_kv = moved(self.encoder_kv) if self.encoder_kv is not None else None
-        return TaskPrefix(self.task_id, moved(self.kv), self.sha256, encoder_kv)
+        return self._copied(moved)
+
+    def _copied(self, move: Callable[[torch.Tensor], torch.Tensor]) -> TaskPrefix:
+        """The same prefix with `move` applied to each of its tensors (the encoder half too, where there is one)."""
+        encoder_kv = move(self.encoder_kv) if self.encoder_kv is not None else None
+        return TaskPrefix(self.task_id, move(self.kv), self.sha256, encoder_kv)
 
     @property
     def nbytes(self) -> int:

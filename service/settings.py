@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -182,3 +182,9 @@ class Settings(BaseSettings):
             if key != key.strip():
                 raise ValueError("an API key has leading or trailing whitespace, which no request can send")
         return keys
+
+
+def setting_default(name: str) -> Any:
+    """A Settings field's default: where every engine budget's default is written once (EngineLimits and SlotLimits
+    take theirs from here)."""
+    return Settings.model_fields[name].default

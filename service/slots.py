@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -28,13 +28,9 @@ from service.runner import ModelRunner
 from service.text_prefix import text_kv
 from service.rows import Row, select_tokens
 from service.sampler import RowSampler
-from service.settings import Settings
+from service.settings import setting_default
 
 logger = logging.getLogger(__name__)
-
-
-def _default(name: str) -> Any:
-    return Settings.model_fields[name].default
 
 
 @dataclass(frozen=True)
@@ -42,13 +38,13 @@ class SlotLimits:
     """The slot batch's budgets. The engine derives them from its EngineLimits (`EngineLimits.slot_limits()`); the
     defaults are Settings' own, so a SlotLimits() built directly (tests, bench) runs the server's budgets."""
 
-    num_slots: int = _default("max_running_rows")  # most rows running at once
-    max_kv_tokens: int = _default("max_kv_tokens")  # store (slots x width) + bank columns, in tokens
-    step_token_budget: int = _default("step_token_budget")  # most tokens in one forward while rows are decoding
+    num_slots: int = setting_default("max_running_rows")  # most rows running at once
+    max_kv_tokens: int = setting_default("max_kv_tokens")  # store (slots x width) + bank columns, in tokens
+    step_token_budget: int = setting_default("step_token_budget")  # most tokens in one forward while rows are decoding
     # Most prompt tokens in one forward when no row is decoding (None: 8 x step_token_budget). It bounds how long one
     # step can take, so how far past its deadline a long prompt can run and how long a new request may wait behind
     # another's prefill.
-    idle_token_budget: int | None = _default("idle_token_budget")
+    idle_token_budget: int | None = setting_default("idle_token_budget")
 
     @property
     def idle_budget(self) -> int:

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from service.bench.report import write_json
 from service.bench.run import run_engine_system
 from service.bench.static_baseline import run_static_system
-from service.bench.workload import make_workload, synthetic_tokenizer, task_ids
+from service.bench.workload import make_workload, synthetic_tokenizer, task_ids, token_range
 from service.geometry import geometry_from_config
 from service.model_loader import resolve_device, resolve_dtype
 from service.prefix import TaskPrefix
@@ -125,7 +125,7 @@ def profile_steps(runner: ModelRunner, prefixes: dict[str, TaskPrefix], args: ar
     from service.slots import SlotBatch, SlotLimits
 
     workload = make_workload(runner.tokenizer, num_requests=PROFILED_ROWS, num_tasks=min(8, len(prefixes)),
-                             prompt_tokens=_range(args.prompt_tokens), new_tokens=(64, 64), seed=args.seed + 7)
+                             prompt_tokens=token_range(args.prompt_tokens), new_tokens=(64, 64), seed=args.seed + 7)
     batch = SlotBatch(runner, SlotLimits(num_slots=PROFILED_ROWS, max_kv_tokens=1 << 30, step_token_budget=4096))
     for item in workload:
         batch.add(GenerationRequest(item.prompt_ids, prefixes[item.task_id],
@@ -155,11 +155,6 @@ def profile_steps(runner: ModelRunner, prefixes: dict[str, TaskPrefix], args: ar
             for e in events[:20]
         ],
     }
-
-
-def _range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition("-")
-    return int(low), int(high or low)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                               "why": "time budget spent"})
                     continue
                 workload = make_workload(runner.tokenizer, num_requests=concurrency, num_tasks=tasks,
-                                         prompt_tokens=_range(args.prompt_tokens),
+                                         prompt_tokens=token_range(args.prompt_tokens),
                                          new_tokens=(args.new_tokens, args.new_tokens), seed=args.seed)
                 warmup = make_workload(runner.tokenizer, num_requests=min(concurrency, 8), num_tasks=tasks,
                                        prompt_tokens=(8, 8), new_tokens=(2, 2), seed=args.seed + 1)

@@ -25,7 +25,7 @@ from service.bench.static_baseline import run_static_system
 from service.compute_thread import run_in_fresh_thread
 from service.runner import ModelRunner
 from service.startup import check_model
-from service.bench.workload import WorkItem, make_workload, synthetic_tokenizer, write_random_prefixes
+from service.bench.workload import WorkItem, make_workload, synthetic_tokenizer, token_range, write_random_prefixes
 from service.logging_setup import configure_logging
 from service.model_loader import LoadedModel, load_base_model, resolve_device, resolve_dtype, wrap_model
 from service.prefix import TaskPrefix
@@ -35,11 +35,6 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 ENGINE_SYSTEMS = (("per-task", "per-task", True), ("mixed", "mixed", True), ("no-prefix", "mixed", False))
-
-
-def _range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition("-")
-    return int(low), int(high or low)
 
 
 def _load(args: argparse.Namespace, dtype: str) -> LoadedModel:
@@ -170,7 +165,7 @@ def _prefixes(store: Path, loaded: LoadedModel, adapters: dict[str, Path], virtu
 def _workloads(args: argparse.Namespace, loaded: LoadedModel, concurrency: int) -> tuple[list[WorkItem], list[WorkItem]]:
     workload = make_workload(
         loaded.tokenizer, num_requests=max(args.min_requests, args.requests_per_client * concurrency),
-        num_tasks=args.tasks, prompt_tokens=_range(args.prompt_tokens), new_tokens=_range(args.new_tokens),
+        num_tasks=args.tasks, prompt_tokens=token_range(args.prompt_tokens), new_tokens=token_range(args.new_tokens),
         seed=args.seed,
     )
     warmup = make_workload(loaded.tokenizer, num_requests=min(concurrency, 8), num_tasks=args.tasks,

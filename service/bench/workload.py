@@ -33,6 +33,12 @@ def task_ids(num_tasks: int) -> list[str]:
     return [f"bench-task-{i}" for i in range(num_tasks)]
 
 
+def token_range(text: str) -> tuple[int, int]:
+    """A command line's token range: "20-34" -> (20, 34), "32" -> (32, 32)."""
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
 def make_workload(
     tokenizer: PreTrainedTokenizerBase,
     *,
