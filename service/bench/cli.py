@@ -9,6 +9,12 @@ Systems (tokens/s ratios are reported at --clients):
   no-prefix  the bare base model under `mixed`, to show what the prefixes cost
   ray-N      `mixed` as N replicas on Ray Serve (a private local cluster; needs prefix-serve[ray]); not in the
              default set, run at --clients in the first --dtype only
+  llama.cpp  llama.cpp's llama-server on the same weights (--llama-server, --llama-gguf), at --clients, each prompt
+             behind its task's text (cache_prompt); not in the default set. With it every task here is made from
+             the same text (service/bench/llama_cpp.py)
+
+--rounds N runs static, the engine systems and llama.cpp N times, alternating their order; the table shows each
+system's median round and the range, and every ratio is the median of the rounds' ratios (peft and ray-N run once).
 
 Encoder-decoder models (T5, BART; `--model DIR` or `--random-init` of such a config) run the same systems with PEFT
 SEQ_2_SEQ_LM prefixes; there peft is PEFT's prompt cache handed to the model's `generate` one request at a time
@@ -57,6 +63,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--virtual-tokens", type=int, default=20)
     bench.add_argument("--systems", default=",".join(SYSTEMS))
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="Run the systems this many times, alternating their order; report medians and ranges.")
+    llama = bench.add_argument_group("llama.cpp peer (system llama.cpp)")
+    llama.add_argument("--llama-server", type=Path, metavar="PATH", help="A built llama-server binary.")
+    llama.add_argument("--llama-gguf", type=Path, metavar="PATH",
+                       help="The GGUF it serves; when it does not exist, --llama-convert writes it there.")
+    llama.add_argument("--llama-convert", type=Path, metavar="SCRIPT",
+                       help="llama.cpp's convert_hf_to_gguf.py: makes --llama-gguf from the served model's directory.")
+    llama.add_argument("--llama-outtype", default="bf16", help="With --llama-convert: bf16, f32, f16 or q8_0.")
+    llama.add_argument("--llama-args", default="", help="Extra llama-server arguments (one string, shell-split).")
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.add_argument("--few-shot", action="store_true",
                        help="Instead: a few-shot block in every prompt vs stored as a task made from text, at "

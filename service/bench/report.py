@@ -11,6 +11,7 @@ COLUMNS = [
     ("concurrency", "clients"),
     ("requests", "requests"),
     ("tokens_per_s", "tok/s"),
+    ("tokens_per_s_range", "tok/s range (rounds)"),
     ("requests_per_s", "req/s"),
     ("latency_p50_s", "p50 latency s"),
     ("latency_p95_s", "p95 latency s"),
@@ -28,13 +29,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         row = {**row, "peak_kv_mb": round(row["peak_kv_bytes"] / 1e6, 1) if row.get("peak_kv_bytes") else None}
+        if row.get("tokens_per_s_range"):
+            low, high = row["tokens_per_s_range"]
+            row["tokens_per_s_range"] = f"{low}-{high} ({row['rounds']})"
         lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]) for k, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def ratios_table(ratios: dict[str, float | None]) -> str:
-    lines = ["| ratio (tokens/s) | value |", "|---|---|"]
-    lines += [f"| {name} | {'n/a' if value is None else f'{value:.2f}x'} |" for name, value in ratios.items()]
+def ratios_table(ratios: dict[str, float | None], ranges: dict[str, list[float]] | None = None) -> str:
+    """Ratios of tokens/s; with `ranges` (several rounds) the value is the median of the rounds' ratios."""
+    ranges = ranges or {}
+    lines = ["| ratio (tokens/s) | value | range over rounds |", "|---|---|---|"]
+    for name, value in ratios.items():
+        spread = f"{ranges[name][0]:.2f}-{ranges[name][1]:.2f}x" if name in ranges else ""
+        lines.append(f"| {name} | {'n/a' if value is None else f'{value:.2f}x'} | {spread} |")
     return "\n".join(lines)
 
 

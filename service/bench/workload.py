@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,10 @@ import torch
 from peft import PrefixTuningConfig
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from service.geometry import PrefixGeometry
+from service.text_prefix import adapter_config, text_prompt_embeddings
 
 # Plain words for prompts on a real tokenizer; the exact text does not matter, only its token count.
 _WORDS = (
@@ -51,17 +53,26 @@ def make_workload(
     """`num_requests` prompts of prompt_tokens[0]..[1] tokens, spread round-robin over the tasks (shuffled)."""
     rng = random.Random(seed)
     tasks = task_ids(num_tasks)
-    special = set(tokenizer.all_special_ids)
     items = []
     for i in range(num_requests):
-        length = rng.randint(*prompt_tokens)
-        text = " ".join(rng.choice(_WORDS) for _ in range(length * 2))
-        ids = [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t not in special][:length]
-        while len(ids) < length:  # a tokenizer that merges words heavily: pad with more words
-            ids += tokenizer(" " + rng.choice(_WORDS), add_special_tokens=False)["input_ids"][: length - len(ids)]
+        ids = _word_ids(tokenizer, rng, rng.randint(*prompt_tokens))
         items.append(WorkItem(tasks[i % num_tasks], ids, rng.randint(*new_tokens)))
     rng.shuffle(items)
     return items
+
+
+def _word_ids(tokenizer: PreTrainedTokenizerBase, rng: random.Random, length: int) -> list[int]:
+    """Exactly `length` token ids of plain words (no special tokens). A tokenizer that knows none of the words (the
+    synthetic one of random-init models maps them all to its unknown token) gets random ordinary ids instead."""
+    special = set(tokenizer.all_special_ids)
+    text = " ".join(rng.choice(_WORDS) for _ in range(length * 2))
+    ids = [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t not in special][:length]
+    if not ids:
+        ordinary = [t for t in range(len(tokenizer)) if t not in special]
+        return [rng.choice(ordinary) for _ in range(length)]
+    while len(ids) < length:  # a tokenizer that merges words heavily: pad with more words
+        ids += tokenizer(" " + rng.choice(_WORDS), add_special_tokens=False)["input_ids"][: length - len(ids)]
+    return ids
 
 
 def write_random_prefixes(
@@ -100,3 +111,34 @@ def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
     )
+
+
+def write_text_prefixes(
+    out_dir: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    geometry: PrefixGeometry,
+    *,
+    num_tasks: int,
+    num_virtual_tokens: int,
+    model_name: str,
+    seed: int = 0,
+) -> tuple[dict[str, Path], dict[str, list[int]]]:
+    """Tasks made from text, saved in PEFT's format: each task's text is `num_virtual_tokens` tokens of plain words,
+    its prefix the model's own K/V of those tokens (`service.text_prefix`), so a prompt served with the task computes
+    what the task's tokens followed by the prompt compute. Returns the adapter dirs and each task's token ids (what a
+    server without stored prefixes is sent in front of every prompt)."""
+    rng = random.Random(seed + 7919)  # not the workload's stream: task texts differ from the prompts
+    adapters: dict[str, Path] = {}
+    token_ids: dict[str, list[int]] = {}
+    for task in task_ids(num_tasks):
+        ids = _word_ids(tokenizer, rng, num_virtual_tokens)
+        embeddings = text_prompt_embeddings(model, ids, geometry)
+        adapter_dir = out_dir / task
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        config = adapter_config(geometry, len(ids), model_name)
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file({"prompt_embeddings": embeddings}, str(adapter_dir / "adapter_model.safetensors"), {"format": "pt"})
+        adapters[task] = adapter_dir
+        token_ids[task] = ids
+    return adapters, token_ids
