@@ -72,6 +72,7 @@ def _load(args: argparse.Namespace, dtype: str) -> LoadedModel:
 
 def main(args: argparse.Namespace) -> int:
     configure_logging("info", "text")  # one progress line per finished run
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request to the llama.cpp peer
     systems = [s for s in args.systems.split(",") if s]
     unknown = {s for s in systems if s not in SYSTEMS and ray_replicas(s) is None and s != llama_cpp.SYSTEM}
     if unknown:
