@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--rounds", type=int, default=1,
                        help="Run the systems this many times, alternating their order; report medians and ranges.")
+    bench.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                       help="Before each timed run in the rounds, wait up to this long for other processes to leave "
+                            "the cores idle (each run records the cores other jobs kept busy either way).")
     llama = bench.add_argument_group("llama.cpp peer (system llama.cpp)")
     llama.add_argument("--llama-server", type=Path, metavar="PATH", help="A built llama-server binary.")
     llama.add_argument("--llama-gguf", type=Path, metavar="PATH",

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from service.bench import SYSTEMS
 from service.bench import llama_cpp
+from service.bench.machine import CpuWatch, wait_until_quiet
 from service.bench.peft_baseline import load_peft_model
 from service.bench.report import markdown_table, plot, ratios_table, write_json
 from service.bench.ray_system import ray_replicas, run_ray_system
@@ -144,9 +145,14 @@ def main(args: argparse.Namespace) -> int:
                     llama_cpp.run_llama_cpp_system, llama_cpp.SYSTEM, server.url, task_tokens, workload,
                     concurrency=args.clients, warmup=warmup,
                 )))  # fmt: skip
+            peer_pids = (server.pid,) if with_llama and index == 0 and server.pid else ()
             for round_index in range(args.rounds):  # alternate the order: no system always runs first or last
                 for _, _, job in jobs if round_index % 2 == 0 else reversed(jobs):
-                    _record(job(), rows, results, round_index)
+                    busy_before = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+                    watch = CpuWatch.start(*peer_pids)
+                    result = job()
+                    machine = {"other_cores_busy": watch.other_cores_busy(), "other_cores_busy_before": busy_before}
+                    _record(result, rows, results, round_index, machine)
             for system in ray_systems if index == 0 else []:  # at --clients, in the first dtype, once
                 workload, warmup = _workloads(args, loaded, args.clients)
                 ray_settings = Settings(model=args.model, device=args.device, dtype=dtype,
@@ -299,12 +305,16 @@ def _workloads(args: argparse.Namespace, loaded: LoadedModel, concurrency: int) 
     return workload, warmup
 
 
-def _record(result: Any, rows: list[dict[str, Any]], results: list[dict[str, Any]], round_index: int | None) -> None:
-    """`round_index` None: a system run once, outside the rounds (peft, ray-N)."""
-    summary = {**result.summary(), "round": round_index}
+def _record(
+    result: Any, rows: list[dict[str, Any]], results: list[dict[str, Any]], round_index: int | None,
+    machine: dict[str, Any] | None = None,
+) -> None:
+    """`round_index` None: a system run once, outside the rounds (peft, ray-N). `machine`: what else the machine
+    did during the run (`service.bench.machine`)."""
+    summary = {**result.summary(), "round": round_index, **(machine or {})}
     logger.info("%s", summary)
     rows.append(summary)
-    results.append({**result.to_json(), "round": round_index})
+    results.append({**result.to_json(), "round": round_index, **(machine or {})})
 
 
 def _median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -109,6 +109,10 @@ class LlamaServer:
             raise
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def _wait_healthy(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
