@@ -9,9 +9,11 @@ import json
 import logging
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+        if threading.current_thread() is threading.main_thread():  # a SIGTERM unwinds, so the server is stopped
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     concurrencies = sorted({int(c) for c in args.concurrency.split(",") if c} | {args.clients})
     if args.few_shot:  # its own pair of systems, in service/bench/fewshot.py
         from service.bench.fewshot import run_few_shot
@@ -151,7 +155,11 @@ def main(args: argparse.Namespace) -> int:
                     busy_before = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
                     watch = CpuWatch.start(*peer_pids)
                     result = job()
-                    machine = {"other_cores_busy": watch.other_cores_busy(), "other_cores_busy_before": busy_before}
+                    own_cpu_s = watch.own_cpu_s()
+                    tokens = sum(t.generated_tokens for t in result.timings)
+                    machine = {"other_cores_busy": watch.other_cores_busy(), "other_cores_busy_before": busy_before,
+                               "own_cpu_s": own_cpu_s,
+                               "tokens_per_cpu_s": round(tokens / own_cpu_s, 2) if own_cpu_s > 0 else None}
                     _record(result, rows, results, round_index, machine)
             for system in ray_systems if index == 0 else []:  # at --clients, in the first dtype, once
                 workload, warmup = _workloads(args, loaded, args.clients)
@@ -368,6 +376,9 @@ def _ratios(rows: list[dict[str, Any]], clients: int, dtypes: list[str]) -> dict
     }
     if llama_cpp.SYSTEM in at:
         ratios[f"mixed / {llama_cpp.SYSTEM} @ {clients}"] = ratio("mixed", llama_cpp.SYSTEM)
+        ours, theirs = at.get("mixed", {}).get("tokens_per_cpu_s"), at[llama_cpp.SYSTEM].get("tokens_per_cpu_s")
+        if ours and theirs:  # robust to other jobs on the cores: tokens per CPU second of each side's processes
+            ratios[f"mixed / {llama_cpp.SYSTEM} per CPU second @ {clients}"] = round(ours / theirs, 3)
     mixed = at.get("mixed", {})
     if mixed.get("itl_p95_s") and mixed.get("step_p50_s"):
         ratios[f"mixed p95 inter-token latency / median step @ {clients}"] = round(

@@ -49,6 +49,10 @@ class CpuWatch:
         pids = (os.getpid(), *pids)
         return cls(pids, _machine_busy_s(), sum(_process_cpu_s(p) for p in pids), time.monotonic())
 
+    def own_cpu_s(self) -> float:
+        """CPU seconds this process and the named ones used since the start (spin-waiting included)."""
+        return round(sum(_process_cpu_s(p) for p in self.pids) - self.own_s, 2)
+
     def other_cores_busy(self) -> float | None:
         machine = _machine_busy_s()
         wall = time.monotonic() - self.started

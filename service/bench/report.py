@@ -22,6 +22,7 @@ COLUMNS = [
     ("step_p50_s", "median step s"),
     ("mean_batch_rows", "mean batch rows"),
     ("peak_kv_mb", "peak KV MB"),
+    ("tokens_per_cpu_s", "tok per CPU s"),
     ("other_cores_busy", "other jobs (cores busy)"),
 ]
 
