@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
                     own_cpu_s = watch.own_cpu_s()
                     tokens = sum(t.generated_tokens for t in result.timings)
                     machine = {"other_cores_busy": watch.other_cores_busy(), "other_cores_busy_before": busy_before,
-                               "own_cpu_s": own_cpu_s,
+                               "own_cpu_s": own_cpu_s, "peer_cpu_s": watch.peer_cpu_s() if peer_pids else None,
                                "tokens_per_cpu_s": round(tokens / own_cpu_s, 2) if own_cpu_s > 0 else None}
                     _record(result, rows, results, round_index, machine)
             for system in ray_systems if index == 0 else []:  # at --clients, in the first dtype, once

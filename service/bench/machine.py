@@ -42,12 +42,19 @@ class CpuWatch:
     pids: tuple[int, ...]
     machine_s: float | None
     own_s: float
+    peer_s: float
     started: float
 
     @classmethod
     def start(cls, *pids: int) -> CpuWatch:
         pids = (os.getpid(), *pids)
-        return cls(pids, _machine_busy_s(), sum(_process_cpu_s(p) for p in pids), time.monotonic())
+        peer = sum(_process_cpu_s(p) for p in pids[1:])
+        return cls(pids, _machine_busy_s(), _process_cpu_s(pids[0]) + peer, peer, time.monotonic())
+
+    def peer_cpu_s(self) -> float:
+        """CPU seconds the named processes (not this one) used since the start: a peer server left idle should use
+        none while the other system runs."""
+        return round(sum(_process_cpu_s(p) for p in self.pids[1:]) - self.peer_s, 2)
 
     def own_cpu_s(self) -> float:
         """CPU seconds this process and the named ones used since the start (spin-waiting included)."""
