@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile-step-cpu.json"))
+    parser.add_argument("--freezing", action="store_true",
+                        help="Also a fourth arm: torch.compile with inductor's freezing (CPU inference: prepacked weights).")
     parser.add_argument("--note", default="", help="What else ran on the machine (recorded in the JSON).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -93,6 +95,15 @@ def main() -> None:
     compiled_forward = torch.compile(model, dynamic=False)
     compiled = run_in_fresh_thread(run_arm, model, compiled_forward, static=True, **common)
     logger.info("compiled static: %s ms (first call %s s)", compiled["step_ms_median"], compiled["first_call_s"])
+    frozen = None
+    if args.freezing:  # inductor's CPU inference mode: weights as constants, prepacked for oneDNN's GEMMs
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.reset()
+        inductor_config.freezing = True
+        frozen_forward = torch.compile(model, dynamic=False)
+        frozen = run_in_fresh_thread(run_arm, model, frozen_forward, static=True, **common)
+        logger.info("compiled+frozen static: %s ms (first call %s s)", frozen["step_ms_median"], frozen["first_call_s"])
 
     def agreement(a: dict[str, Any], b: dict[str, Any]) -> str:
         """Greedy tokens equal, over (step, row) pairs; every arm feeds back its own tokens, so one difference
@@ -110,6 +121,8 @@ def main() -> None:
         "eager_static": {k: v for k, v in eager.items() if k != "tokens"},
         "eager_dynamic_cache": {k: v for k, v in dynamic.items() if k != "tokens"},
         "compiled_static": {k: v for k, v in compiled.items() if k != "tokens"},
+        "compiled_frozen_static": {k: v for k, v in frozen.items() if k != "tokens"} if frozen else None,
+        "compiled_frozen_vs_eager_static": round(eager["step_ms_median"] / frozen["step_ms_median"], 3) if frozen else None,
         "compiled_vs_eager_static": round(eager["step_ms_median"] / compiled["step_ms_median"], 3),
         "compiled_vs_eager_dynamic": round(dynamic["step_ms_median"] / compiled["step_ms_median"], 3),
         "greedy_tokens_equal_compiled_vs_eager_static": agreement(eager, compiled),
