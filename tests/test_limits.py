@@ -12,7 +12,7 @@ import pytest
 
 from service.engine import EngineLimits
 from service.settings import Settings
-from service.slots import SlotLimits
+from service.scheduling.slot_schedule import SlotLimits
 
 # EngineLimits field -> the Settings field it comes from, and how (a test value, the value EngineLimits then holds).
 SOURCES = {
