@@ -229,7 +229,6 @@ class ContinuousBatchingEngine(Engine):
         self.stats = EngineStats()
         self._inbox: queue.Queue[_Handle | object] = queue.Queue()
         self._waiting: deque[_Handle] = deque()
-        self._scheduler: Scheduler[_Handle] | None = None  # built by the worker thread, one per run
         self._accepted = 0  # inbox + waiting, counted at submission so the bound holds across threads
         self._accepted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -337,7 +336,7 @@ class ContinuousBatchingEngine(Engine):
         return PaddedScheduler(self.runner, self.policy, self.limits.padded_limits())
 
     def _run(self) -> None:
-        scheduler = self._scheduler = self._new_scheduler()
+        scheduler = self._new_scheduler()  # one per run: a restarted engine starts with empty KV
         while self._pull(block=not len(scheduler) and not self._waiting):
             self._expire_waiting()
             try:
@@ -349,7 +348,6 @@ class ContinuousBatchingEngine(Engine):
         self._fail(scheduler.clear() + list(self._waiting), RuntimeError("engine stopped"))
         self._flush()
         self._waiting.clear()
-        self._scheduler = None
 
     def _pull(self, block: bool) -> bool:
         """Move inbox items into the waiting queue; False when asked to stop."""

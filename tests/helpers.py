@@ -669,3 +669,13 @@ def make_engine(runner: Any, *, layout: str = "auto", **kwargs: Any) -> Any:
 
     chosen = check_model(runner, geometry_from_config(runner.model.config), kwargs.get("policy", "mixed"), layout)
     return ContinuousBatchingEngine(runner, layout=chosen, **kwargs)
+
+
+@dataclass(eq=False)
+class WaitingRequest:
+    """A waiting request as a scheduler sees the engine's handle (`service.scheduling.base.WaitingItem`): its request
+    and when it arrived; `admitted_at` is where the engine would stamp its admission."""
+
+    request: Any
+    enqueued_at: float = 0.0
+    admitted_at: float | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterator, Literal, Protocol, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, Literal, Protocol, TypeVar
 
 from service.requests import GenerationRequest
 from service.rows import Row
@@ -46,7 +46,7 @@ class Waiting(Protocol[W]):
 
     def clear(self) -> None: ...
 
-    def extend(self, items: Iterator[W] | list[W]) -> None: ...
+    def extend(self, items: Iterable[W]) -> None: ...
 
 
 class Arrival(enum.Enum):

@@ -163,5 +163,6 @@ class PaddedScheduler(Scheduler[W]):
     def clear(self) -> list[W]:
         self.batch = None
         owners = list(self.owners.values()) + self._admitted
-        self.owners, self._admitted = {}, []
+        self.owners.clear()
+        self._admitted = []
         return owners

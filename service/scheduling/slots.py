@@ -73,7 +73,8 @@ class SlotScheduler(Scheduler[W]):
 
     def clear(self) -> list[W]:
         self.batch.remove(list(self.batch.rows))
-        owners, self.owners = list(self.owners.values()), {}
+        owners = list(self.owners.values())
+        self.owners.clear()
         return owners
 
 
