@@ -43,7 +43,6 @@ from service.scheduling.padded import PaddedLimits, PaddedScheduler
 from service.scheduling.slot_schedule import SlotLimits
 from service.scheduling.slots import SlotScheduler
 from service.settings import Settings, setting_default
-from service.slots import slot_attention_installed
 
 logger = logging.getLogger(__name__)
 
@@ -220,11 +219,8 @@ class ContinuousBatchingEngine(Engine):
         self.limits = limits or EngineLimits()
         if layout not in ("slots", "padded"):
             raise ValueError(f"layout must be 'slots' or 'padded' (service.startup.check_model chooses), not {layout!r}")
-        if layout == "slots" and (policy != "mixed" or not slot_attention_installed(runner)):
-            raise ValueError(
-                "the slots layout needs the mixed policy and a model that passed the slot layout's start-up check "
-                "(service.startup.check_model)"
-            )
+        if layout == "slots":
+            SlotScheduler.check_servable(runner, policy)
         self.layout: Layout = layout
         self.stats = EngineStats()
         self._inbox: queue.Queue[_Handle | object] = queue.Queue()

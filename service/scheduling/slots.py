@@ -13,9 +13,9 @@ from typing import Sequence
 from service.requests import GenerationRequest, GenerationResult
 from service.rows import Row
 from service.runner import ModelRunner
-from service.scheduling.base import Scheduler, StepOutcome, W, WaitForArrival, Waiting
+from service.scheduling.base import BatchingPolicy, Scheduler, StepOutcome, W, WaitForArrival, Waiting
 from service.scheduling.slot_schedule import SlotLimits, schedule_step
-from service.slots import SlotBatch, slot_layout_supported
+from service.slots import SlotBatch, slot_attention_installed, slot_layout_supported
 
 
 class SlotScheduler(Scheduler[W]):
@@ -23,6 +23,16 @@ class SlotScheduler(Scheduler[W]):
         self.limits = limits
         self.batch = SlotBatch(runner, limits.num_slots)
         self.owners = {}
+
+    @staticmethod
+    def check_servable(runner: ModelRunner, policy: BatchingPolicy) -> None:
+        """Refuse (ValueError) a runner the start-up checks did not give this layout; runs no forward (the slot check
+        having passed on this model is a flag it left)."""
+        if policy != "mixed" or not slot_attention_installed(runner):
+            raise ValueError(
+                "the slots layout needs the mixed policy and a model that passed the slot layout's start-up check "
+                "(service.startup.check_model)"
+            )
 
     @property
     def rows(self) -> list[Row]:
