@@ -3,8 +3,8 @@
 Each iteration of the worker:
   1. takes new requests from the inbox into a bounded waiting queue (full queue -> the caller gets 429), and drops
      waiting requests that were cancelled or ran past their deadline;
-  2. admits waiting requests, oldest first, while a slot is free and their KV fits the memory budget;
-  3. runs one forward pass;
+  2. has the scheduler admit waiting requests, oldest first, while rows and the KV memory budget allow;
+  3. has the scheduler run one step: its schedule (rows, prompt chunks, token budget), then one forward pass;
   4. hands each new token id to its caller and retires finished rows at once (EOS, max_new_tokens, a stop
      sequence the caller matched, the deadline, or the client went away), which frees their KV.
 
@@ -12,7 +12,7 @@ The layout's decisions (admission, what each forward carries, retirement, memory
 (`service.scheduling`): the slot layout's `SlotScheduler` (the default wherever the model's attention runs through
 transformers' attention registry: one flat forward per step for decode and chunked prefill, prefixes once per task)
 or the padded layout's `PaddedScheduler` (the fallback, also for encoder-decoder models and the `per-task` policy).
-This module knows no layout.
+This module knows no layout beyond choosing the scheduler for the one it is given.
 
 Text is not made here: callers turn token ids into text and match stop sequences on their own event loop
 (`service.detokenizer`), so the model thread never decodes.
