@@ -21,11 +21,10 @@ CPU = torch.device("cpu")
 
 
 def row(prompt_tokens: int, *, slot: int, cached: int = 0, new: int = 8) -> Row:
-    """A row as the scheduler sees it: `cached` of its own tokens in the store (prompt, then generated)."""
+    """A row as the scheduler sees it: `cached` of its own tokens in the store (prompt, then generated); it decodes
+    once its whole prompt is cached."""
     request = GenerationRequest(list(range(3, 3 + prompt_tokens)), None, SamplingParams(max_new_tokens=new))
-    result = Row(request=request, sampler=RowSampler(request.params, CPU), slot=slot, cached=cached)
-    result.generated = [5] * max(0, cached - prompt_tokens + 1) if cached >= prompt_tokens else []
-    return result
+    return Row(request=request, sampler=RowSampler(request.params, CPU), slot=slot, cached=cached)
 
 
 def never_arrives(timeout_s: float) -> Arrival:
