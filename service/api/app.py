@@ -149,7 +149,8 @@ def create_app(
     # Added innermost first: request context (ids, metrics, access log) wraps auth, which runs from the headers
     # before the body cap and before anything reads the body.
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_json_body_bytes=settings.max_json_body_bytes
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_json_body_bytes=settings.max_json_body_bytes,
+        max_bulk_body_bytes=settings.max_bulk_body_bytes,
     )
     app.add_middleware(AuthMiddleware, routers=routers)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
