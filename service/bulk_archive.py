@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 
 from service.errors import InvalidPrefixError, InvalidRequestError, PayloadTooLargeError, ServiceError
-from service.registry import CONFIG_FILE, TASK_FILE, WEIGHTS_FILE
+
+# The registry's folder layout (service.registry's CONFIG_FILE, WEIGHTS_FILE, TASK_FILE; tests/test_bulk.py checks they
+# agree), spelled here so that the upload client (service.upload) can write archives without importing torch.
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TASK_FILE = "task.json"
 
 TASK_FILES = (CONFIG_FILE, WEIGHTS_FILE, TASK_FILE)
 _MAX_NAME_CHARS = 256

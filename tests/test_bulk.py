@@ -9,13 +9,16 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.model_loader import LoadedModel
 from service.settings import Settings
-from tests.helpers import adapter, assert_error, edit_config, read_adapter, store_snapshot, tar_bytes, tar_members, upload
+from tests.helpers import (
+    ThreadedServer, adapter, assert_error, edit_config, read_adapter, store_snapshot, tar_bytes, tar_members, upload,
+)
 
 TAR = {"Content-Type": "application/x-tar"}
 
@@ -236,3 +239,47 @@ def test_export_round_trips_through_bulk_import(
         for task_id in ("x1", "x2", "y1"):
             a, b = client.get(f"/prefixes/{task_id}").json(), second.get(f"/prefixes/{task_id}").json()
             assert (a["sha256"], a["prompt_template"]) == (b["sha256"], b["prompt_template"])
+
+
+def test_the_archive_layout_is_the_registrys() -> None:
+    from service import bulk_archive, registry
+
+    assert (bulk_archive.CONFIG_FILE, bulk_archive.WEIGHTS_FILE, bulk_archive.TASK_FILE) == (
+        registry.CONFIG_FILE, registry.WEIGHTS_FILE, registry.TASK_FILE
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- the client
+
+
+def test_upload_cli_sends_many_task_folders_in_batches(
+    settings: Settings, loaded: LoadedModel, files: tuple[bytes, bytes], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from service import cli
+
+    parent = tmp_path / "tasks"
+    for task_id in ("c1", "c2", "c3", "broken"):
+        (parent / task_id).mkdir(parents=True)
+        (parent / task_id / "adapter_config.json").write_bytes(files[0] if task_id != "broken" else b"{")
+        (parent / task_id / "adapter_model.safetensors").write_bytes(files[1])
+    (parent / "c2" / "task.json").write_text(json.dumps({"description": "second"}))
+    (tmp_path / "single").mkdir()
+    for name, data in zip(("adapter_config.json", "adapter_model.safetensors"), files):
+        (tmp_path / "single" / name).write_bytes(data)
+
+    with ThreadedServer(create_app(settings, loaded)) as live:
+        args = ["upload", str(parent), str(tmp_path / "single"), "--url", live.url, "--batch-size", "2"]
+        assert cli.main(args) == 1  # "broken" is refused, the others stored
+        out, err = capsys.readouterr()
+        assert json.loads(out.strip().splitlines()[-1]) == {
+            "created": 4, "replaced": 0, "errors": 1, "tasks": 5, "failed_requests": 0
+        }
+        assert "broken:" in err and "adapter_config" in err
+        assert cli.main(["upload", str(parent / "c1"), "--url", live.url, "--replace"]) == 0
+        assert json.loads(capsys.readouterr().out)["replaced"] == 1
+        listed = httpx.get(f"{live.url}/prefixes").json()["prefixes"]
+        assert [p["task_id"] for p in listed] == ["c1", "c2", "c3", "single"]
+        assert listed[1]["description"] == "second"
+    assert cli.main(["upload", str(parent), str(parent / "c1"), "--url", "http://unused"]) == 2  # c1 twice
+    assert cli.main(["upload", str(parent), str(parent), "--task-id", "x"]) == 2
