@@ -244,7 +244,7 @@ class PrefixProber:
     is mostly reading the weights once. A row is independent of the others (its own prefix, mask and positions);
     a prefix refused in a batch is probed again alone, so a refusal is exactly the one a single upload gets."""
 
-    def __init__(self, runner: ModelRunner, max_rows: int = 32) -> None:
+    def __init__(self, runner: ModelRunner, max_rows: int = 64) -> None:
         self.runner = runner
         self.max_rows = max_rows
         self._queue_lock = threading.Lock()

@@ -64,7 +64,9 @@ class Settings(BaseSettings):
     )
     max_bulk_tasks: int = Field(default=10000, ge=1, description="Most task folders in one bulk import.")
     bulk_workers: int = Field(
-        default=4, ge=1, description="Threads that validate and store the tasks of one bulk import side by side."
+        default=64, ge=1,
+        description="Threads that validate and store the tasks of one bulk import side by side; their probe forwards "
+        "are batched together (up to 64 rows), so more threads mean fewer, larger forwards.",
     )
     list_default_limit: int = Field(
         default=100, ge=1, description="Page size of GET /prefixes and GET /v1/models when no limit is given."

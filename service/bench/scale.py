@@ -209,6 +209,8 @@ def run_scale(args: argparse.Namespace, loaded: LoadedModel) -> int:
         print(f"error: --scale must be over {HOT_TASKS}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    for noisy in ("service.registry", "service.access", "httpx"):  # a line per task or request: N lines each
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     ids = task_ids(scale)
     prefix_bytes = loaded.geometry.numbers_per_virtual_token * args.virtual_tokens * loaded.dtype.itemsize
     results: dict[str, Any] = {}
