@@ -147,8 +147,8 @@ def test_scale_bench_imports_lists_and_serves_many_tasks(tmp_path: Path, capsys)
     assert [(p["path"], p["limit"], p["pages"]) for p in payload["listing"]] == [
         ("/prefixes", 100, 3), ("/prefixes", 1000, 1), ("/v1/models", 100, 3)
     ]
-    assert [r["system"] for r in payload["traffic"]] == ["hot-8", "zipf-250", "cold-250"]
-    assert all(r["generated_tokens"] == 3 * r["requests"] for r in payload["traffic"])
+    assert [r["system"] for r in payload["rows"]] == ["hot-8", "zipf-250", "cold-250"]
+    assert all(r["generated_tokens"] == 3 * r["requests"] for r in payload["rows"])
     assert set(payload["ratios"]) == {"zipf-250 / hot-8", "cold-250 / hot-8"}
     assert "| POST /prefixes/bulk, 3 tars | 250 |" in (out / "scale.md").read_text()
     assert "cold-250" in capsys.readouterr().out

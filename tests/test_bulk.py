@@ -283,3 +283,38 @@ def test_upload_cli_sends_many_task_folders_in_batches(
         assert listed[1]["description"] == "second"
     assert cli.main(["upload", str(parent), str(parent / "c1"), "--url", "http://unused"]) == 2  # c1 twice
     assert cli.main(["upload", str(parent), str(parent), "--task-id", "x"]) == 2
+
+
+def test_the_bulk_answer_shown_in_the_docs_is_the_servers(client: TestClient, files: tuple[bytes, bytes]) -> None:
+    """docs/tasks.md's example: the tar of three folders, `support-billing` already stored."""
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "tasks.md").read_text()
+    section = text[text.index("## Bulk import and export"):]
+    block = re.search(r"```json\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    shown = [json.loads(line) for line in block.splitlines() if line.strip()]
+    counts = re.search(r'`(\{"created": .*?)\.\.\.\]\}`', section).group(1)  # type: ignore[union-attr]
+    bulk(client, task_tar(files, ["support-billing"]))
+    answer = bulk(client, task_tar(files, ["sentiment", "support-billing", "support-returns"])).json()
+    assert counts == json.dumps({k: answer[k] for k in ("created", "replaced", "errors")})[:-1] + ', "results": ['
+    for expected, actual in zip(shown, answer["results"], strict=True):
+        if expected["sha256"] == "…":
+            expected["sha256"] = actual["sha256"]
+        if expected["num_virtual_tokens"] is not None:  # the docs' V=20 is SmolLM2's, the tiny model's here is 3
+            expected["num_virtual_tokens"] = actual["num_virtual_tokens"]
+        assert actual == expected
+
+
+def test_the_listing_page_shown_in_the_docs_is_the_servers(client: TestClient, files: tuple[bytes, bytes]) -> None:
+    """docs/api.md's `GET /prefixes?limit=2&prefix=support-` and its answer's ids and next_cursor."""
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    section = text[text.index("## Listing pages"):]
+    query = re.search(r"curl -s 'localhost:8000(/prefixes\?[^']*)'", section).group(1)  # type: ignore[union-attr]
+    shown_ids = re.findall(r'\{"task_id": "([^"]+)", \.\.\.\}', section)
+    shown_cursor = re.search(r'"next_cursor": "([^"]+)"', section).group(1)  # type: ignore[union-attr]
+    bulk(client, task_tar(files, ["sentiment", "support-billing", "support-returns", "support-shipping"]))
+    answer = client.get(query).json()
+    assert [p["task_id"] for p in answer["prefixes"]] == shown_ids
+    assert answer["next_cursor"] == shown_cursor

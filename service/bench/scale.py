@@ -256,7 +256,7 @@ def run_scale(args: argparse.Namespace, loaded: LoadedModel) -> int:
             )  # fmt: skip
             rows.append(result.summary())
             logger.info("%s", rows[-1])
-        results["traffic"] = rows
+        results["rows"] = rows
     hot = rows[0]["tokens_per_s"] or 1.0
     results["ratios"] = {f"{row['system']} / hot-8": round(row["tokens_per_s"] / hot, 3) for row in rows[1:]}
     title = (
@@ -289,7 +289,7 @@ def _tables(results: dict[str, Any]) -> str:
     for page in results["listing"]:
         lines.append(f"| GET {page['path']} | {page['limit']} | {page['pages']} | {page['mean_ms']} | {page['p50_ms']} "
                      f"| {page['p95_ms']} | {page['bytes_per_page_max']} |")  # fmt: skip
-    lines += ["", markdown_table(results["traffic"]), "", "| ratio (tokens/s) | value |", "|---|---|"]
+    lines += ["", markdown_table(results["rows"]), "", "| ratio (tokens/s) | value |", "|---|---|"]
     lines += [f"| {name} | {value:.2f}x |" for name, value in results["ratios"].items()]
     return "\n".join(lines)
 
