@@ -152,3 +152,16 @@ def test_scale_bench_imports_lists_and_serves_many_tasks(tmp_path: Path, capsys)
     assert set(payload["ratios"]) == {"zipf-250 / hot-8", "cold-250 / hot-8"}
     assert "| POST /prefixes/bulk, 3 tars | 250 |" in (out / "scale.md").read_text()
     assert "cold-250" in capsys.readouterr().out
+
+
+def test_scale_tables_in_the_docs_are_the_recorded_run() -> None:
+    """docs/benchmarks.md's import and listing tables of the ten-thousand-task run are scale.md's, line for line (its
+    traffic table is checked against scale.json's rows with the other benchmark tables, in test_docs.py)."""
+    root = Path(__file__).parents[1]
+    recorded = (root / "benchmarks" / "results" / "scale-cpu" / "scale.md").read_text().splitlines()
+    page = (root / "docs" / "benchmarks.md").read_text()
+    section = page[page.index("## Ten thousand tasks"):]
+    rows = [line for line in recorded if line.startswith(("| POST ", "| GET "))]
+    assert len(rows) == 5
+    for line in rows:
+        assert line in section.splitlines(), line

@@ -318,3 +318,18 @@ def test_the_listing_page_shown_in_the_docs_is_the_servers(client: TestClient, f
     answer = client.get(query).json()
     assert [p["task_id"] for p in answer["prefixes"]] == shown_ids
     assert answer["next_cursor"] == shown_cursor
+
+
+def test_bulk_import_and_export_need_the_admin_key_and_listing_the_generate_key(
+    settings: Settings, loaded: LoadedModel, files: tuple[bytes, bytes]
+) -> None:
+    settings = settings.model_copy(update={"api_keys": ["reader"], "admin_api_keys": ["admin"]})
+    reader, admin = {"Authorization": "Bearer reader"}, {"Authorization": "Bearer admin"}
+    with TestClient(create_app(settings, loaded)) as client:
+        body = task_tar(files, ["k1"])
+        assert_error(client.post("/prefixes/bulk", content=body, headers={**TAR, **reader}), 403, "admin")
+        assert_error(client.get("/prefixes/export", headers=reader), 403, "admin")
+        assert client.post("/prefixes/bulk", content=body, headers={**TAR, **admin}).json()["created"] == 1
+        assert client.get("/prefixes/export", headers=admin).status_code == 200
+        assert [p["task_id"] for p in client.get("/prefixes", headers=reader).json()["prefixes"]] == ["k1"]
+        assert client.get("/prefixes", headers={"Authorization": "Bearer nope"}).status_code == 401
