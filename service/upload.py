@@ -171,13 +171,16 @@ def upload_many(
     from service.bulk_archive import tar_stream
 
     configure_logging("warning", "text")
+    if batch_size < 1 or concurrency < 1:
+        print("error: --batch-size and --concurrency must be at least 1", file=sys.stderr)
+        return 2
     try:
         folders = task_folders(paths)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     task_ids = sorted(folders)
-    batches = [task_ids[i:i + batch_size] for i in range(0, len(task_ids), max(batch_size, 1))]
+    batches = [task_ids[i:i + batch_size] for i in range(0, len(task_ids), batch_size)]
     api_key = api_key or os.environ.get("PREFIX_SERVE_API_KEY")
     headers = {"Content-Type": "application/x-tar", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     endpoint = url.rstrip("/") + "/prefixes/bulk"
@@ -199,7 +202,7 @@ def upload_many(
         return parsed, None
 
     failed_requests = 0
-    with httpx.Client(timeout=None) as client, ThreadPoolExecutor(max_workers=max(concurrency, 1)) as pool:
+    with httpx.Client(timeout=None) as client, ThreadPoolExecutor(max_workers=concurrency) as pool:
         for answer, problem in pool.map(lambda batch: send(batch, client), batches):
             if problem is not None:
                 failed_requests += 1

@@ -209,8 +209,18 @@ def run_scale(args: argparse.Namespace, loaded: LoadedModel) -> int:
         print(f"error: --scale must be over {HOT_TASKS}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    for noisy in ("service.registry", "service.access", "httpx"):  # a line per task or request: N lines each
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    noisy = [logging.getLogger(name) for name in ("service.registry", "service.access", "httpx")]  # N lines each
+    levels = [quiet.level for quiet in noisy]
+    for quiet in noisy:
+        quiet.setLevel(logging.WARNING)
+    try:
+        return _run_scale(args, loaded, scale)
+    finally:  # the process goes on (tests): its access log must not stay silenced
+        for quiet, level in zip(noisy, levels):
+            quiet.setLevel(level)
+
+
+def _run_scale(args: argparse.Namespace, loaded: LoadedModel, scale: int) -> int:
     ids = task_ids(scale)
     prefix_bytes = loaded.geometry.numbers_per_virtual_token * args.virtual_tokens * loaded.dtype.itemsize
     results: dict[str, Any] = {}
