@@ -650,6 +650,32 @@ class PrefixRegistry:
         )
         return prefix, record
 
+    # ------------------------------------------------------------------ paging (issue 19)
+
+    def page(self, *, after: str | None, limit: int, prefix: str = "") -> tuple[builtins.list[PrefixRecord], bool]:
+        """Up to `limit` records in task-id order, of ids greater than `after` (from the start when None) that begin
+        with `prefix`, and whether more follow. Reads one snapshot: a task added or removed between two pages shifts
+        nothing else, since the next page starts after the last id returned, not at an offset."""
+        import bisect  # here, not at the top: this method is the only user (keeps merges with the loader's rework clean)
+
+        self._sync()
+        entries = self._entries
+        index = self.__dict__.get("_page_index")
+        if index is None or index[0] is not entries:  # one sort per snapshot, not per page
+            index = (entries, sorted(entries))
+            self._page_index = index
+        ids: builtins.list[str] = index[1]
+        start = bisect.bisect_right(ids, after) if after is not None else 0
+        if prefix:
+            start = max(start, bisect.bisect_left(ids, prefix))
+        chosen: builtins.list[PrefixRecord] = []
+        for task_id in ids[start:start + limit + 1]:
+            if not task_id.startswith(prefix):
+                break  # sorted: ids with the prefix are contiguous
+            chosen.append(entries[task_id])
+        has_more = len(chosen) > limit
+        return chosen[:limit], has_more
+
 
 def _task_id_from_aside_name(rest: str) -> str | None:
     """`<task_id>-<32 hex>` -> task_id, or None when the name is not one this module wrote."""

@@ -58,6 +58,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=80 * 1024 * 1024, ge=1, description="Cap on an upload body (POST /prefixes, multipart)."
     )
+    max_bulk_body_bytes: int = Field(
+        default=16 * 1024 * 1024 * 1024, ge=1,
+        description="Cap on a bulk import body (POST /prefixes/bulk, a tar), spooled to a temp file as it arrives.",
+    )
+    max_bulk_tasks: int = Field(default=10000, ge=1, description="Most task folders in one bulk import.")
+    bulk_workers: int = Field(
+        default=64, ge=1,
+        description="Threads that validate and store the tasks of one bulk import side by side; their probe forwards "
+        "are batched together (up to 64 rows), so more threads mean fewer, larger forwards.",
+    )
+    list_default_limit: int = Field(
+        default=100, ge=1, description="Page size of GET /prefixes and GET /v1/models when no limit is given."
+    )
+    list_max_limit: int = Field(default=1000, ge=1, description="Largest accepted limit of a listing page (422 beyond).")
     max_json_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1,
         description="Cap on every other request body (the JSON routes): refused with 413 before it is read whole. "

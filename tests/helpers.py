@@ -679,3 +679,29 @@ class WaitingRequest:
     request: Any
     enqueued_at: float = 0.0
     admitted_at: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bulk import / export archives (POST /prefixes/bulk, GET /prefixes/export)
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of regular files: member name -> data."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    """The regular files of a tar: member name -> data."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.isreg()}  # type: ignore[union-attr]

@@ -22,7 +22,7 @@ from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes, tasks
 from service.api.state import ServiceState
 from service.compute_thread import run_in_fresh_thread
-from service.batch import probe_prefix
+from service.batch import PrefixProber
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import ServiceError, UnauthorizedError
 from service.inputs import InputProcessor
@@ -75,9 +75,8 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Se
     """Wire registry and engine around a loaded model. Blocking: loads every stored prefix."""
     runner = ModelRunner(loaded.model, loaded.tokenizer)
     layout = check_model(runner, loaded.geometry, settings.batching)  # every start-up check; forwards run here
-    registry = make_registry(
-        settings, loaded, metrics, shared=settings.shared_prefix_store, probe=lambda p: probe_prefix(runner, p)
-    )
+    # Probes of uploads that arrive together (a bulk import's threads) share forwards.
+    registry = make_registry(settings, loaded, metrics, shared=settings.shared_prefix_store, probe=PrefixProber(runner))
     registry.load_all()
     engine = ContinuousBatchingEngine(
         runner, policy=settings.batching, limits=EngineLimits.from_settings(settings), layout=layout
@@ -149,7 +148,8 @@ def create_app(
     # Added innermost first: request context (ids, metrics, access log) wraps auth, which runs from the headers
     # before the body cap and before anything reads the body.
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_json_body_bytes=settings.max_json_body_bytes
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_json_body_bytes=settings.max_json_body_bytes,
+        max_bulk_body_bytes=settings.max_bulk_body_bytes,
     )
     app.add_middleware(AuthMiddleware, routers=routers)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

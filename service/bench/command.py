@@ -71,6 +71,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: unknown --dtype {bad or args.dtype!r}; choose from auto, float32, bfloat16, float16", file=sys.stderr)
         return 2
     concurrencies = sorted({int(c) for c in args.concurrency.split(",") if c} | {args.clients})
+    if args.scale is not None:  # its own runs, in service/bench/scale.py
+        from service.bench.scale import run_scale
+
+        return run_scale(args, run_in_fresh_thread(_load, args, dtypes[0]))
     if args.few_shot:  # its own pair of systems, in service/bench/fewshot.py
         from service.bench.fewshot import run_few_shot
 
