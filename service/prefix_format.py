@@ -114,6 +114,33 @@ def validate_adapter(
     )
 
 
+def validate_stored_config(
+    config_bytes: bytes,
+    weights_size: int,
+    geometry: PrefixGeometry,
+    *,
+    max_virtual_tokens: int,
+    max_prefix_bytes: int,
+    max_config_bytes: int,
+) -> tuple[dict[str, Any], int]:
+    """The checks of `validate_adapter` that need no weights (a stored task at start-up: its config against the
+    served model and today's limits, its weights' size from a stat). Returns (config, num_virtual_tokens); the
+    weights are parsed and checked when the task is first used."""
+    if len(config_bytes) > max_config_bytes:
+        raise PayloadTooLargeError(
+            f"adapter_config.json is {len(config_bytes)} bytes; the limit is {max_config_bytes}",
+            field="adapter_config", limit=max_config_bytes, got=len(config_bytes),
+        )
+    if weights_size > max_prefix_bytes:
+        raise PayloadTooLargeError(
+            f"adapter_model.safetensors is {weights_size} bytes; the limit is {max_prefix_bytes}",
+            field="adapter_model", limit=max_prefix_bytes, got=weights_size,
+        )
+    config = _parse_config(config_bytes)
+    shape = _check_config(config, geometry, max_virtual_tokens=max_virtual_tokens)
+    return config, shape.num_virtual_tokens
+
+
 @dataclass(frozen=True)
 class _AdapterShape:
     """What the config promises the weights file holds."""
