@@ -430,7 +430,9 @@ class PrefixRegistry:
             if hashlib.sha256(weights_bytes).hexdigest() != record.sha256:
                 raise ValueError(f"{WEIGHTS_FILE} does not match the sha256 recorded in {METADATA_FILE} (corrupt?)")
         info = TaskInfo(source=record.source)
-        validated = self._validate((path / CONFIG_FILE).read_bytes(), weights_bytes, info)
+        # The bytes are the ones validated at upload (sha256): parse and shape-check them, but the values are checked
+        # once, in the served dtype, by _make_entry.
+        validated = self._validate((path / CONFIG_FILE).read_bytes(), weights_bytes, info, check_values=False)
         for text in validated.warnings:
             logger.debug("prefix store: task %r: %s", record.task_id, text)
         prefix = self._make_entry(
@@ -726,7 +728,9 @@ class PrefixRegistry:
             return self.max_text_tokens, max(self.max_prefix_bytes, text_bytes)
         return self.max_virtual_tokens, self.max_prefix_bytes
 
-    def _validate(self, config_bytes: bytes, weights_bytes: bytes, info: TaskInfo | None = None) -> ValidatedAdapter:
+    def _validate(
+        self, config_bytes: bytes, weights_bytes: bytes, info: TaskInfo | None = None, *, check_values: bool = True
+    ) -> ValidatedAdapter:
         max_virtual_tokens, max_prefix_bytes = self._limits(info)
         return validate_adapter(
             config_bytes,
@@ -736,6 +740,7 @@ class PrefixRegistry:
             max_virtual_tokens=max_virtual_tokens,
             max_prefix_bytes=max_prefix_bytes,
             max_config_bytes=self.max_config_bytes,
+            check_values=check_values,
         )
 
     def _make_entry(

@@ -1,0 +1,239 @@
+"""A store of many tasks: how long the registry and the server take to start on it, what they hold idle, and where
+one cold load of a prefix spends its time.
+
+    python benchmarks/store_scale.py --tasks 10000                       # registry + profile + server, JSON out
+    python benchmarks/store_scale.py --tasks 2000 --no-server            # registry + profile only
+
+The store is written straight to disk in the registry's format (random SmolLM2-shaped V=20 prefixes, metadata with
+their sha256), without fsync: building 10,000 tasks through `put` (validation, four fsyncs each) would take minutes
+and measures nothing this script is about. Results go to benchmarks/results/store-scale-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+from transformers import AutoConfig
+
+from service.geometry import PrefixGeometry, geometry_from_config
+from service.kv_store import KVGeometry, PrefixBank
+from service.model_loader import embedded_model_dir
+from service.prefix import TaskPrefix, prompt_embeddings_to_kv
+from service.prefix_format import validate_adapter
+from service.registry import CONFIG_FILE, METADATA_FILE, METADATA_VERSION, WEIGHTS_FILE, PrefixRegistry
+from service.settings import Settings
+
+logger = logging.getLogger("store_scale")
+REPO = Path(__file__).resolve().parent.parent
+SERVED = "SmolLM2-135M-Instruct"
+
+
+def smollm2_geometry(settings: Settings) -> PrefixGeometry:
+    return geometry_from_config(AutoConfig.from_pretrained(embedded_model_dir(settings.cache_dir)))
+
+
+def config_bytes(geometry: PrefixGeometry, num_virtual_tokens: int) -> bytes:
+    """An adapter_config.json as PEFT writes it for this geometry."""
+    config = {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual_tokens,
+        "num_layers": geometry.num_layers, "num_attention_heads": geometry.num_kv_heads,
+        "token_dim": geometry.token_dim, "num_transformer_submodules": 1, "prefix_projection": False,
+        "base_model_name_or_path": f"HuggingFaceTB/{SERVED}", "inference_mode": True,
+    }
+    return json.dumps(config, indent=2).encode("utf-8")
+
+
+def build_store(root: Path, tasks: int, geometry: PrefixGeometry, num_virtual_tokens: int) -> float:
+    """Write `tasks` task folders; returns seconds taken."""
+    started = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    config = config_bytes(geometry, num_virtual_tokens)
+    generator = torch.Generator().manual_seed(0)
+    width = geometry.num_layers * 2 * geometry.token_dim
+    for i in range(tasks):
+        weights = save_safetensors(
+            {"prompt_embeddings": torch.randn(num_virtual_tokens, width, generator=generator) * 0.1},
+            metadata={"format": "pt"},
+        )
+        folder = root / f"task-{i:05d}"
+        folder.mkdir()
+        (folder / CONFIG_FILE).write_bytes(config)
+        (folder / WEIGHTS_FILE).write_bytes(weights)
+        metadata = {
+            "format_version": METADATA_VERSION, "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights),
+            "created_at": "2026-12-05T00:00:00.000Z", "num_virtual_tokens": num_virtual_tokens,
+        }
+        (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return time.perf_counter() - started
+
+
+def make_registry(root: Path, geometry: PrefixGeometry, settings: Settings, **overrides: Any) -> PrefixRegistry:
+    kwargs: dict[str, Any] = dict(
+        device=torch.device("cpu"), dtype=torch.float32, served_model_name=SERVED,
+        max_virtual_tokens=settings.max_virtual_tokens, max_prefix_bytes=settings.max_prefix_bytes,
+        max_config_bytes=settings.max_config_bytes, max_prefixes=None,
+        host_budget_bytes=settings.prefix_host_budget_bytes,
+    )
+    kwargs.update(overrides)
+    return PrefixRegistry(root, geometry, **kwargs)
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def time_registry(root: Path, geometry: PrefixGeometry, settings: Settings) -> dict[str, Any]:
+    before = rss_bytes()
+    registry = make_registry(root, geometry, settings, device_tier=False)
+    started = time.perf_counter()
+    registry.load_all()
+    seconds = time.perf_counter() - started
+    return {"tasks": len(registry), "load_all_s": round(seconds, 3), "index_rss_bytes": rss_bytes() - before}
+
+
+def profile_cold_load(root: Path, geometry: PrefixGeometry, settings: Settings, samples: int) -> dict[str, Any]:
+    """Per cold load, median ms: each stage by hand, then the registry's own path (first use, then a re-read of a file
+    this process already hashed) and the bank's write."""
+    folders = sorted(p for p in root.iterdir() if not p.name.startswith("."))[:samples]
+    stages: dict[str, list[float]] = {k: [] for k in ("disk_read", "sha256", "validate_parse", "to_kv", "bank_write")}
+    kv_geometry = KVGeometry(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, torch.float32,
+                             torch.device("cpu"))
+    bank = PrefixBank(kv_geometry)
+    for folder in folders:
+        t0 = time.perf_counter()
+        config, weights = (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
+        t1 = time.perf_counter()
+        hashlib.sha256(weights).hexdigest()
+        t2 = time.perf_counter()
+        validated = validate_adapter(
+            config, weights, geometry, served_model_name=SERVED, max_virtual_tokens=settings.max_virtual_tokens,
+            max_prefix_bytes=settings.max_prefix_bytes, max_config_bytes=settings.max_config_bytes,
+        )
+        t3 = time.perf_counter()
+        kv = prompt_embeddings_to_kv(validated.prompt_embeddings, geometry, dtype=torch.float32, device="cpu")
+        bool(torch.isfinite(kv).all())
+        t4 = time.perf_counter()
+        entry = bank.acquire(TaskPrefix(folder.name, kv, folder.name))
+        bank.release(entry)
+        t5 = time.perf_counter()
+        for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            stages[name].append(seconds * 1000)
+    registry = make_registry(root, geometry, settings, device_tier=False, host_budget_bytes=1)
+    registry.load_all()
+    first, again = [], []
+    for folder in folders:
+        t0 = time.perf_counter()
+        registry.get(folder.name)
+        first.append((time.perf_counter() - t0) * 1000)
+    for folder in folders:  # host budget of one prefix: each is back on disk, its file already hashed
+        t0 = time.perf_counter()
+        registry.get(folder.name)
+        again.append((time.perf_counter() - t0) * 1000)
+    result = {f"{name}_ms": round(statistics.median(values), 3) for name, values in stages.items()}
+    result["registry_first_use_ms"] = round(statistics.median(first), 3)
+    result["registry_reload_ms"] = round(statistics.median(again), 3)
+    result["samples"] = len(folders)
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def time_server(store: Path, tasks: int, idle_s: float) -> dict[str, Any]:
+    """Start `prefix-serve serve` on `store`; seconds to the first /health 200 and RSS after `idle_s` idle."""
+    port = free_port()
+    env = {**os.environ, "PREFIX_SERVE_MAX_PREFIXES": str(max(tasks, 1)), "PREFIX_SERVE_LOG_LEVEL": "warning"}
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--prefix-dir", str(store), "--port", str(port)],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:] if process.stderr else ''}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.05)
+        healthy_s = time.perf_counter() - started
+        time.sleep(idle_s)
+        return {"tasks": tasks, "healthy_s": round(healthy_s, 2), "idle_rss_bytes": rss_bytes(process.pid)}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--virtual-tokens", type=int, default=20)
+    parser.add_argument("--store", type=Path, help="Reuse (or create) this store instead of a temporary one.")
+    parser.add_argument("--profile-samples", type=int, default=200)
+    parser.add_argument("--no-server", action="store_true", help="Skip the server start-up timing.")
+    parser.add_argument("--idle-s", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "store-scale-cpu.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("service").setLevel(logging.WARNING)
+    settings = Settings()
+    geometry = smollm2_geometry(settings)
+    scratch = Path(tempfile.mkdtemp(prefix="store-scale-"))
+    store = args.store or scratch / "store"
+    try:
+        result: dict[str, Any] = {"tasks": args.tasks, "virtual_tokens": args.virtual_tokens,
+                                  "torch_threads": torch.get_num_threads()}
+        existing = sum(1 for p in store.iterdir() if not p.name.startswith(".")) if store.is_dir() else 0
+        if existing != args.tasks:
+            shutil.rmtree(store, ignore_errors=True)
+            result["build_s"] = round(build_store(store, args.tasks, geometry, args.virtual_tokens), 1)
+            logger.info("built %d tasks in %.1f s", args.tasks, result["build_s"])
+        result["registry"] = time_registry(store, geometry, settings)
+        logger.info("registry: %s", result["registry"])
+        result["cold_load"] = profile_cold_load(store, geometry, settings, args.profile_samples)
+        logger.info("cold load: %s", result["cold_load"])
+        if not args.no_server:
+            empty = scratch / "empty"
+            empty.mkdir()
+            result["server_empty"] = time_server(empty, 0, args.idle_s)
+            logger.info("server, empty store: %s", result["server_empty"])
+            result["server_full"] = time_server(store, args.tasks, args.idle_s)
+            logger.info("server, %d tasks: %s", args.tasks, result["server_full"])
+        result["peak_rss_bytes_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
