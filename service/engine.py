@@ -42,6 +42,7 @@ from service.runner import ModelRunner
 from service.seq2seq import Seq2SeqBatch
 from service.detokenizer import OutputProcessor
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
+from service.kv_store import PrefixBank
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.rows import Row
 from service.settings import Settings, setting_default
@@ -235,6 +236,8 @@ class ContinuousBatchingEngine(Engine):
         self.on_pass: Callable[[int, float], None] | None = None
         # Called with the error of each row that fails on its own (metrics: counted by the error's code).
         self.on_row_error: Callable[[ServiceError], None] | None = None
+        # Slots layout: called on the engine thread with the prefix bank it builds (the registry's device tier).
+        self.on_prefix_bank: Callable[[PrefixBank], None] | None = None
         logger.info("engine: %s policy, %s layout", policy, layout)
 
     # -- caller side (event loop) -----------------------------------------------------------------------------------
@@ -336,6 +339,8 @@ class ContinuousBatchingEngine(Engine):
     def _run(self) -> None:
         if self.layout == "slots":
             self._slots = SlotBatch(self.runner, self.limits.slot_limits())
+            if self.on_prefix_bank is not None:
+                self.on_prefix_bank(self._slots.bank)
         while self._pull(block=not self._running() and not self._waiting):
             self._expire_waiting()
             try:

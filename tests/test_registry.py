@@ -23,6 +23,7 @@ from service.errors import (
     TaskNotFoundError,
 )
 from service.geometry import PrefixGeometry
+from service.kv_store import KVGeometry, PrefixBank
 from service.prefix import TaskPrefix
 from service.registry import TASK_ID_PATTERN, PrefixRecord, PrefixRegistry, validate_task_id
 from tests.helpers import (
@@ -362,6 +363,26 @@ def test_a_cold_reload_of_unchanged_weights_is_not_hashed_again(
     reg.get("u")  # written by this process: known good
     reg.get("t")  # read back from disk: same file, already checked
     assert hashed == [len(adapters["a5"][1])] and reg.tier("t") == "host"
+
+
+def test_with_the_bank_as_device_tier_a_hot_prefix_is_held_and_counted_once(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
+) -> None:
+    reg = make_registry(tmp_path, tiny_geometry, device_tier=False)
+    reg.put("t", *adapters["a5"])
+    reg.put("u", *adapters["b5"])
+    g = tiny_geometry
+    bank = PrefixBank(KVGeometry(g.num_layers, g.num_kv_heads, g.head_dim, torch.float32, torch.device("cpu")))
+    reg.attach_device_tier(bank)
+    prefix = reg.get("t")
+    assert reg.tier("t") == "host" and reg.bytes_by_tier() == {"device": 0, "host": 2 * prefix.nbytes}
+    entry = bank.acquire(prefix)  # a row of the task is admitted: its prefix's one device copy
+    assert reg.tier("t") == "device" and reg.tier("u") == "host"
+    assert reg.count_by_tier() == {"device": 1, "host": 1, "disk": 0}
+    assert reg.bytes_by_tier() == {"device": prefix.nbytes, "host": 2 * prefix.nbytes}
+    bank.release(entry)
+    reg.put("t", *adapters["b5"], replace=True)  # the bank's copy is of the old version: not this task's now
+    assert reg.tier("t") == "host"
 
 
 def test_load_all_applies_current_limits(
