@@ -435,8 +435,11 @@ class PrefixRegistry:
         validated = self._validate((path / CONFIG_FILE).read_bytes(), weights_bytes, info, check_values=False)
         for text in validated.warnings:
             logger.debug("prefix store: task %r: %s", record.task_id, text)
+        # Finite float32 values stay finite in a dtype of float32's range: only a narrower serving dtype (float16,
+        # bfloat16 rounding near its top) needs the values checked again.
+        wide = self.dtype in (torch.float32, torch.float64)
         prefix = self._make_entry(
-            record.task_id, validated, record.sha256, record.bytes, record.created_at, info
+            record.task_id, validated, record.sha256, record.bytes, record.created_at, info, check_values=not wide
         )[0]
         self._verified[record.task_id] = identity
         return prefix
@@ -751,6 +754,8 @@ class PrefixRegistry:
         nbytes: int,
         created_at: str,
         info: TaskInfo | None = None,
+        *,
+        check_values: bool = True,
     ) -> tuple[TaskPrefix, PrefixRecord]:
         info = info or TaskInfo()
         device = self._prefix_device
@@ -762,7 +767,7 @@ class PrefixRegistry:
             )
         # Finite in float32 is not enough: a value beyond float16's range (65504) becomes inf in the model dtype.
         for name, tensor in (("prompt_embeddings", kv), ("encoder_prompt_embeddings", encoder_kv)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            if check_values and tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise InvalidPrefixError(
                     name,
                     f"values representable in the served model's dtype ({str(self.dtype).removeprefix('torch.')})",
