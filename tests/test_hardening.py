@@ -146,6 +146,24 @@ def test_memory_tiers_evict_and_return_transparently(tmp_path: Path, loaded: Loa
         assert f'prefix_serve_prefix_bytes{{tier="host"}} {float(one_prefix)}' in metrics
 
 
+def test_weights_damaged_on_disk_answer_a_clear_error_naming_the_task(tmp_path: Path, loaded: LoadedModel) -> None:
+    store = tmp_path / "store"
+    with TestClient(create_app(Settings(prefix_dir=store), loaded)) as client:
+        upload(client, "t", adapter(loaded, tmp_path, "t", v=4, seed=3)[0])
+    # Restarted: the index is read, the weights are not; then the file is damaged under the server.
+    with TestClient(create_app(Settings(prefix_dir=store), loaded)) as client:
+        weights = store / "t" / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0x01
+        weights.write_bytes(bytes(data))
+        body = {"task_id": "t", "inputs": "t7 t8", "parameters": {"max_new_tokens": 2}}
+        out = client.post("/generate", json=body)
+        assert out.status_code == 503
+        assert out.json()["type"] == "stored_task_unreadable" and "'t'" in out.json()["error"]
+        assert client.post("/generate", json=body).status_code == 404  # taken out: no error loop on the same file
+        assert weights.is_file()
+
+
 def test_metrics_cover_requests_batches_and_uploads(client_with_task) -> None:
     client = client_with_task
     for _ in range(2):
