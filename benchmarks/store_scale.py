@@ -161,6 +161,76 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3)}
 
 
+def time_throughput(
+    store: Path, settings: Settings, *, requests: int, concurrency: int, new_tokens: int, prompt_tokens: int
+) -> dict[str, Any]:
+    """The engine (slot layout, the embedded model) fed through the registry as the server does: tokens/s when the
+    requests cycle over 8 tasks (warm: after the warm-up their prefixes are in the host tier and the bank) and when every
+    request is a different task, read from disk on its first use (cold)."""
+    import asyncio
+    import random
+
+    from service.bench.run import closed_loop
+    from service.bench.workload import WorkItem
+    from service.engine import ContinuousBatchingEngine, EngineLimits
+    from service.model_loader import load_base_model
+    from service.requests import GenerationRequest, SamplingParams
+    from service.runner import ModelRunner
+    from service.startup import check_model
+
+    loaded = load_base_model(settings)
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    layout = check_model(runner, loaded.geometry, "mixed")
+    tasks = sorted(p.name for p in store.iterdir() if not p.name.startswith("."))
+    rng = random.Random(0)
+    vocab = loaded.tokenizer.vocab_size
+
+    def workload(task_ids: list[str]) -> list[WorkItem]:
+        return [WorkItem(t, [rng.randrange(100, vocab) for _ in range(prompt_tokens)], new_tokens) for t in task_ids]
+
+    def run(name: str, items: list[WorkItem], warmup: list[WorkItem]) -> dict[str, Any]:
+        registry = make_registry(store, loaded.geometry, settings, device_tier=False, dtype=loaded.dtype,
+                                 device=loaded.device)
+        registry.load_all()
+        limits = EngineLimits.from_settings(settings.model_copy(update={"max_running_rows": concurrency}))
+        engine = ContinuousBatchingEngine(runner, policy="mixed", limits=limits, layout=layout)
+        engine.on_prefix_bank = lambda bank: (bank.set_idle_budget(settings.prefix_device_budget_bytes),
+                                              registry.attach_device_tier(bank))
+        lookups: list[float] = []
+
+        async def submit(item: WorkItem) -> Any:
+            started = time.perf_counter()
+            prefix = await asyncio.to_thread(registry.get, item.task_id)
+            lookups.append((time.perf_counter() - started) * 1000)
+            params = SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True)
+            return await engine.generate(GenerationRequest(item.prompt_ids, prefix, params))
+
+        async def main() -> tuple[float, list[Any]]:
+            engine.start()
+            try:
+                await closed_loop(submit, warmup, concurrency)
+                lookups.clear()
+                return await closed_loop(submit, items, concurrency)
+            finally:
+                engine.stop()
+
+        wall, results = asyncio.run(main())
+        tokens = sum(len(r.token_ids) for r in results)
+        misses = registry.cache.stats.misses_from_disk
+        return {"system": name, "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2),
+                "lookup_ms": _spread(lookups), "disk_reads": misses}
+
+    warm_tasks = tasks[:8]
+    warm = run("8 tasks", workload([warm_tasks[i % 8] for i in range(requests)]), workload(warm_tasks))
+    cold_ids = tasks[8 : 8 + requests]
+    cold = run("every request a different cold task", workload(cold_ids), workload(tasks[-concurrency:]))
+    # The same distinct tasks once their prefixes are in host memory: what the many prefixes cost, without the reads.
+    distinct = run("every request a different task, in host memory", workload(cold_ids), workload(cold_ids))
+    return {"requests": requests, "concurrency": concurrency, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+            "runs": [warm, cold, distinct], "cold_over_warm": round(cold["tokens_per_s"] / warm["tokens_per_s"], 3),
+            "distinct_over_warm": round(distinct["tokens_per_s"] / warm["tokens_per_s"], 3)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,6 +274,10 @@ def main() -> int:
     parser.add_argument("--no-server", action="store_true", help="Skip the server start-up timing.")
     parser.add_argument("--idle-s", type=float, default=3.0)
     parser.add_argument("--server-repeats", type=int, default=3)
+    parser.add_argument("--throughput", action="store_true", help="Also: engine tokens/s, 8 warm tasks vs cold ones.")
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "store-scale-cpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -224,6 +298,12 @@ def main() -> int:
         logger.info("registry: %s", result["registry"])
         result["cold_load"] = profile_cold_load(store, geometry, settings, args.profile_samples)
         logger.info("cold load: %s", result["cold_load"])
+        if args.throughput:
+            result["throughput"] = time_throughput(
+                store, settings, requests=args.requests, concurrency=args.concurrency, new_tokens=args.new_tokens,
+                prompt_tokens=24,
+            )
+            logger.info("throughput: %s", result["throughput"])
         if not args.no_server:
             empty = scratch / "empty"
             empty.mkdir()

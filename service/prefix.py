@@ -90,8 +90,18 @@ def prompt_embeddings_to_kv(
         keys, values = (4 * layers) % (2 * adapter_layers), (4 * layers + 1) % (2 * adapter_layers)
         kv = torch.stack([rows[keys], rows[values]], dim=1)  # (L_decoder, 2, H, V, D)
     else:
-        kv = rows.reshape(g.num_layers, 2, g.num_kv_heads, num_virtual_tokens, g.head_dim)
+        kv = prompt_embeddings_kv_view(prompt_embeddings, geometry)
     return kv.to(device=device, dtype=dtype).contiguous()
+
+
+def prompt_embeddings_kv_view(prompt_embeddings: torch.Tensor, geometry: PrefixGeometry) -> torch.Tensor:
+    """A decoder-only model's (V, L*2*token_dim) tensor seen as (L, 2, kv_heads, V, head_dim), without a copy: no
+    kernel runs, so a thread that is not the engine's can make it without starting an OpenMP team of its own (see
+    `service.compute_thread`); the prefix bank copies it into its columns on the engine thread."""
+    g = geometry
+    num_virtual_tokens = prompt_embeddings.shape[0]
+    rows = prompt_embeddings.reshape(num_virtual_tokens, 2 * g.num_layers, g.num_kv_heads, g.head_dim)
+    return rows.permute(1, 2, 0, 3).reshape(g.num_layers, 2, g.num_kv_heads, num_virtual_tokens, g.head_dim)
 
 
 def encoder_prompt_embeddings_to_kv(

@@ -55,6 +55,7 @@ try:  # POSIX only; shared-store mode needs it
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+import numpy as np
 import torch
 
 from service.errors import (
@@ -69,7 +70,12 @@ from service.errors import (
 )
 from service.geometry import PrefixGeometry
 from service.metrics import Metrics
-from service.prefix import TaskPrefix, encoder_prompt_embeddings_to_kv, prompt_embeddings_to_kv
+from service.prefix import (
+    TaskPrefix,
+    encoder_prompt_embeddings_to_kv,
+    prompt_embeddings_kv_view,
+    prompt_embeddings_to_kv,
+)
 from service.prefix_cache import DeviceTier, TieredPrefixCache, Tier
 from service.prefix_format import ValidatedAdapter, validate_adapter, validate_stored_config
 from service.templates import validate_description, validate_template
@@ -435,14 +441,33 @@ class PrefixRegistry:
         validated = self._validate((path / CONFIG_FILE).read_bytes(), weights_bytes, info, check_values=False)
         for text in validated.warnings:
             logger.debug("prefix store: task %r: %s", record.task_id, text)
-        # Finite float32 values stay finite in a dtype of float32's range: only a narrower serving dtype (float16,
-        # bfloat16 rounding near its top) needs the values checked again.
-        wide = self.dtype in (torch.float32, torch.float64)
-        prefix = self._make_entry(
-            record.task_id, validated, record.sha256, record.bytes, record.created_at, info, check_values=not wide
-        )[0]
+        if not self._cache.has_device_tier and validated.encoder_prompt_embeddings is None:
+            prefix = self._host_prefix(record, validated)
+        else:
+            # Finite float32 values stay finite in a dtype of float32's range: only a narrower serving dtype
+            # (float16, bfloat16 rounding near its top) needs the values checked again.
+            wide = self.dtype in (torch.float32, torch.float64)
+            prefix = self._make_entry(
+                record.task_id, validated, record.sha256, record.bytes, record.created_at, info, check_values=not wide
+            )[0]
         self._verified[record.task_id] = identity
         return prefix
+
+    def _host_prefix(self, record: PrefixRecord, validated: ValidatedAdapter) -> TaskPrefix:
+        """The slot layout's cold load, on an input thread: the prefix as a float32 view of the file's bytes, made
+        without running a torch kernel (a kernel would leave an OpenMP team on this long-lived thread and slow every
+        engine step, see `service.compute_thread`). The bank converts it to the served dtype as it copies it in."""
+        kv = prompt_embeddings_kv_view(validated.prompt_embeddings, self.geometry)
+        if self.dtype not in (torch.float32, torch.float64):
+            # numpy reductions are single-threaded; NaN fails the comparison too.
+            largest = np.abs(validated.prompt_embeddings.numpy()).max()
+            if not largest <= torch.finfo(self.dtype).max:
+                raise InvalidPrefixError(
+                    "prompt_embeddings",
+                    f"values representable in the served model's dtype ({str(self.dtype).removeprefix('torch.')})",
+                    "values that overflow to inf",
+                )
+        return TaskPrefix(task_id=record.task_id, kv=kv, sha256=record.sha256)
 
     def _cached_prefix(self, record: PrefixRecord) -> tuple[TaskPrefix, PrefixRecord]:
         """The prefix of `record`'s version, from memory or disk. Caller holds the lock. A stored task whose files

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 
 import service.registry as registry_module
 from service.errors import (
@@ -363,6 +364,22 @@ def test_a_cold_reload_of_unchanged_weights_is_not_hashed_again(
     reg.get("u")  # written by this process: known good
     reg.get("t")  # read back from disk: same file, already checked
     assert hashed == [len(adapters["a5"][1])] and reg.tier("t") == "host"
+    # Without a device tier the prefix is a view of the file's values (the bank converts it as it copies it in).
+    assert torch.equal(reg.get("t").kv, make_registry(tmp_path, tiny_geometry)._load_task("t", tmp_path / "t")[0].kv)
+
+
+def test_a_stored_prefix_that_overflows_a_narrower_serving_dtype_is_refused_on_use(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
+) -> None:
+    config, weights = adapters["a5"]
+    tensor = load_safetensors(weights)["prompt_embeddings"].clone()
+    tensor[0, 0] = 1e5  # finite in float32, inf in float16
+    make_registry(tmp_path, tiny_geometry).put("big", config, safetensors_bytes({"prompt_embeddings": tensor}))
+    for device_tier in (True, False):
+        half = make_registry(tmp_path, tiny_geometry, dtype=torch.float16, device_tier=device_tier)
+        half.load_all()
+        with pytest.raises(StoredTaskUnreadableError, match="overflow"):
+            half.get("big")
 
 
 def test_with_the_bank_as_device_tier_a_hot_prefix_is_held_and_counted_once(
