@@ -162,7 +162,8 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def time_throughput(
-    store: Path, settings: Settings, *, requests: int, concurrency: int, new_tokens: int, prompt_tokens: int
+    store: Path, settings: Settings, *, requests: int, concurrency: int, new_tokens: int, prompt_tokens: int,
+    rounds: int,
 ) -> dict[str, Any]:
     """The engine (slot layout, the embedded model) fed through the registry as the server does: tokens/s when the
     requests cycle over 8 tasks (warm: after the warm-up their prefixes are in the host tier and the bank) and when every
@@ -221,14 +222,21 @@ def time_throughput(
                 "lookup_ms": _spread(lookups), "disk_reads": misses}
 
     warm_tasks = tasks[:8]
-    warm = run("8 tasks", workload([warm_tasks[i % 8] for i in range(requests)]), workload(warm_tasks))
-    cold_ids = tasks[8 : 8 + requests]
-    cold = run("every request a different cold task", workload(cold_ids), workload(tasks[-concurrency:]))
-    # The same distinct tasks once their prefixes are in host memory: what the many prefixes cost, without the reads.
-    distinct = run("every request a different task, in host memory", workload(cold_ids), workload(cold_ids))
+    systems: dict[str, list[dict[str, Any]]] = {}
+    for round_ in range(rounds):  # alternated, so a busy moment of the machine hits every system alike
+        warm = run("8 tasks", workload([warm_tasks[i % 8] for i in range(requests)]), workload(warm_tasks))
+        cold_ids = tasks[8 + round_ * requests : 8 + (round_ + 1) * requests]  # never used before: read from disk
+        cold = run("every request a different cold task", workload(cold_ids), workload(tasks[-concurrency:]))
+        # The same distinct tasks once their prefixes are in host memory: the many prefixes' cost without the reads.
+        distinct = run("every request a different task, in host memory", workload(cold_ids), workload(cold_ids))
+        for result in (warm, cold, distinct):
+            systems.setdefault(result["system"], []).append(result)
+            logger.info("throughput: %s", result)
+    best = {name: max(r["tokens_per_s"] for r in runs) for name, runs in systems.items()}
+    warm_best = best["8 tasks"]
     return {"requests": requests, "concurrency": concurrency, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
-            "runs": [warm, cold, distinct], "cold_over_warm": round(cold["tokens_per_s"] / warm["tokens_per_s"], 3),
-            "distinct_over_warm": round(distinct["tokens_per_s"] / warm["tokens_per_s"], 3)}
+            "rounds": rounds, "runs": systems, "best_tokens_per_s": best,
+            "best_over_8_tasks": {name: round(value / warm_best, 3) for name, value in best.items()}}
 
 
 def free_port() -> int:
@@ -278,6 +286,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="Throughput rounds (each runs every system once).")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "store-scale-cpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -301,9 +310,9 @@ def main() -> int:
         if args.throughput:
             result["throughput"] = time_throughput(
                 store, settings, requests=args.requests, concurrency=args.concurrency, new_tokens=args.new_tokens,
-                prompt_tokens=24,
+                prompt_tokens=24, rounds=args.rounds,
             )
-            logger.info("throughput: %s", result["throughput"])
+            logger.info("throughput, best over 8 tasks: %s", result["throughput"]["best_over_8_tasks"])
         if not args.no_server:
             empty = scratch / "empty"
             empty.mkdir()

@@ -18,7 +18,9 @@ class TaskPrefix:
     encoder-decoder model: the decoder's self-attention layers). `encoder_kv`, of the same layout over the encoder's
     layers and its own length, is the encoder half of a full (encoder + decoder) prefix; None for PEFT's prefixes.
     Instances are immutable; replacing a task's prefix swaps the registry's reference, so a batch already
-    running keeps the tensor it started with.
+    running keeps the tensor it started with. In the slot layout the registry hands out host-memory prefixes (read
+    from the store: a float32 view of the file's values, not necessarily contiguous); the engine's prefix bank
+    converts and copies them to the device.
     """
 
     task_id: str
