@@ -35,6 +35,7 @@ from typing import AsyncIterator, Callable
 
 from service.detokenizer import OutputProcessor
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
+from service.kv_store import PrefixBank
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.rows import Row
 from service.runner import ModelRunner
@@ -233,6 +234,8 @@ class ContinuousBatchingEngine(Engine):
         self.on_pass: Callable[[int, float], None] | None = None
         # Called with the error of each row that fails on its own (metrics: counted by the error's code).
         self.on_row_error: Callable[[ServiceError], None] | None = None
+        # Slots layout: called on the engine thread with the prefix bank it builds (the registry's device tier).
+        self.on_prefix_bank: Callable[[PrefixBank], None] | None = None
         logger.info("engine: %s policy, %s layout", policy, layout)
 
     # -- caller side (event loop) -----------------------------------------------------------------------------------
@@ -333,6 +336,8 @@ class ContinuousBatchingEngine(Engine):
 
     def _run(self) -> None:
         scheduler = self._new_scheduler()  # one per run: a restarted engine starts with empty KV
+        if isinstance(scheduler, SlotScheduler) and self.on_prefix_bank is not None:
+            self.on_prefix_bank(scheduler.batch.bank)
         while self._pull(block=not len(scheduler) and not self._waiting):
             self._expire_waiting()
             try:
