@@ -33,6 +33,7 @@ an eviction.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import contextlib
 import hashlib
@@ -214,6 +215,7 @@ class PrefixRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._entries: Mapping[str, PrefixRecord] = MappingProxyType({})
+        self._page_index: tuple[Mapping[str, PrefixRecord], builtins.list[str]] | None = None  # sorted ids per snapshot
         # device_tier=False (the slot layout): the engine's prefix bank is the device tier (`attach_device_tier`);
         # prefixes are made and kept in host memory, and the bank holds the one device copy.
         self._cache = TieredPrefixCache(
@@ -818,11 +820,9 @@ class PrefixRegistry:
         """Up to `limit` records in task-id order, of ids greater than `after` (from the start when None) that begin
         with `prefix`, and whether more follow. Reads one snapshot: a task added or removed between two pages shifts
         nothing else, since the next page starts after the last id returned, not at an offset."""
-        import bisect  # here, not at the top: this method is the only user (keeps merges with the loader's rework clean)
-
         self._sync()
         entries = self._entries
-        index = self.__dict__.get("_page_index")
+        index = self._page_index
         if index is None or index[0] is not entries:  # one sort per snapshot, not per page
             index = (entries, sorted(entries))
             self._page_index = index
