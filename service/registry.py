@@ -86,6 +86,10 @@ logger = logging.getLogger(__name__)
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
+
+def is_valid_task_id(task_id: str) -> bool:
+    return _TASK_ID_RE.fullmatch(task_id) is not None
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "metadata.json"

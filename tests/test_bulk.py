@@ -89,6 +89,10 @@ def test_pages_follow_the_cursor_and_a_change_between_pages_neither_repeats_nor_
     assert page == ["t10"] and cursor
     assert listed_ids(client, prefix="t1", limit=1, cursor=cursor) == (["t11"], None)
     assert listed_ids(client, prefix="zz") == ([], None)
+    # A filter no task id can begin with is refused by name, on every paged route (and never reaches a header).
+    for route in ("/prefixes", "/v1/models", "/prefixes/export"):
+        response = client.get(route, params={"prefix": "caf\u00e9"})  # /v1/models answers in OpenAI's error shape
+        assert response.status_code == 422 and "prefix: 'café' cannot begin a task id" in response.text, response.text
 
 
 def test_bad_limits_and_cursors_are_422_naming_the_problem(client: TestClient, files: tuple[bytes, bytes]) -> None:

@@ -10,6 +10,7 @@ import binascii
 import json
 
 from service.errors import InvalidRequestError
+from service.registry import TASK_ID_PATTERN, is_valid_task_id
 from service.settings import Settings
 
 _CURSOR_VERSION = 1
@@ -35,6 +36,11 @@ def check_prefix(prefix: str, *, field: str = "prefix") -> str:
     if len(prefix) > MAX_PREFIX_CHARS:
         raise InvalidRequestError(
             f"{field}: at most {MAX_PREFIX_CHARS} characters (a task id's longest), got {len(prefix)}", field=field
+        )
+    # Any start of a valid task id is itself one; anything else matches no task (and must not reach a header).
+    if prefix and not is_valid_task_id(prefix):
+        raise InvalidRequestError(
+            f"{field}: {prefix[:80]!r} cannot begin a task id (task ids match {TASK_ID_PATTERN})", field=field
         )
     return prefix
 
