@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -202,22 +203,79 @@ def probe_prefix(runner: ModelRunner, prefix: TaskPrefix) -> None:
     values can still overflow inside the forward in the serving dtype (1e30 in float32: an RMSNorm's variance
     becomes inf and zeroes the state; every request would answer token 0), and no bound derived from the dtype
     alone covers every architecture's attention and norms, so the upload runs the computation itself."""
-    batch_type = seq2seq.Seq2SeqBatch if runner.is_encoder_decoder else DecodeBatch
-    request = GenerationRequest([runner.pad_token_id], prefix, SamplingParams(max_new_tokens=1))
     with _PROBE_LOCK:
-        row = batch_type.prefill(runner, [request]).rows[0]
-    if row.error is not None:
-        dtype = str(runner.dtype).removeprefix("torch.")
-        largest = float(prefix.kv.abs().max())
-        raise InvalidPrefixError(
-            "prompt_embeddings", f"values the served model computes usable logits with ({dtype})",
-            f"values up to {largest:.3g}, with which a probe forward gave NaN/inf or all-equal logits",
-            message=(
-                f"prompt_embeddings: a probe forward with this prefix gave NaN/inf or all-equal logits: values up to "
-                f"{largest:.3g} overflow the served model's {dtype} computation (attention or norms), so every "
-                "request of the task would answer garbage; scale the prefix's values down"
-            ),
-        )  # fmt: skip
+        unusable = _unusable_rows(runner, [prefix])[0]
+    if unusable:
+        raise _probe_refusal(runner, prefix)
+
+
+def _unusable_rows(runner: ModelRunner, prefixes: Sequence[TaskPrefix]) -> list[bool]:
+    """One forward of a one-token prompt per prefix (a row each, in one batch); True where a row's logits are
+    unusable. The caller holds _PROBE_LOCK."""
+    batch_type = seq2seq.Seq2SeqBatch if runner.is_encoder_decoder else DecodeBatch
+    requests = [GenerationRequest([runner.pad_token_id], p, SamplingParams(max_new_tokens=1)) for p in prefixes]
+    return [row.error is not None for row in batch_type.prefill(runner, requests).rows]
+
+
+def _probe_refusal(runner: ModelRunner, prefix: TaskPrefix) -> InvalidPrefixError:
+    dtype = str(runner.dtype).removeprefix("torch.")
+    largest = float(prefix.kv.abs().max())
+    return InvalidPrefixError(
+        "prompt_embeddings", f"values the served model computes usable logits with ({dtype})",
+        f"values up to {largest:.3g}, with which a probe forward gave NaN/inf or all-equal logits",
+        message=(
+            f"prompt_embeddings: a probe forward with this prefix gave NaN/inf or all-equal logits: values up to "
+            f"{largest:.3g} overflow the served model's {dtype} computation (attention or norms), so every "
+            "request of the task would answer garbage; scale the prefix's values down"
+        ),
+    )  # fmt: skip
+
+
+@dataclass
+class _PendingProbe:
+    prefix: TaskPrefix
+    unusable: bool | None = None  # None until probed
+    failure: BaseException | None = None  # the batch's forward raised
+
+
+class PrefixProber:
+    """`probe_prefix` for uploads that arrive together (a bulk import stores tasks from several threads): probes
+    waiting while another runs are taken together, up to `max_rows` rows in one forward, whose cost on a small batch
+    is mostly reading the weights once. A row is independent of the others (its own prefix, mask and positions);
+    a prefix refused in a batch is probed again alone, so a refusal is exactly the one a single upload gets."""
+
+    def __init__(self, runner: ModelRunner, max_rows: int = 64) -> None:
+        self.runner = runner
+        self.max_rows = max_rows
+        self._queue_lock = threading.Lock()
+        self._pending: list[_PendingProbe] = []
+
+    def __call__(self, prefix: TaskPrefix) -> None:
+        item = _PendingProbe(prefix)
+        with self._queue_lock:
+            self._pending.append(item)
+        while item.unusable is None and item.failure is None:
+            with _PROBE_LOCK:  # whoever holds it probes everything waiting, this item among them
+                with self._queue_lock:
+                    batch, self._pending = self._pending[: self.max_rows], self._pending[self.max_rows :]
+                if batch:
+                    self._probe(batch)
+        if item.failure is not None:
+            raise item.failure
+        if item.unusable:
+            raise _probe_refusal(self.runner, prefix)
+
+    def _probe(self, batch: list[_PendingProbe]) -> None:
+        try:
+            unusable = _unusable_rows(self.runner, [p.prefix for p in batch])
+            if len(batch) > 1 and any(unusable):
+                unusable = [bad and _unusable_rows(self.runner, [p.prefix])[0] for p, bad in zip(batch, unusable)]
+        except BaseException as exc:  # noqa: BLE001 - each waiting upload raises it
+            for pending in batch:
+                pending.failure = exc
+            return
+        for pending, bad in zip(batch, unusable):
+            pending.unusable = bad
 
 
 def verify_prefix_support(runner: ModelRunner, geometry: PrefixGeometry) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,7 +14,7 @@ from service.bench.cli import register as register_bench
 from service.logging_setup import configure_logging
 from service.settings import Settings
 from service.training.cli import register as register_training
-from service.upload import upload_task
+from service.upload import upload_many, upload_task
 
 logger = logging.getLogger("service.cli")
 
@@ -65,9 +66,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
+    dirs = [Path(d) for d in args.adapter_dirs]
+    if args.task_id is None and args.text is None and dirs:  # many tasks: each folder's name is its task id
+        if args.prompt_template is not None or args.description is not None:
+            print("error: --prompt-template and --description name one task's fields; with several tasks each "
+                  "folder's task.json carries them", file=sys.stderr)  # fmt: skip
+            return 2
+        return upload_many(
+            args.url, dirs, replace=args.replace, api_key=args.api_key, batch_size=args.batch_size,
+            concurrency=args.concurrency,
+        )  # fmt: skip
+    if args.task_id is None or len(dirs) > 1:
+        print("error: --task-id names one task (one adapter directory or --text FILE); to upload several tasks, give "
+              "their directories without --task-id (each folder's name is its task id)", file=sys.stderr)  # fmt: skip
+        return 2
     return upload_task(
         args.url, args.task_id,
-        adapter_dir=Path(args.adapter_dir) if args.adapter_dir is not None else None,
+        adapter_dir=dirs[0] if dirs else None,
         text_file=Path(args.text) if args.text is not None else None,
         prompt_template=args.prompt_template, description=args.description,
         replace=args.replace, api_key=args.api_key,
@@ -106,14 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
         "upload", help="Upload a PEFT prefix-tuning adapter directory, or make a task from a text, on a running server."
     )
     upload.add_argument(
-        "adapter_dir", nargs="?",
+        "adapter_dirs", nargs="*", metavar="DIR",
         help="Directory with adapter_config.json and adapter_model.safetensors (and optionally task.json); a "
-        "downloaded task made from text is re-created from task.json's text.",
+        "downloaded task made from text is re-created from task.json's text. Without --task-id: any number of such "
+        "directories, or folders of them (an unpacked GET /prefixes/export), each named by its task id, sent as tars "
+        "to POST /prefixes/bulk.",
     )  # fmt: skip
     upload.add_argument("--text", metavar="FILE", help="Instead of an adapter: a task made from this UTF-8 text file.")
     upload.add_argument("--prompt-template", help="The task's template with one {inputs} slot (default: task.json's).")
     upload.add_argument("--description", help="A short description (default: task.json's).")
-    upload.add_argument("--task-id", required=True)
+    upload.add_argument("--task-id", help="The task id of one adapter directory or --text FILE.")
+    upload.add_argument("--batch-size", type=int, default=500, help="Many tasks: tasks per bulk request (default 500).")
+    upload.add_argument("--concurrency", type=int, default=2, help="Many tasks: bulk requests at once (default 2).")
     upload.add_argument("--url", default="http://127.0.0.1:8000")
     upload.add_argument("--replace", action="store_true", help="Overwrite the task's existing prefix.")
     upload.add_argument("--api-key", help="An admin API key (default: $PREFIX_SERVE_API_KEY).")

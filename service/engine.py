@@ -3,26 +3,22 @@
 Each iteration of the worker:
   1. takes new requests from the inbox into a bounded waiting queue (full queue -> the caller gets 429), and drops
      waiting requests that were cancelled or ran past their deadline;
-  2. admits waiting requests, oldest first, while a slot is free and their KV fits the memory budget;
-  3. runs one forward pass;
+  2. has the scheduler admit waiting requests, oldest first, while rows and the KV memory budget allow;
+  3. has the scheduler run one step: its schedule (rows, prompt chunks, token budget), then one forward pass;
   4. hands each new token id to its caller and retires finished rows at once (EOS, max_new_tokens, a stop
      sequence the caller matched, the deadline, or the client went away), which frees their KV.
 
-Two batch layouts run under this loop:
-  - slots (`service.slots`, the default wherever the model's attention runs through transformers' attention
-    registry): every step is one flat forward carrying all decoding rows' next tokens and new rows' prompt chunks
-    under a per-step token budget; KV lives in the engine's own store, prefixes once per task;
-  - padded (`service.batch.DecodeBatch`, the fallback for models whose attention cannot be redirected, e.g. bloom's
-    ALiBi, and the `per-task` policy): prefill as a separate forward, a left-padded transformers cache per batch;
-    for encoder-decoder models `service.seq2seq.Seq2SeqBatch`, the same algebra with the encoder run at admission.
+The layout's decisions (admission, what each forward carries, retirement, memory) are its scheduler's
+(`service.scheduling`): the slot layout's `SlotScheduler` (the default wherever the model's attention runs through
+transformers' attention registry: one flat forward per step for decode and chunked prefill, prefixes once per task)
+or the padded layout's `PaddedScheduler` (the fallback, also for encoder-decoder models and the `per-task` policy).
+This module knows no layout beyond choosing the scheduler for the one it is given.
 
 Text is not made here: callers turn token ids into text and match stop sequences on their own event loop
 (`service.detokenizer`), so the model thread never decodes.
 
-Two admission policies:
-  - `mixed`: any waiting request joins the running batch at the next step, whatever its task;
-  - `per-task`: a batch holds one task and runs to completion; the next batch is formed from the oldest waiting
-    request's task, after a short window in which more requests of that task may arrive (the core behaviour).
+Two admission policies (`service.scheduling.padded`): `mixed` (any waiting request joins the running batch at the
+next step, whatever its task) and `per-task` (a batch holds one task and runs to completion).
 """
 
 from __future__ import annotations
@@ -35,22 +31,23 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Literal
+from typing import AsyncIterator, Callable
 
-from service.batch import DecodeBatch
-from service.runner import ModelRunner
-from service.seq2seq import Seq2SeqBatch
 from service.detokenizer import OutputProcessor
 from service.errors import DeadlineExceededError, OverloadedError, RequestTooLongError, ServiceError
+from service.kv_store import PrefixBank
 from service.requests import FinishReason, GenerationRequest, GenerationResult
 from service.rows import Row
+from service.runner import ModelRunner
+from service.scheduling.base import Arrival, BatchingPolicy, Layout, Scheduler
+from service.scheduling.padded import PaddedLimits, PaddedScheduler
+from service.scheduling.slot_schedule import SlotLimits
+from service.scheduling.slots import SlotScheduler
 from service.settings import Settings, setting_default
-from service.slots import SlotBatch, SlotLimits, slot_attention_installed
 
 logger = logging.getLogger(__name__)
 
-BatchingPolicy = Literal["mixed", "per-task"]
-Layout = Literal["slots", "padded"]  # chosen at start-up: service.startup.check_model
+__all__ = ["BatchingPolicy", "Layout"]  # re-exported: where the engine's callers name them
 
 
 @dataclass(frozen=True)
@@ -107,6 +104,15 @@ class EngineLimits:
             max_kv_tokens=self.max_kv_tokens,
             step_token_budget=self.step_token_budget,
             idle_token_budget=self.idle_token_budget,
+        )
+
+    def padded_limits(self) -> PaddedLimits:
+        """The padded layout's budgets, derived from these (never set apart)."""
+        return PaddedLimits(
+            max_running_rows=self.max_running_rows,
+            max_kv_tokens=self.max_kv_tokens,
+            max_prefill_rows=self.max_prefill_rows,
+            per_task_window_s=self.per_task_window_s,
         )
 
 
@@ -214,19 +220,12 @@ class ContinuousBatchingEngine(Engine):
         self.limits = limits or EngineLimits()
         if layout not in ("slots", "padded"):
             raise ValueError(f"layout must be 'slots' or 'padded' (service.startup.check_model chooses), not {layout!r}")
-        if layout == "slots" and (policy != "mixed" or not slot_attention_installed(runner)):
-            raise ValueError(
-                "the slots layout needs the mixed policy and a model that passed the slot layout's start-up check "
-                "(service.startup.check_model)"
-            )
+        if layout == "slots":
+            SlotScheduler.check_servable(runner, policy)
         self.layout: Layout = layout
         self.stats = EngineStats()
         self._inbox: queue.Queue[_Handle | object] = queue.Queue()
         self._waiting: deque[_Handle] = deque()
-        self._handles: dict[int, _Handle] = {}  # id(row) -> handle, for running rows
-        self._slots: SlotBatch | None = None
-        self._batch: DecodeBatch | Seq2SeqBatch | None = None  # padded layout's running batch
-        self._batch_type = Seq2SeqBatch if runner.is_encoder_decoder else DecodeBatch
         self._accepted = 0  # inbox + waiting, counted at submission so the bound holds across threads
         self._accepted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -235,6 +234,8 @@ class ContinuousBatchingEngine(Engine):
         self.on_pass: Callable[[int, float], None] | None = None
         # Called with the error of each row that fails on its own (metrics: counted by the error's code).
         self.on_row_error: Callable[[ServiceError], None] | None = None
+        # Slots layout: called on the engine thread with the prefix bank it builds (the registry's device tier).
+        self.on_prefix_bank: Callable[[PrefixBank], None] | None = None
         logger.info("engine: %s policy, %s layout", policy, layout)
 
     # -- caller side (event loop) -----------------------------------------------------------------------------------
@@ -328,35 +329,26 @@ class ContinuousBatchingEngine(Engine):
 
     # -- worker thread --------------------------------------------------------------------------------------------
 
-    def _running(self) -> int:
+    def _new_scheduler(self) -> Scheduler[_Handle]:
         if self.layout == "slots":
-            return len(self._slots) if self._slots is not None else 0
-        return len(self._batch) if self._batch is not None else 0
+            return SlotScheduler(self.runner, self.limits.slot_limits())
+        return PaddedScheduler(self.runner, self.policy, self.limits.padded_limits())
 
     def _run(self) -> None:
-        if self.layout == "slots":
-            self._slots = SlotBatch(self.runner, self.limits.slot_limits())
-        while self._pull(block=not self._running() and not self._waiting):
+        scheduler = self._new_scheduler()  # one per run: a restarted engine starts with empty KV
+        if isinstance(scheduler, SlotScheduler) and self.on_prefix_bank is not None:
+            self.on_prefix_bank(scheduler.batch.bank)
+        while self._pull(block=not len(scheduler) and not self._waiting):
             self._expire_waiting()
             try:
-                if self.layout == "slots":
-                    self._slots_iteration()
-                else:
-                    self._padded_iteration()
+                self._iteration(scheduler)
             except Exception as exc:  # a failed forward fails the rows in it; the engine goes on
-                logger.exception("engine step failed; failing %d running rows", len(self._handles))
-                self._fail(list(self._handles.values()), exc)
-                self._handles.clear()
-                self._batch = None
-                if self._slots is not None:
-                    self._slots.remove(list(self._slots.rows))
+                logger.exception("engine step failed; failing %d running rows", len(scheduler))
+                self._fail(scheduler.clear(), exc)
             self._flush()
-        self._fail(list(self._handles.values()) + list(self._waiting), RuntimeError("engine stopped"))
+        self._fail(scheduler.clear() + list(self._waiting), RuntimeError("engine stopped"))
         self._flush()
-        self._handles.clear()
         self._waiting.clear()
-        self._batch = None
-        self._slots = None
 
     def _pull(self, block: bool) -> bool:
         """Move inbox items into the waiting queue; False when asked to stop."""
@@ -395,34 +387,51 @@ class ContinuousBatchingEngine(Engine):
         self._waiting = kept
         self.stats.waiting = len(self._waiting)
 
-    # -- slots layout ---------------------------------------------------------------------------------------------
+    def _wait_for_arrival(self, timeout_s: float) -> Arrival:
+        """Block up to `timeout_s` on the inbox (the per-task window); a request that comes joins the waiting queue."""
+        try:
+            item = self._inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return Arrival.TIMED_OUT
+        if item is _STOP:
+            self._inbox.put(_STOP)  # let the main loop see it
+            return Arrival.STOPPING
+        if item is not _WAKE:
+            self._waiting.append(item)  # type: ignore[arg-type]
+        return Arrival.ARRIVED
 
-    def _slots_iteration(self) -> None:
-        slots = self._slots
-        assert slots is not None
-        self._retire_slots([row for row in slots.rows if self._should_drop(row)])
-        while self._waiting and slots.fits(self._waiting[0].request):
-            handle = self._waiting.popleft()
-            self._release(1)
-            row = slots.add(handle.request)
-            handle.admitted_at = time.monotonic()
-            self._handles[id(row)] = handle
+    # -- one iteration: retire what must stop, admit, step, deliver, retire what finished ---------------------------
+
+    def _iteration(self, scheduler: Scheduler[_Handle]) -> None:
+        owners = scheduler.owners
+        self._retire(scheduler, [row for row in scheduler.rows if self._should_drop(row, owners[row])])
+        admitted = scheduler.admit(self._waiting, self._wait_for_arrival)
+        if admitted:
+            self._release(len(admitted))
+            now = time.monotonic()
+            for handle in admitted:
+                handle.admitted_at = now
         self.stats.waiting = len(self._waiting)
-        if not len(slots):
-            return
-        self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(slots))
-        prefilling = any(row.prefilling for row in slots.rows)
-        started = time.perf_counter()
-        stepped = slots.step()
-        self._count_pass(len(slots), prefilling, time.perf_counter() - started)
-        for row in stepped:
-            self._emit_tokens(row, self._handles[id(row)])
-        self._retire_slots([row for row in slots.rows if row.finished])
-        self._update_kv_stats()
+        outcome = scheduler.step()
+        if outcome.failed:
+            self._fail(outcome.failed, outcome.error or RuntimeError("admission failed"))
+        if outcome.rows:
+            if outcome.started:  # rows that begin with their own prefill were admitted by it
+                now = time.monotonic()
+                for handle in outcome.started:
+                    handle.admitted_at = now
+            self.stats.batches_started += outcome.batches_started
+            self._count_pass(outcome.rows, outcome.prefilling, outcome.seconds)
+            self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(scheduler))
+            for row in outcome.stepped:
+                self._emit_tokens(row, owners[row])
+        self._retire(scheduler, [row for row in scheduler.rows if row.finished])
+        self.stats.kv_bytes = scheduler.memory_in_use()
+        self.stats.prefix_bank_bytes = scheduler.prefix_bank_bytes()
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.stats.kv_bytes)
 
-    def _should_drop(self, row: Row) -> bool:
+    def _should_drop(self, row: Row, handle: _Handle) -> bool:
         """Mark rows whose caller went away, matched a stop sequence or ran out of time; True = retire now."""
-        handle = self._handles[id(row)]
         if row.finished:
             return True
         if handle.stopped:
@@ -434,126 +443,11 @@ class ContinuousBatchingEngine(Engine):
             self._send(handle, DeadlineExceededError("the request ran past its deadline"))
         return row.finished
 
-    def _retire_slots(self, rows: list[Row]) -> None:
-        if not rows:
-            return
-        assert self._slots is not None
-        self._slots.remove(rows)
-        for row in rows:
-            self._finish(row)
-        self.stats.running_rows = len(self._slots)
-
-    def _update_kv_stats(self) -> None:
-        assert self._slots is not None
-        self.stats.kv_bytes = self._slots.kv_bytes_held
-        self.stats.prefix_bank_bytes = self._slots.bank.nbytes
-        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.stats.kv_bytes)
-        self.stats.running_rows = len(self._slots)
-
-    # -- padded layout --------------------------------------------------------------------------------------------
-
-    def _padded_iteration(self) -> None:
-        if self._batch is not None:
-            for row in self._batch.rows:
-                self._should_drop(row)
-            self._retire_padded()
-        admitted = self._admit_padded()
-        if admitted:
-            try:
-                self._prefill_padded(admitted)
-            except Exception as exc:  # only the rows being admitted are lost; the running batch goes on
-                logger.exception("prefill of %d rows failed", len(admitted))
-                self._fail(admitted, exc)
-                return
-        elif self._batch is not None:
-            started = time.perf_counter()
-            self._batch.step()
-            self._count_pass(len(self._batch), False, time.perf_counter() - started)
-            for row in self._batch.rows:
-                self._emit_tokens(row, self._handles[id(row)])
-        self._retire_padded()
-
-    def _retire_padded(self) -> None:
-        if self._batch is None:
-            return
-        for row in self._batch.pop_finished():
-            self._finish(row)
-        if not len(self._batch):
-            self._batch = None
-        self.stats.running_rows = self._running()
-        if self._batch is not None:
-            self.stats.kv_bytes = self._batch.kv_bytes
-            self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.stats.kv_bytes)
-
-    def _admit_padded(self) -> list[_Handle]:
-        if not self._waiting:
-            return []
-        running = self._running()
-        if self.policy == "per-task":
-            if running:
-                return []  # a per-task batch runs to completion
-            task_id = self._waiting[0].request.task_id
-            if not self._per_task_window_closed(task_id):
-                return []
-            return self._take(lambda h: h.request.task_id == task_id, running, self.limits.max_running_rows)
-        return self._take(lambda h: True, running, self.limits.max_prefill_rows)
-
-    def _per_task_window_closed(self, task_id: str | None) -> bool:
-        """Wait (briefly, blocking on the inbox) for more requests of this task, as the core batcher did."""
-        deadline = self._waiting[0].enqueued_at + self.limits.per_task_window_s
-        while sum(1 for h in self._waiting if h.request.task_id == task_id) < self.limits.max_running_rows:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._inbox.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._inbox.put(_STOP)  # let the main loop see it
-                return False
-            if item is not _WAKE:
-                self._waiting.append(item)  # type: ignore[arg-type]
-        return True
-
-    def _take(self, wanted: Callable[[_Handle], bool], running: int, max_new_rows: int) -> list[_Handle]:
-        """Admit wanted requests in arrival order while the row and KV-token limits allow."""
-        kv_in_use = sum(h.request.reserved_kv_tokens for h in self._handles.values())
-        taken: list[_Handle] = []
-        kept: deque[_Handle] = deque()
-        blocked = False
-        for handle in self._waiting:
-            if not blocked and wanted(handle):
-                if (
-                    len(taken) < max_new_rows
-                    and running + len(taken) < self.limits.max_running_rows
-                    and kv_in_use + handle.request.reserved_kv_tokens <= self.limits.max_kv_tokens
-                ):
-                    taken.append(handle)
-                    kv_in_use += handle.request.reserved_kv_tokens
-                    continue
-                blocked = True  # FIFO: nothing behind the oldest request that does not fit may overtake it
-            kept.append(handle)
-        self._waiting = kept
-        self._release(len(taken))
-        self.stats.waiting = len(self._waiting)
-        return taken
-
-    def _prefill_padded(self, admitted: list[_Handle]) -> None:
-        started = time.perf_counter()
-        new_batch = self._batch_type.prefill(self.runner, [h.request for h in admitted])
-        seconds = time.perf_counter() - started
-        if self.policy == "per-task":
-            self.stats.batches_started += 1
-        now = time.monotonic()
-        for handle, row in zip(admitted, new_batch.rows):
-            handle.admitted_at = now
-            self._handles[id(row)] = handle
-        self._batch = new_batch if self._batch is None else self._batch_type.concatenate([self._batch, new_batch])  # type: ignore[list-item]
-        self._count_pass(len(new_batch), True, seconds)
-        self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(self._batch))
-        for row in new_batch.rows:
-            self._emit_tokens(row, self._handles[id(row)])
+    def _retire(self, scheduler: Scheduler[_Handle], rows: list[Row]) -> None:
+        if rows:
+            for row, handle in zip(rows, scheduler.retire(rows)):
+                self._finish(row, handle)
+        self.stats.running_rows = len(scheduler)
 
     # -- shared ---------------------------------------------------------------------------------------------------
 
@@ -564,8 +458,7 @@ class ContinuousBatchingEngine(Engine):
         if self.on_pass is not None:
             self.on_pass(rows, seconds)
 
-    def _finish(self, row: Row) -> None:
-        handle = self._handles.pop(id(row))
+    def _finish(self, row: Row, handle: _Handle) -> None:
         if row.error is not None:  # its logits were not finite: an error for this request, never its tokens
             self.stats.failed_rows += 1
             self._send(handle, row.error)

@@ -175,3 +175,19 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return str(value)
+
+
+class StoredTaskUnreadableError(ServiceError):
+    """A stored task's files no longer match its record (changed or damaged on disk since they were indexed). The
+    task is dropped from the store's view (its folder stays for inspection): later requests get a 404 and a new
+    upload takes its place."""
+
+    status_code = 503
+    code = "stored_task_unreadable"
+
+    def __init__(self, task_id: str, reason: str) -> None:
+        super().__init__(
+            f"task '{task_id}' cannot be served: its stored files do not match its record ({reason}); it has been "
+            "taken out of the store, upload it again",
+            task_id=task_id,
+        )

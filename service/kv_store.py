@@ -9,7 +9,9 @@ Two pools, both allocated by the engine and never handed to transformers' own ca
   slots x width, which is what the budget counts.
 - `PrefixBank`: keys/values of shape (layers, kv_heads, capacity, head_dim). A task's prefix occupies one range of
   columns, written once when its first row is admitted and shared by every row of that task (refcounted).
-  Unreferenced prefixes stay cached until their columns are needed.
+  Unreferenced prefixes stay cached until their columns are needed, or until they exceed the idle budget (the
+  prefix device budget, `idle_budget_bytes`). In the slot layout the bank is the registry's device tier
+  (`service.prefix_cache.DeviceTier`): a hot prefix is on the device once, here.
 
 Attention reads both (see `service.attention`); nothing is concatenated per step.
 """
@@ -126,16 +128,33 @@ class BankEntry:
 
 
 class PrefixBank:
-    """Each task's prefix K/V stored once, in a column range every row of the task attends to."""
+    """Each task's prefix K/V stored once, in a column range every row of the task attends to.
 
-    def __init__(self, geometry: KVGeometry, initial_capacity: int = 256) -> None:
+    Changed only by the engine's thread; `holds` and `held_bytes` may be read from any thread (the registry's)."""
+
+    def __init__(self, geometry: KVGeometry, initial_capacity: int = 256, idle_budget_bytes: int = 0) -> None:
         self.geometry = geometry
         self.capacity = 0
         self.keys = self._empty(0)
         self.values = self._empty(0)
         self.entries: dict[tuple[str, str], BankEntry] = {}
+        self.idle_budget_bytes = idle_budget_bytes  # bytes of unreferenced prefixes kept (0 = until room is needed)
+        self._held_tokens = 0  # columns of all entries, referenced or idle
         self._clock = 0
         self._grow_to(initial_capacity)
+
+    def holds(self, task_id: str, sha256: str) -> bool:
+        """Whether this version of the task's prefix is in the bank now (referenced or idle)."""
+        return (task_id, sha256) in self.entries
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the prefixes held (each once); `nbytes` is the capacity reserved for them."""
+        return self._held_tokens * self.geometry.bytes_per_token
+
+    def set_idle_budget(self, nbytes: int) -> None:
+        self.idle_budget_bytes = nbytes
+        self._trim_idle()
 
     def _empty(self, capacity: int) -> torch.Tensor:
         g = self.geometry
@@ -167,19 +186,38 @@ class PrefixBank:
             self.values[:, :, offset : offset + length] = kv[:, 1]
             entry = BankEntry(key, offset, length)
             self.entries[key] = entry
+            self._held_tokens += length
         entry.refs += 1
         entry.last_used = self._clock
         return entry
 
     def release(self, entry: BankEntry) -> None:
         entry.refs -= 1
+        if not entry.refs:
+            self._trim_idle()
+
+    def _forget(self, entry: BankEntry) -> None:
+        del self.entries[entry.key]
+        self._held_tokens -= entry.length
+
+    def _trim_idle(self) -> None:
+        """Forget least recently used unreferenced prefixes while they hold more than the idle budget."""
+        if not self.idle_budget_bytes:
+            return
+        idle = sorted((e for e in self.entries.values() if not e.refs), key=lambda e: e.last_used)
+        idle_bytes = sum(e.length for e in idle) * self.geometry.bytes_per_token
+        for entry in idle:
+            if idle_bytes <= self.idle_budget_bytes:
+                break
+            self._forget(entry)
+            idle_bytes -= entry.length * self.geometry.bytes_per_token
 
     def _find_room(self, length: int) -> int:
         offset = self._first_fit(length)
         while offset is None:
             idle = [e for e in self.entries.values() if not e.refs]
             if idle:  # forget the least recently used unreferenced prefix and look again
-                del self.entries[min(idle, key=lambda e: e.last_used).key]
+                self._forget(min(idle, key=lambda e: e.last_used))
             else:
                 self._compact_and_grow(length)
             offset = self._first_fit(length)

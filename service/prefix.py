@@ -18,7 +18,9 @@ class TaskPrefix:
     encoder-decoder model: the decoder's self-attention layers). `encoder_kv`, of the same layout over the encoder's
     layers and its own length, is the encoder half of a full (encoder + decoder) prefix; None for PEFT's prefixes.
     Instances are immutable; replacing a task's prefix swaps the registry's reference, so a batch already
-    running keeps the tensor it started with.
+    running keeps the tensor it started with. In the slot layout the registry hands out host-memory prefixes (read
+    from the store: a float32 view of the file's values, not necessarily contiguous); the engine's prefix bank
+    converts and copies them to the device.
     """
 
     task_id: str
@@ -90,8 +92,18 @@ def prompt_embeddings_to_kv(
         keys, values = (4 * layers) % (2 * adapter_layers), (4 * layers + 1) % (2 * adapter_layers)
         kv = torch.stack([rows[keys], rows[values]], dim=1)  # (L_decoder, 2, H, V, D)
     else:
-        kv = rows.reshape(g.num_layers, 2, g.num_kv_heads, num_virtual_tokens, g.head_dim)
+        kv = prompt_embeddings_kv_view(prompt_embeddings, geometry)
     return kv.to(device=device, dtype=dtype).contiguous()
+
+
+def prompt_embeddings_kv_view(prompt_embeddings: torch.Tensor, geometry: PrefixGeometry) -> torch.Tensor:
+    """A decoder-only model's (V, L*2*token_dim) tensor seen as (L, 2, kv_heads, V, head_dim), without a copy: no
+    kernel runs, so a thread that is not the engine's can make it without starting an OpenMP team of its own (see
+    `service.compute_thread`); the prefix bank copies it into its columns on the engine thread."""
+    g = geometry
+    num_virtual_tokens = prompt_embeddings.shape[0]
+    rows = prompt_embeddings.reshape(num_virtual_tokens, 2 * g.num_layers, g.num_kv_heads, g.head_dim)
+    return rows.permute(1, 2, 0, 3).reshape(g.num_layers, 2, g.num_kv_heads, num_virtual_tokens, g.head_dim)
 
 
 def encoder_prompt_embeddings_to_kv(

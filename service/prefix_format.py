@@ -78,10 +78,13 @@ def validate_adapter(
     max_virtual_tokens: int,
     max_prefix_bytes: int,
     max_config_bytes: int,
+    check_values: bool = True,
 ) -> ValidatedAdapter:
     """Check an adapter against the served model's geometry; return its prompt embeddings as float32 on CPU.
 
     Raises PayloadTooLargeError (413) for the size caps and InvalidPrefixError (422) for everything else.
+    `check_values=False` skips the finite-values pass: for a stored task whose bytes (sha256) are the ones checked at
+    upload, read again on a cold load (the registry still checks the values in the served dtype).
     """
     # Size caps first: cheapest check, and nothing is parsed from an oversized upload.
     if len(config_bytes) > max_config_bytes:
@@ -101,7 +104,7 @@ def validate_adapter(
 
     config = _parse_config(config_bytes)
     shape = _check_config(config, geometry, max_virtual_tokens=max_virtual_tokens)
-    tensors = _parse_weights(weights_bytes, geometry, shape)
+    tensors = _parse_weights(weights_bytes, geometry, shape, check_values=check_values)
     warnings = _base_model_warnings(config, served_model_name)
     for text in warnings:
         logger.info("adapter warning: %s", text)
@@ -112,6 +115,33 @@ def validate_adapter(
         warnings=warnings,
         encoder_prompt_embeddings=tensors.get(ENCODER_WEIGHTS_TENSOR_NAME),
     )
+
+
+def validate_stored_config(
+    config_bytes: bytes,
+    weights_size: int,
+    geometry: PrefixGeometry,
+    *,
+    max_virtual_tokens: int,
+    max_prefix_bytes: int,
+    max_config_bytes: int,
+) -> tuple[dict[str, Any], int]:
+    """The checks of `validate_adapter` that need no weights (a stored task at start-up: its config against the
+    served model and today's limits, its weights' size from a stat). Returns (config, num_virtual_tokens); the
+    weights are parsed and checked when the task is first used."""
+    if len(config_bytes) > max_config_bytes:
+        raise PayloadTooLargeError(
+            f"adapter_config.json is {len(config_bytes)} bytes; the limit is {max_config_bytes}",
+            field="adapter_config", limit=max_config_bytes, got=len(config_bytes),
+        )
+    if weights_size > max_prefix_bytes:
+        raise PayloadTooLargeError(
+            f"adapter_model.safetensors is {weights_size} bytes; the limit is {max_prefix_bytes}",
+            field="adapter_model", limit=max_prefix_bytes, got=weights_size,
+        )
+    config = _parse_config(config_bytes)
+    shape = _check_config(config, geometry, max_virtual_tokens=max_virtual_tokens)
+    return config, shape.num_virtual_tokens
 
 
 @dataclass(frozen=True)
@@ -261,7 +291,9 @@ def _encoder_length(config: dict[str, Any], geometry: PrefixGeometry, cap: int) 
     return length
 
 
-def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, shape: _AdapterShape) -> dict[str, torch.Tensor]:
+def _parse_weights(
+    weights_bytes: bytes, geometry: PrefixGeometry, shape: _AdapterShape, *, check_values: bool = True
+) -> dict[str, torch.Tensor]:
     if not weights_bytes:
         raise InvalidPrefixError("adapter_model", "a non-empty safetensors file", "0 bytes")
     _check_header_size(weights_bytes)
@@ -293,11 +325,15 @@ def _parse_weights(weights_bytes: bytes, geometry: PrefixGeometry, shape: _Adapt
                 "server cannot do per task"
             )
         raise InvalidPrefixError("adapter_model", expected, got, message=message)
-    return {name: _checked_tensor(name, tensors[name], expected_shapes[name], shape, geometry) for name in names}
+    return {
+        name: _checked_tensor(name, tensors[name], expected_shapes[name], shape, geometry, check_values=check_values)
+        for name in names
+    }
 
 
 def _checked_tensor(
-    name: str, tensor: torch.Tensor, expected_shape: list[int], shape: _AdapterShape, geometry: PrefixGeometry
+    name: str, tensor: torch.Tensor, expected_shape: list[int], shape: _AdapterShape, geometry: PrefixGeometry,
+    *, check_values: bool = True,
 ) -> torch.Tensor:
     if tensor.dtype not in _ACCEPTED_DTYPES:
         raise InvalidPrefixError(f"{name}.dtype", "one of " + "/".join(_ACCEPTED_DTYPES.values()), str(tensor.dtype))
@@ -321,6 +357,8 @@ def _checked_tensor(
 
     # Check after the cast: a float64 value beyond float32's range becomes inf here and is caught too.
     tensor = tensor.to(device="cpu", dtype=torch.float32).contiguous()
+    if not check_values:
+        return tensor
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         bad = int((~finite).sum())

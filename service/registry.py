@@ -33,6 +33,7 @@ an eviction.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import contextlib
 import hashlib
@@ -55,6 +56,7 @@ try:  # POSIX only; shared-store mode needs it
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+import numpy as np
 import torch
 
 from service.errors import (
@@ -63,20 +65,30 @@ from service.errors import (
     PrefixLimitError,
     PrefixVersionError,
     ServiceError,
+    StoredTaskUnreadableError,
     TaskExistsError,
     TaskNotFoundError,
 )
 from service.geometry import PrefixGeometry
 from service.metrics import Metrics
-from service.prefix import TaskPrefix, encoder_prompt_embeddings_to_kv, prompt_embeddings_to_kv
-from service.prefix_cache import TieredPrefixCache, Tier
-from service.prefix_format import ValidatedAdapter, validate_adapter
+from service.prefix import (
+    TaskPrefix,
+    encoder_prompt_embeddings_to_kv,
+    prompt_embeddings_kv_view,
+    prompt_embeddings_to_kv,
+)
+from service.prefix_cache import DeviceTier, TieredPrefixCache, Tier
+from service.prefix_format import ValidatedAdapter, validate_adapter, validate_stored_config
 from service.templates import validate_description, validate_template
 
 logger = logging.getLogger(__name__)
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+
+
+def is_valid_task_id(task_id: str) -> bool:
+    return _TASK_ID_RE.fullmatch(task_id) is not None
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -186,6 +198,7 @@ class PrefixRegistry:
         metrics: Metrics | None = None,
         shared: bool = False,
         probe: Callable[[TaskPrefix], None] | None = None,
+        device_tier: bool = True,
     ) -> None:
         if shared and fcntl is None:
             raise RuntimeError("a shared prefix store needs POSIX file locks (fcntl), not available on this platform")
@@ -206,9 +219,17 @@ class PrefixRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._entries: Mapping[str, PrefixRecord] = MappingProxyType({})
+        self._page_index: tuple[Mapping[str, PrefixRecord], builtins.list[str]] | None = None  # sorted ids per snapshot
+        # device_tier=False (the slot layout): the engine's prefix bank is the device tier (`attach_device_tier`);
+        # prefixes are made and kept in host memory, and the bank holds the one device copy.
         self._cache = TieredPrefixCache(
-            self.device, device_budget_bytes=device_budget_bytes, host_budget_bytes=host_budget_bytes, metrics=metrics
+            self.device, device_budget_bytes=device_budget_bytes, host_budget_bytes=host_budget_bytes, metrics=metrics,
+            device_tier=device_tier,
         )
+        self._prefix_device = self.device if device_tier else torch.device("cpu")
+        # task id -> (sha256, st_ino, st_size, st_mtime_ns) of a weights file this process has hashed: a later cold
+        # load of the same, unchanged file skips the sha256 (the first load after start-up always checks it).
+        self._verified: dict[str, tuple[str, int, int, int]] = {}
         self._writing: set[str] = set()  # temp folders of puts in progress: load_all must not sweep them
         self._metrics = metrics
         self._generation_seen: str | None = None  # shared mode: the store generation the snapshot reflects
@@ -224,9 +245,10 @@ class PrefixRegistry:
         validate_task_id(task_id)
         self._sync()
         with self._lock:
-            if task_id not in self._entries:
+            record = self._entries.get(task_id)
+            if record is None:
                 raise TaskNotFoundError(task_id)
-            return self._cache.get(task_id, lambda: self._load_task(task_id, self.root / task_id)[0])
+            return self._cached_prefix(record)[0]
 
     def lookup(self, task_id: str) -> tuple[TaskPrefix, PrefixRecord]:
         """The task's prefix and its record, of the same version (taken together under the lock, so a replace
@@ -237,8 +259,7 @@ class PrefixRegistry:
             record = self._entries.get(task_id)
             if record is None:
                 raise TaskNotFoundError(task_id)
-            prefix = self._cache.get(task_id, lambda: self._load_task(task_id, self.root / task_id)[0])
-            return prefix, record
+            return self._cached_prefix(record)
 
     def adapter_files(self, task_id: str) -> dict[str, bytes]:
         """The stored files of a task, as PEFT loads them (adapter_config.json, adapter_model.safetensors) plus
@@ -266,8 +287,25 @@ class PrefixRegistry:
 
     def tier(self, task_id: str) -> Tier:
         """Where the task's KV lives now: device, host or disk."""
-        self._entry(task_id)
-        return self._cache.tier(task_id)
+        record = self._entry(task_id)
+        return self._cache.tier(task_id, record.sha256)
+
+    def count_by_tier(self) -> dict[Tier, int]:
+        """How many stored tasks each tier holds now (each task counted once, in the fastest tier holding it)."""
+        counts: dict[Tier, int] = {"device": 0, "host": 0, "disk": 0}
+        self._sync()
+        for task_id, record in self._entries.items():
+            counts[self._cache.tier(task_id, record.sha256)] += 1
+        return counts
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        """Prefix KV bytes held per memory tier (device, host); each byte counted once, where it is."""
+        return self._cache.bytes_by_tier()
+
+    def attach_device_tier(self, tier: DeviceTier) -> None:
+        """The slot layout: the engine's prefix bank is the device tier. Called by the engine's thread when it builds
+        the bank; the registry then reports a task held there as on the device."""
+        self._cache.attach_device_tier(tier)
 
     @property
     def cache(self) -> TieredPrefixCache:
@@ -300,8 +338,11 @@ class PrefixRegistry:
     # ------------------------------------------------------------------ loading
 
     def load_all(self) -> None:
-        """Load every stored task. Leftovers of interrupted writes are cleaned up; an unreadable or invalid task
-        is logged and skipped (it stays on disk for inspection), never fatal."""
+        """Index every stored task: its metadata, config and task.json, checked against the served model and
+        today's limits, and its weights' size (a stat). No weights are read: each prefix is read, checked against its
+        sha256 and converted on its first use (`get`), so start-up time and memory do not grow with the weights
+        stored. Leftovers of interrupted writes are cleaned up; an unreadable or invalid task is logged and skipped
+        (it stays on disk for inspection), never fatal."""
         with self._lock, self._store_lock(exclusive=True):
             self._recover_leftovers()
             if self.shared:  # generation files a crashed writer left half-written (we hold the lock: none is live)
@@ -317,12 +358,13 @@ class PrefixRegistry:
                     logger.warning("prefix store: skipping %s: folder name is not a valid task id", path)
                     continue
                 try:
-                    prefix, entries[name] = self._load_task(name, path)
-                    self._cache.put(prefix)
-                except Exception as exc:  # noqa: BLE001 - one bad task (or a device OOM) must not stop start-up
+                    entries[name] = self._scan_task(name, path)
+                except Exception as exc:  # noqa: BLE001 - one bad task must not stop start-up
                     logger.warning("prefix store: skipping task %r at %s: %s", name, path, _describe(exc))
             self._entries = MappingProxyType(entries)
-        logger.info("prefix store: loaded %d task prefix(es) from %s", len(entries), self.root)
+            for task_id in [t for t in list(self._verified) if t not in entries]:
+                del self._verified[task_id]
+        logger.info("prefix store: indexed %d task(s) from %s (weights load on first use)", len(entries), self.root)
 
     def load_task(self, task_id: str, sha256: str | None = None) -> TaskPrefix:
         """Load one stored task's prefix from disk onto this registry's device, bypassing the snapshot and the cache
@@ -341,14 +383,27 @@ class PrefixRegistry:
         return prefix
 
     def _load_task(self, task_id: str, path: Path) -> tuple[TaskPrefix, PrefixRecord]:
-        config_bytes = (path / CONFIG_FILE).read_bytes()
-        weights_bytes = (path / WEIGHTS_FILE).read_bytes()
+        """Read and check one stored task completely (record and prefix)."""
+        record = self._scan_task(task_id, path)
+        return self._load_prefix(record, path), record
+
+    def _scan_task(self, task_id: str, path: Path) -> PrefixRecord:
+        """A stored task's record from its small files and a stat of its weights (which are not read)."""
         metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
         if not isinstance(metadata, dict):
             raise ValueError(f"{METADATA_FILE} is not a JSON object")
-        digest = hashlib.sha256(weights_bytes).hexdigest()
-        if metadata.get("sha256") != digest or metadata.get("bytes") != len(weights_bytes):
-            raise ValueError(f"{WEIGHTS_FILE} does not match the sha256/size recorded in {METADATA_FILE} (corrupt?)")
+        digest, nbytes, created_at = metadata.get("sha256"), metadata.get("bytes"), metadata.get("created_at")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ValueError(f"{METADATA_FILE} lacks a sha256")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool):
+            raise ValueError(f"{METADATA_FILE} lacks bytes")
+        if not isinstance(created_at, str):
+            raise ValueError(f"{METADATA_FILE} lacks created_at")
+        size = (path / WEIGHTS_FILE).stat().st_size
+        if size != nbytes:
+            raise ValueError(
+                f"{WEIGHTS_FILE} is {size} bytes, {METADATA_FILE} records {nbytes} (truncated or corrupt?)"
+            )
         info = TaskInfo()
         if (path / TASK_FILE).is_file():
             info = TaskInfo.from_json(
@@ -356,13 +411,106 @@ class PrefixRegistry:
                 max_template_chars=self.max_template_chars,
                 max_description_chars=self.max_description_chars,
             )
-        validated = self._validate(config_bytes, weights_bytes, info)
+        max_virtual_tokens, max_prefix_bytes = self._limits(info)
+        config, num_virtual_tokens = validate_stored_config(
+            (path / CONFIG_FILE).read_bytes(), size, self.geometry, max_virtual_tokens=max_virtual_tokens,
+            max_prefix_bytes=max_prefix_bytes, max_config_bytes=self.max_config_bytes,
+        )
+        base_model = config.get("base_model_name_or_path")
+        return PrefixRecord(
+            task_id=task_id,
+            num_virtual_tokens=num_virtual_tokens,
+            bytes=nbytes,
+            sha256=digest,
+            created_at=created_at,
+            base_model_name_or_path=base_model if isinstance(base_model, str) and base_model else None,
+            prompt_template=info.prompt_template,
+            description=info.description,
+            source=info.source,
+        )
+
+    def _load_prefix(self, record: PrefixRecord, path: Path) -> TaskPrefix:
+        """Read a stored task's weights and make its prefix. The weights must be the ones `record` names (sha256,
+        checked unless this process already hashed this very file); ValueError otherwise."""
+        with open(path / WEIGHTS_FILE, "rb") as f:
+            stat = os.fstat(f.fileno())
+            weights_bytes = f.read()
+        identity = (record.sha256, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if len(weights_bytes) != record.bytes:
+            raise ValueError(f"{WEIGHTS_FILE} is {len(weights_bytes)} bytes, its record says {record.bytes}")
+        if self._verified.get(record.task_id) != identity:
+            if hashlib.sha256(weights_bytes).hexdigest() != record.sha256:
+                raise ValueError(f"{WEIGHTS_FILE} does not match the sha256 recorded in {METADATA_FILE} (corrupt?)")
+        info = TaskInfo(source=record.source)
+        # The bytes are the ones validated at upload (sha256): parse and shape-check them, but the values are checked
+        # once, in the served dtype, by _make_entry.
+        validated = self._validate((path / CONFIG_FILE).read_bytes(), weights_bytes, info, check_values=False)
         for text in validated.warnings:
-            logger.warning("prefix store: task %r: %s", task_id, text)
-        created_at = metadata.get("created_at")
-        if not isinstance(created_at, str):
-            raise ValueError(f"{METADATA_FILE} lacks created_at")
-        return self._make_entry(task_id, validated, digest, len(weights_bytes), created_at, info)
+            logger.debug("prefix store: task %r: %s", record.task_id, text)
+        if not self._cache.has_device_tier and validated.encoder_prompt_embeddings is None:
+            prefix = self._host_prefix(record, validated)
+        else:
+            # Finite float32 values stay finite in a dtype of float32's range: only a narrower serving dtype
+            # (float16, bfloat16 rounding near its top) needs the values checked again.
+            wide = self.dtype in (torch.float32, torch.float64)
+            prefix = self._make_entry(
+                record.task_id, validated, record.sha256, record.bytes, record.created_at, info, check_values=not wide
+            )[0]
+        self._verified[record.task_id] = identity
+        return prefix
+
+    def _host_prefix(self, record: PrefixRecord, validated: ValidatedAdapter) -> TaskPrefix:
+        """The slot layout's cold load, on an input thread: the prefix as a float32 view of the file's bytes, made
+        without running a torch kernel (a kernel would leave an OpenMP team on this long-lived thread and slow every
+        engine step, see `service.compute_thread`). The bank converts it to the served dtype as it copies it in."""
+        kv = prompt_embeddings_kv_view(validated.prompt_embeddings, self.geometry)
+        if self.dtype not in (torch.float32, torch.float64):
+            # numpy reductions are single-threaded; NaN fails the comparison too.
+            largest = np.abs(validated.prompt_embeddings.numpy()).max()
+            if not largest <= torch.finfo(self.dtype).max:
+                raise InvalidPrefixError(
+                    "prompt_embeddings",
+                    f"values representable in the served model's dtype ({str(self.dtype).removeprefix('torch.')})",
+                    "values that overflow to inf",
+                )
+        return TaskPrefix(task_id=record.task_id, kv=kv, sha256=record.sha256)
+
+    def _cached_prefix(self, record: PrefixRecord) -> tuple[TaskPrefix, PrefixRecord]:
+        """The prefix of `record`'s version, from memory or disk. Caller holds the lock. A stored task whose files
+        no longer match its record is dropped from the store (logged; its folder stays for inspection) and the
+        request gets StoredTaskUnreadableError naming it; the next request for it gets a 404."""
+        task_id = record.task_id
+        if self._cache.cached(task_id):
+            return self._cache.get(task_id, _unreachable), record
+        path = self.root / task_id
+        try:
+            with self._store_lock(exclusive=False):
+                if self.shared:
+                    # Another process may have replaced the task since our snapshot: load what is stored now.
+                    record = self._scan_task(task_id, path)
+                    self._entries = MappingProxyType({**self._entries, task_id: record})
+                prefix = self._cache.get(task_id, lambda: self._load_prefix(record, path))
+        except FileNotFoundError as exc:
+            if self.shared and not path.exists():  # deleted through another process
+                self._forget(task_id)
+                raise TaskNotFoundError(task_id) from None
+            self._refuse_unreadable(task_id, path, exc)
+        except (OSError, ValueError, ServiceError) as exc:
+            self._refuse_unreadable(task_id, path, exc)
+        return prefix, record
+
+    def _refuse_unreadable(self, task_id: str, path: Path, exc: BaseException) -> builtins.NoReturn:
+        reason = _describe(exc)
+        logger.error("prefix store: task %r at %s cannot be served and is dropped from the store: %s",
+                     task_id, path, reason)
+        self._forget(task_id)
+        raise StoredTaskUnreadableError(task_id, reason) from None
+
+    def _forget(self, task_id: str) -> None:
+        """Drop a task from this process's view (not from disk). Caller holds the lock."""
+        self._entries = MappingProxyType({k: v for k, v in self._entries.items() if k != task_id})
+        self._cache.drop(task_id)
+        self._verified.pop(task_id, None)
 
     def _recover_leftovers(self) -> None:
         """Undo or finish what a crash interrupted. Caller holds the lock."""
@@ -469,6 +617,7 @@ class PrefixRegistry:
                 self._bump_generation()
                 self._entries = MappingProxyType({**self._entries, task_id: record})
                 self._cache.put(prefix)
+                self._mark_verified(task_id, digest, target / WEIGHTS_FILE)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -507,8 +656,7 @@ class PrefixRegistry:
             else:
                 logger.warning("prefix store: task %r was already gone from %s", task_id, self.root)
             self._bump_generation()
-            self._entries = MappingProxyType({k: v for k, v in self._entries.items() if k != task_id})
-            self._cache.drop(task_id)
+            self._forget(task_id)
         if self._metrics is not None:
             # A deleted task's per-task series would otherwise stay forever (and keep naming it on /metrics).
             self._metrics.forget_task(task_id)
@@ -516,6 +664,15 @@ class PrefixRegistry:
         logger.info("prefix store: deleted task %r", task_id)
 
     # ------------------------------------------------------------------ helpers
+
+    def _mark_verified(self, task_id: str, digest: str, weights: Path) -> None:
+        """This process wrote (and hashed) these weights: a later cold load of the unchanged file needs no sha256."""
+        try:
+            stat = weights.stat()
+        except OSError:
+            self._verified.pop(task_id, None)
+            return
+        self._verified[task_id] = (digest, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     def _check_capacity(self, task_id: str, *, on_disk: bool = False) -> None:
         if self.max_prefixes is None:
@@ -584,24 +741,31 @@ class PrefixRegistry:
                     if known is not None and _stored_version(path) == (known.sha256, known.created_at):
                         entries[task_id] = known
                         continue
-                    prefix, entries[task_id] = self._load_task(task_id, path)
-                    self._cache.put(prefix)
+                    entries[task_id] = self._scan_task(task_id, path)
+                    self._cache.drop(task_id)  # another version: loaded on its first use
+                    self._verified.pop(task_id, None)
                 except Exception as exc:  # noqa: BLE001 - as in load_all: skip what cannot be read
                     logger.warning("prefix store: skipping task %r at %s: %s", task_id, path, _describe(exc))
             for task_id in set(self._entries) - set(entries):
                 self._cache.drop(task_id)
+                self._verified.pop(task_id, None)
                 if self._metrics is not None:  # deleted through another process: as in delete()
                     self._metrics.forget_task(task_id)
             self._entries = MappingProxyType(entries)
             self._generation_seen = generation
 
-    def _validate(self, config_bytes: bytes, weights_bytes: bytes, info: TaskInfo | None = None) -> ValidatedAdapter:
-        max_virtual_tokens, max_prefix_bytes = self.max_virtual_tokens, self.max_prefix_bytes
+    def _limits(self, info: TaskInfo | None) -> tuple[int, int]:
+        """(max_virtual_tokens, max_prefix_bytes) a task of this kind may have."""
         if info is not None and info.source == "text":
             # Made by this server from a text: up to max_text_tokens, whatever size that takes in float32.
-            max_virtual_tokens = self.max_text_tokens
             text_bytes = self.max_text_tokens * self.geometry.numbers_per_virtual_token * 4 + (1 << 20)
-            max_prefix_bytes = max(max_prefix_bytes, text_bytes)
+            return self.max_text_tokens, max(self.max_prefix_bytes, text_bytes)
+        return self.max_virtual_tokens, self.max_prefix_bytes
+
+    def _validate(
+        self, config_bytes: bytes, weights_bytes: bytes, info: TaskInfo | None = None, *, check_values: bool = True
+    ) -> ValidatedAdapter:
+        max_virtual_tokens, max_prefix_bytes = self._limits(info)
         return validate_adapter(
             config_bytes,
             weights_bytes,
@@ -610,6 +774,7 @@ class PrefixRegistry:
             max_virtual_tokens=max_virtual_tokens,
             max_prefix_bytes=max_prefix_bytes,
             max_config_bytes=self.max_config_bytes,
+            check_values=check_values,
         )
 
     def _make_entry(
@@ -620,17 +785,20 @@ class PrefixRegistry:
         nbytes: int,
         created_at: str,
         info: TaskInfo | None = None,
+        *,
+        check_values: bool = True,
     ) -> tuple[TaskPrefix, PrefixRecord]:
         info = info or TaskInfo()
-        kv = prompt_embeddings_to_kv(validated.prompt_embeddings, self.geometry, dtype=self.dtype, device=self.device)
+        device = self._prefix_device
+        kv = prompt_embeddings_to_kv(validated.prompt_embeddings, self.geometry, dtype=self.dtype, device=device)
         encoder_kv = None
         if validated.encoder_prompt_embeddings is not None:
             encoder_kv = encoder_prompt_embeddings_to_kv(
-                validated.encoder_prompt_embeddings, self.geometry, dtype=self.dtype, device=self.device
+                validated.encoder_prompt_embeddings, self.geometry, dtype=self.dtype, device=device
             )
         # Finite in float32 is not enough: a value beyond float16's range (65504) becomes inf in the model dtype.
         for name, tensor in (("prompt_embeddings", kv), ("encoder_prompt_embeddings", encoder_kv)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            if check_values and tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise InvalidPrefixError(
                     name,
                     f"values representable in the served model's dtype ({str(self.dtype).removeprefix('torch.')})",
@@ -649,6 +817,34 @@ class PrefixRegistry:
             source=info.source,
         )
         return prefix, record
+
+    # ------------------------------------------------------------------ paging (issue 19)
+
+    def page(self, *, after: str | None, limit: int, prefix: str = "") -> tuple[builtins.list[PrefixRecord], bool]:
+        """Up to `limit` records in task-id order, of ids greater than `after` (from the start when None) that begin
+        with `prefix`, and whether more follow. Reads one snapshot: a task added or removed between two pages shifts
+        nothing else, since the next page starts after the last id returned, not at an offset."""
+        self._sync()
+        entries = self._entries
+        index = self._page_index
+        if index is None or index[0] is not entries:  # one sort per snapshot, not per page
+            index = (entries, sorted(entries))
+            self._page_index = index
+        ids: builtins.list[str] = index[1]
+        start = bisect.bisect_right(ids, after) if after is not None else 0
+        if prefix:
+            start = max(start, bisect.bisect_left(ids, prefix))
+        chosen: builtins.list[PrefixRecord] = []
+        for task_id in ids[start:start + limit + 1]:
+            if not task_id.startswith(prefix):
+                break  # sorted: ids with the prefix are contiguous
+            chosen.append(entries[task_id])
+        has_more = len(chosen) > limit
+        return chosen[:limit], has_more
+
+
+def _unreachable() -> TaskPrefix:
+    raise AssertionError("the prefix was in memory")
 
 
 def _task_id_from_aside_name(rest: str) -> str | None:

@@ -35,7 +35,11 @@ class Settings(BaseSettings):
     max_prefix_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Size cap of an uploaded safetensors.")
     max_config_bytes: int = Field(default=64 * 1024, ge=1, description="Size cap of an uploaded adapter_config.json.")
 
-    max_prefixes: int = Field(default=1000, ge=1, description="Most prefixes the store holds.")
+    max_prefixes: int = Field(
+        default=20_000, ge=1,
+        description="Most prefixes the store holds. Start-up reads only each task's small files (~0.16 ms and ~1 KB "
+        "of index per task), so 10,000 tasks start in ~2 s; prefixes are read on first use, within the budgets below.",
+    )
     max_text_task_tokens: int = Field(
         default=2048, ge=1,
         description="Longest text a task made from text may have (its V), in tokens; such a prefix is counted in the "
@@ -44,10 +48,15 @@ class Settings(BaseSettings):
     max_template_chars: int = Field(default=4096, ge=16, description="Longest prompt_template of a task.")
     max_description_chars: int = Field(default=1000, ge=1, description="Longest description of a task.")
     prefix_device_budget_bytes: int = Field(
-        default=0, ge=0, description="Prefix KV bytes kept on the device (0 = no limit); LRU beyond it moves to host."
+        default=512 * 1024 * 1024, ge=0,
+        description="Prefix KV bytes kept on the device when no running request needs them (0 = no limit): in the slot "
+        "layout the engine's prefix bank (each prefix once) forgets idle prefixes beyond it; in the padded layout "
+        "the least recently used move to host memory. Prefixes of running requests are always kept.",
     )
     prefix_host_budget_bytes: int = Field(
-        default=0, ge=0, description="Prefix KV bytes kept in host memory (0 = no limit); LRU beyond it: disk only."
+        default=1024 * 1024 * 1024, ge=0,
+        description="Prefix KV bytes kept in host memory (0 = no limit); the least recently used beyond it are read "
+        "from disk again on their next use.",
     )
 
     # HTTP
@@ -58,6 +67,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=80 * 1024 * 1024, ge=1, description="Cap on an upload body (POST /prefixes, multipart)."
     )
+    max_bulk_body_bytes: int = Field(
+        default=16 * 1024 * 1024 * 1024, ge=1,
+        description="Cap on a bulk import body (POST /prefixes/bulk, a tar), spooled to a temp file as it arrives.",
+    )
+    max_bulk_tasks: int = Field(default=10000, ge=1, description="Most task folders in one bulk import.")
+    bulk_workers: int = Field(
+        default=64, ge=1,
+        description="Threads that validate and store the tasks of one bulk import side by side; their probe forwards "
+        "are batched together (up to 64 rows), so more threads mean fewer, larger forwards.",
+    )
+    list_default_limit: int = Field(
+        default=100, ge=1, description="Page size of GET /prefixes and GET /v1/models when no limit is given."
+    )
+    list_max_limit: int = Field(default=1000, ge=1, description="Largest accepted limit of a listing page (422 beyond).")
     max_json_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1,
         description="Cap on every other request body (the JSON routes): refused with 413 before it is read whole. "

@@ -1,18 +1,16 @@
 """The running batch in the slot layout: rows in KV slots, one flat forward per step for decode and prefill alike.
 
-Each `step()` builds one flat sequence: the next token of every decoding row, then prompt chunks of rows still
-prefilling, as many prompt tokens as the step's token budget leaves (chunked prefill, vLLM's scheduling). The model
-reads its weights once for all of it. Tokens sit at their PEFT positions: a row with a V-token prefix has its own
-token at column c at position V + c, and attends to its task's prefix (stored once in the bank) plus its own columns
-0..c (see `service.attention`).
-
-Admission is by real memory: slots x width of the store plus the bank's columns must fit the KV budget.
+`SlotBatch.execute(schedule)` runs a step that `service.scheduling.slot_schedule.schedule_step` decided (the next token
+of every decoding row, then prompt chunks under the step's token budget): it builds one flat sequence, runs one forward
+(the model reads its weights once for all of it) and selects each row's next token. Tokens sit at their PEFT
+positions: a row with a V-token prefix has its own token at column c at position V + c, and attends to its task's
+prefix (stored once in the bank) plus its own columns 0..c (see `service.attention`). Admission (by real memory:
+slots x width of the store plus the bank's columns) is the scheduler's (`service.scheduling.slots`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -23,44 +21,25 @@ from service.batch import DecodeBatch
 from service.geometry import geometry_from_config
 from service.kv_store import KVGeometry, PrefixBank, SlotStore
 from service.prefix import TaskPrefix
-from service.requests import GenerationRequest, GenerationResult, SamplingParams
+from service.requests import GenerationRequest, SamplingParams
 from service.runner import ModelRunner
+from service.scheduling.slot_schedule import SlotLimits, SlotSchedule, schedule_step
 from service.text_prefix import text_kv
 from service.rows import Row, select_tokens
 from service.sampler import RowSampler
-from service.settings import setting_default
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SlotLimits:
-    """The slot batch's budgets. The engine derives them from its EngineLimits (`EngineLimits.slot_limits()`); the
-    defaults are Settings' own, so a SlotLimits() built directly (tests, bench) runs the server's budgets."""
-
-    num_slots: int = setting_default("max_running_rows")  # most rows running at once
-    max_kv_tokens: int = setting_default("max_kv_tokens")  # store (slots x width) + bank columns, in tokens
-    step_token_budget: int = setting_default("step_token_budget")  # most tokens in one forward while rows are decoding
-    # Most prompt tokens in one forward when no row is decoding (None: 8 x step_token_budget). It bounds how long one
-    # step can take, so how far past its deadline a long prompt can run and how long a new request may wait behind
-    # another's prefill.
-    idle_token_budget: int | None = setting_default("idle_token_budget")
-
-    @property
-    def idle_budget(self) -> int:
-        return self.idle_token_budget or 8 * self.step_token_budget
-
-
 class SlotBatch:
-    def __init__(self, runner: ModelRunner, limits: SlotLimits) -> None:
+    def __init__(self, runner: ModelRunner, num_slots: int) -> None:
         self.runner = runner
-        self.limits = limits
         prefix_geometry = geometry_from_config(runner.model.config)
         geometry = KVGeometry(
             prefix_geometry.num_layers, prefix_geometry.num_kv_heads, prefix_geometry.head_dim, runner.dtype,
             runner.device,
         )
-        self.store = SlotStore(geometry, limits.num_slots, prefix_geometry.max_positions)
+        self.store = SlotStore(geometry, num_slots, prefix_geometry.max_positions)
         self.bank = PrefixBank(geometry)
         self.rows: list[Row] = []  # admission order
         self._next_tokens: dict[int, int] = {}  # slot -> pending token (the last one sampled)
@@ -76,16 +55,6 @@ class SlotBatch:
     @property
     def kv_bytes_held(self) -> int:
         return self.store.nbytes + self.bank.nbytes
-
-    def fits(self, request: GenerationRequest) -> bool:
-        """Would admitting `request` now keep the store and the bank within the KV budget (and a slot free)?"""
-        if not self.store.free_slots:
-            return False
-        rows_after, width_after = self.store.shape_after(len(request.prompt_ids) + request.params.max_new_tokens)
-        bank_after = self.bank.referenced_tokens + (
-            self.bank.columns_needed(request.prefix) if request.prefix is not None else 0
-        )
-        return rows_after * width_after + bank_after <= self.limits.max_kv_tokens
 
     # -- rows -------------------------------------------------------------------------------------------------------
 
@@ -109,25 +78,11 @@ class SlotBatch:
 
     # -- one step ---------------------------------------------------------------------------------------------------
 
-    def step(self) -> list[Row]:
-        """Run one forward over every decoding row and as much prefill as the budget allows. Returns the rows that
-        got a new token (decoding rows, and rows whose prefill completed in this step)."""
-        decoding = sorted((r for r in self.rows if not r.prefilling and not r.finished), key=lambda r: r.slot)
-        # The budget protects decoding rows' inter-token latency; with none decoding, nobody waits on this step, so
-        # prefill as much as the idle budget allows (a burst of arrivals is then one forward, like a static batch).
-        limit = self.limits.step_token_budget if decoding else self.limits.idle_budget
-        budget = max(limit - len(decoding), 1)
-        chunks: list[tuple[Row, int]] = []
-        for row in self.rows:
-            if budget <= 0:
-                break
-            if row.prefilling and not row.finished:
-                n = min(len(row.request.prompt_ids) - row.cached, budget)
-                chunks.append((row, n))
-                budget -= n
-        if not decoding and not chunks:
-            return []
-
+    def execute(self, schedule: SlotSchedule) -> list[Row]:
+        """Run one step the scheduler decided: the inputs for its decode tokens and prompt chunks, one forward, one
+        token per row that reached its next token. Returns those rows (decoding rows, and rows whose prefill completed
+        in this step)."""
+        decoding, chunks = schedule.decoding, schedule.chunks
         token_ids: list[int] = []
         positions: list[int] = []
         write_slots: list[int] = []
@@ -327,11 +282,12 @@ def _check_slot_layout(runner: ModelRunner) -> bool:
         reference.append(padded.last_logits)
 
         config._attn_implementation = register_slot_attention()
-        batch = SlotBatch(runner, SlotLimits(num_slots=4, max_kv_tokens=1 << 16, step_token_budget=64))
+        limits = SlotLimits(num_slots=4, max_kv_tokens=1 << 16, step_token_budget=64)
+        batch = SlotBatch(runner, limits.num_slots)
         rows = [batch.add(r) for r in requests]
         observed = []
         for _ in range(2):
-            batch.step()
+            batch.execute(schedule_step(batch.rows, limits))
             observed.append(batch.last_logits)
         calls_ok = batch.last_plan is not None and batch.last_plan.calls == geometry.num_layers
         # Two attention implementations round differently; half precision far more so. A path that is wrong
@@ -354,19 +310,3 @@ def _check_slot_layout(runner: ModelRunner) -> bool:
         config.model_type, "was bypassed by the model" if not calls_ok else "gave different logits",
     )
     return False
-
-
-def generate(
-    runner: ModelRunner, requests: Sequence[GenerationRequest], *, step_token_budget: int = 128
-) -> list[GenerationResult]:
-    """Run requests to completion in the slot layout, all admitted at once (rows leave as they finish): the slot
-    counterpart of `service.batch.generate`, for tests and offline use."""
-    if not slot_layout_supported(runner):
-        raise ValueError(f"{runner.model.config.model_type}: the slot layout cannot serve this model")
-    budget = sum(r.reserved_kv_tokens for r in requests) * 2 + 1024
-    batch = SlotBatch(runner, SlotLimits(num_slots=len(requests), max_kv_tokens=budget, step_token_budget=step_token_budget))
-    rows = [batch.add(r) for r in requests]
-    while batch.rows:
-        batch.step()
-        batch.remove([r for r in batch.rows if r.finished])
-    return [row.result(runner.decode(row.generated)) for row in rows]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from service.batch import verify_prefix_support
-from service.engine import BatchingPolicy, Layout
+from service.scheduling.base import BatchingPolicy, Layout
 from service.geometry import PrefixGeometry
 from service.runner import ModelRunner
 from service.slots import slot_layout_supported

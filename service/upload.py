@@ -119,3 +119,100 @@ def upload_task(
             file=sys.stderr,
         )
     return 0 if response.is_success else 1
+
+
+# ------------------------------------------------------------------------------------------------------ many tasks
+
+TASK_MARKERS = ("adapter_config.json", "task.json")  # a folder with either is a task folder (task.json alone: text)
+
+
+def task_folders(paths: list[Path]) -> dict[str, Path]:
+    """Task id -> folder: each path is a task folder (its name is the task id), or a folder of task folders.
+    ValueError for a path that is neither, or two folders of one name."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_dir():
+            raise ValueError(f"{path}: not a directory")
+        is_task = any((path / marker).is_file() for marker in TASK_MARKERS)
+        children = [path] if is_task else sorted(
+            child for child in path.iterdir()
+            if child.is_dir() and any((child / marker).is_file() for marker in TASK_MARKERS)
+        )  # fmt: skip
+        if not children:
+            raise ValueError(f"{path}: neither an adapter directory nor a folder of adapter directories")
+        for child in children:
+            if child.name in found:
+                raise ValueError(f"task {child.name!r} twice: {found[child.name]} and {child}")
+            found[child.name] = child
+    return found
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    from service.bulk_archive import TASK_FILES
+
+    return {name: (folder / name).read_bytes() for name in TASK_FILES if (folder / name).is_file()}
+
+
+def upload_many(
+    url: str,
+    paths: list[Path],
+    *,
+    replace: bool = False,
+    api_key: str | None = None,
+    batch_size: int = 500,
+    concurrency: int = 2,
+) -> int:
+    """`prefix-serve upload DIR DIR...`: send the task folders as tars to POST /prefixes/bulk, `batch_size` tasks a
+    request, `concurrency` requests at a time (the server stores each request's tasks with several threads too).
+    Prints each refused task on stderr and the totals as JSON on stdout; exit code 0 when every task was stored,
+    1 when any was refused or a request failed, 2 for bad local input."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.bulk_archive import tar_stream
+
+    configure_logging("warning", "text")
+    if batch_size < 1 or concurrency < 1:
+        print("error: --batch-size and --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        folders = task_folders(paths)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    task_ids = sorted(folders)
+    batches = [task_ids[i:i + batch_size] for i in range(0, len(task_ids), batch_size)]
+    api_key = api_key or os.environ.get("PREFIX_SERVE_API_KEY")
+    headers = {"Content-Type": "application/x-tar", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    endpoint = url.rstrip("/") + "/prefixes/bulk"
+    totals = {"created": 0, "replaced": 0, "errors": 0}
+
+    def send(batch: list[str], client: httpx.Client) -> tuple[dict[str, Any] | None, str | None]:
+        body = tar_stream((task_id, _folder_files(folders[task_id])) for task_id in batch)
+        try:
+            response = client.post(endpoint, content=body, headers=headers, params={"replace": str(replace).lower()})
+        except (httpx.HTTPError, OSError) as exc:
+            return None, f"could not reach {url}: {exc}"
+        try:
+            parsed = response.json()
+        except ValueError:
+            parsed = None
+        if not response.is_success or not isinstance(parsed, dict):
+            shown = parsed.get("error") if isinstance(parsed, dict) else response.text[:500]
+            return None, f"{response.status_code} for tasks {batch[0]}..{batch[-1]}: {shown}"
+        return parsed, None
+
+    failed_requests = 0
+    with httpx.Client(timeout=None) as client, ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for answer, problem in pool.map(lambda batch: send(batch, client), batches):
+            if problem is not None:
+                failed_requests += 1
+                print(f"error: {problem}", file=sys.stderr)
+                continue
+            assert answer is not None
+            for key in totals:
+                totals[key] += int(answer.get(key, 0))
+            for result in answer.get("results", []):
+                if result.get("status") == "error":
+                    print(f"{result.get('task_id')}: {result.get('error')}", file=sys.stderr)
+    print(json.dumps({**totals, "tasks": len(task_ids), "failed_requests": failed_requests}))
+    return 0 if totals["errors"] == 0 and failed_requests == 0 else 1

@@ -669,3 +669,39 @@ def make_engine(runner: Any, *, layout: str = "auto", **kwargs: Any) -> Any:
 
     chosen = check_model(runner, geometry_from_config(runner.model.config), kwargs.get("policy", "mixed"), layout)
     return ContinuousBatchingEngine(runner, layout=chosen, **kwargs)
+
+
+@dataclass(eq=False)
+class WaitingRequest:
+    """A waiting request as a scheduler sees the engine's handle (`service.scheduling.base.WaitingItem`): its request
+    and when it arrived; `admitted_at` is where the engine would stamp its admission."""
+
+    request: Any
+    enqueued_at: float = 0.0
+    admitted_at: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bulk import / export archives (POST /prefixes/bulk, GET /prefixes/export)
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of regular files: member name -> data."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    """The regular files of a tar: member name -> data."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.isreg()}  # type: ignore[union-attr]

@@ -71,3 +71,52 @@ def test_concatenate_refuses_nothing_and_returns_a_single_batch_as_is(runner: Mo
     assert DecodeBatch.concatenate([only]) is only
     with pytest.raises(ValueError, match="nothing to concatenate"):
         DecodeBatch.concatenate([])
+
+
+def test_probes_that_arrive_together_share_forwards_and_refuse_exactly_what_one_probe_refuses(
+    runner: ModelRunner,
+) -> None:
+    """PrefixProber (the bulk import's probe): concurrent probes are taken together into one forward, and a prefix the
+    model cannot compute with (finite values that overflow its norms) is refused with probe_prefix's own error, while
+    the good prefixes batched beside it pass."""
+    import threading
+
+    import torch
+
+    from service.batch import PrefixProber, probe_prefix
+    from service.errors import InvalidPrefixError
+    from tests.helpers import slowed_forward
+
+    good = [random_task_prefix(runner.model, f"g{i}", 2 + i % 5, seed=i) for i in range(10)]
+    bad = [TaskPrefix(f"b{i}", torch.full_like(good[i].kv, 1e30), f"b{i}") for i in range(2)]
+    with pytest.raises(InvalidPrefixError) as alone:
+        probe_prefix(runner, bad[0])
+    rows_per_forward: list[int] = []
+    hook = runner.model.register_forward_pre_hook(
+        lambda _module, args, kwargs: rows_per_forward.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
+    )
+    prober = PrefixProber(runner, max_rows=8)
+    outcomes: dict[str, str] = {}
+    start = threading.Barrier(len(good) + len(bad))
+
+    def probe(prefix: TaskPrefix) -> None:
+        start.wait()
+        try:
+            prober(prefix)
+            outcomes[prefix.task_id] = "ok"
+        except InvalidPrefixError as exc:
+            outcomes[prefix.task_id] = exc.message
+
+    try:
+        with slowed_forward(runner.model, 0.2):  # the first forward runs while the others queue up
+            threads = [threading.Thread(target=probe, args=(p,)) for p in good + bad]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        hook.remove()
+    assert outcomes == {**{p.task_id: "ok" for p in good}, **{p.task_id: alone.value.message for p in bad}}
+    assert max(rows_per_forward) > 1 and max(rows_per_forward) <= 8
+    # 12 probes: far fewer forwards than one each, even counting the bad prefixes' confirmations alone
+    assert len(rows_per_forward) < len(good) + len(bad)

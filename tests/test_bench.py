@@ -125,3 +125,43 @@ def test_bench_runs_an_encoder_decoder_model(tmp_path: Path) -> None:
 
 def test_bench_rejects_unknown_systems(tmp_path: Path) -> None:
     assert cli.main(["bench", "--systems", "mixed,vllm", "--out", str(tmp_path)]) == 2
+
+
+def test_scale_bench_imports_lists_and_serves_many_tasks(tmp_path: Path, capsys) -> None:
+    """`bench --scale N`: every task is imported through POST /prefixes/bulk and listed page by page, and the three
+    traffic shapes run over the stored tasks (with tiny tiers, so most prefixes come back from disk)."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+    }))
+    out = tmp_path / "out"
+    code = cli.main([
+        "bench", "--random-init", str(config), "--device", "cpu", "--clients", "4", "--scale", "250",
+        "--scale-batch", "100", "--scale-single-uploads", "5", "--scale-device-prefixes", "4", "--scale-host-prefixes", "8", "--prompt-tokens", "4-6",
+        "--new-tokens", "3-3", "--virtual-tokens", "3", "--out", str(out),
+    ])
+    assert code == 0
+    payload = json.loads((out / "scale.json").read_text())
+    assert payload["bulk_import"]["tasks"] == 250 and payload["bulk_import"]["requests"] == 3
+    assert [(p["path"], p["limit"], p["pages"]) for p in payload["listing"]] == [
+        ("/prefixes", 100, 3), ("/prefixes", 1000, 1), ("/v1/models", 100, 3)
+    ]
+    assert [r["system"] for r in payload["rows"]] == ["hot-8", "zipf-250", "cold-250"]
+    assert all(r["generated_tokens"] == 3 * r["requests"] for r in payload["rows"])
+    assert set(payload["ratios"]) == {"zipf-250 / hot-8", "cold-250 / hot-8"}
+    assert "| POST /prefixes/bulk, 3 tars | 250 |" in (out / "scale.md").read_text()
+    assert "cold-250" in capsys.readouterr().out
+
+
+def test_scale_tables_in_the_docs_are_the_recorded_run() -> None:
+    """docs/benchmarks.md's import and listing tables of the ten-thousand-task run are scale.md's, line for line (its
+    traffic table is checked against scale.json's rows with the other benchmark tables, in test_docs.py)."""
+    root = Path(__file__).parents[1]
+    recorded = (root / "benchmarks" / "results" / "scale-cpu" / "scale.md").read_text().splitlines()
+    page = (root / "docs" / "benchmarks.md").read_text()
+    section = page[page.index("## Ten thousand tasks"):]
+    rows = [line for line in recorded if line.startswith(("| POST ", "| GET "))]
+    assert len(rows) == 5
+    for line in rows:
+        assert line in section.splitlines(), line

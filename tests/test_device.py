@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from service import slots
+from service.scheduling.slot_schedule import SlotLimits
+from service.scheduling.slots import SlotScheduler
 from service.batch import DecodeBatch
 from service.prefix import TaskPrefix
 from service.prefix_cache import TieredPrefixCache
@@ -90,16 +92,17 @@ def runner() -> ModelRunner:
 
 def test_slot_layout_step_syncs_the_host_once(runner: ModelRunner) -> None:
     assert slots.slot_layout_supported(runner)
-    batch = slots.SlotBatch(runner, slots.SlotLimits(step_token_budget=16))
+    scheduler = SlotScheduler(runner, SlotLimits(step_token_budget=16))
+    batch = scheduler.batch
     requests = _mixed_requests(runner.model)
     for request in requests[:4]:
         batch.add(request)
-    batch.step()  # prefill the first four
+    scheduler.step()  # prefill the first four
     batch.add(requests[4])  # its 40-token prompt prefills in chunks beside four decoding rows
     steps = 0
     with HostSyncCounter() as counter:
         for _ in range(6):
-            batch.step()
+            scheduler.step()
             steps += 1
     assert any(r.prefilling for r in batch.rows) or all(r.cached > 4 for r in batch.rows)
     assert counter.count <= steps, counter.calls

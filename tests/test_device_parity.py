@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from service import slots
+from service.scheduling.slots import generate as slots_generate
 from service.batch import generate as padded_generate, verify_prefix_support
 from service.geometry import geometry_from_config
 from service.registry import PrefixRegistry
@@ -83,7 +84,7 @@ def _service_tokens(model: PreTrainedModel, tmp_path: Path, peft_model, layout: 
     requests = [GenerationRequest(p, prefix, SamplingParams(max_new_tokens=NEW_TOKENS)) for p in PROMPTS]
     if layout == "slots":
         assert slots.slot_layout_supported(runner)
-        results = slots.generate(runner, requests, step_token_budget=5)  # longer prompts prefill in chunks
+        results = slots_generate(runner, requests, step_token_budget=5)  # longer prompts prefill in chunks
     else:
         results = padded_generate(runner, requests)
     return [r.token_ids for r in results]

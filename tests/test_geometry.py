@@ -113,7 +113,8 @@ def test_a_model_is_served_exactly_when_its_cache_fits_peft_prefix(case: str, tm
     it is refused at start with a message naming the model type and both shapes."""
     from service.registry import PrefixRegistry
     from service.requests import GenerationRequest, SamplingParams
-    from service.slots import generate as slots_generate, slot_layout_supported
+    from service.scheduling.slots import generate as slots_generate
+    from service.slots import slot_layout_supported
     from tests.helpers import make_peft_prefix_model, peft_greedy, read_adapter, save_adapter
 
     model_type, kwargs = KV_LAYOUT_CASES[case]

@@ -111,6 +111,8 @@ def test_request_limits_answer_4xx(limited: TestClient, loaded: LoadedModel, tmp
 
 
 def test_memory_tiers_evict_and_return_transparently(tmp_path: Path, loaded: LoadedModel) -> None:
+    """The slot layout: the engine's prefix bank is the device tier (one device copy of a hot prefix, its idle
+    entries within the device budget), the registry's LRU the host tier, then disk."""
     one_prefix = 2 * 2 * 2 * 4 * 8 * 4  # L * 2 * H_kv * V * D * float32 bytes for V=4 on the tiny llama
     settings = Settings(prefix_dir=tmp_path / "store", prefix_device_budget_bytes=one_prefix,
                         prefix_host_budget_bytes=one_prefix)
@@ -119,24 +121,47 @@ def test_memory_tiers_evict_and_return_transparently(tmp_path: Path, loaded: Loa
         for i, task in enumerate(["a", "b", "c"]):
             upload(client, task, adapter(loaded, tmp_path, task, v=4, seed=10 + i)[0])
         tiers = {p["task_id"]: p["tier"] for p in client.get("/prefixes").json()["prefixes"]}
-        assert tiers == {"c": "device", "b": "host", "a": "disk"}
-        # b: host -> device (c -> host); c: host -> device (b -> host); a: disk -> device (c -> host, b -> disk); a: hit
+        assert tiers == {"c": "host", "b": "disk", "a": "disk"}  # nothing on the device before a request runs
+        # Each request brings its prefix to the host tier and into the bank; the bank keeps one idle prefix.
         for task in ["b", "c", "a", "a"]:
             out = client.post("/generate", json={"task_id": task, "inputs": "t7 t8", "parameters": {"max_new_tokens": 5}})
             assert out.status_code == 200
             expected.setdefault(task, out.json()["generated_text"])
             assert out.json()["generated_text"] == expected[task], "an evicted prefix comes back unchanged"
             assert client.get(f"/prefixes/{task}").json()["tier"] == "device"
+        tiers = {p["task_id"]: p["tier"] for p in client.get("/prefixes").json()["prefixes"]}
+        assert tiers == {"a": "device", "b": "disk", "c": "disk"}
         registry = client.app.state.service.registry
         stats = registry.cache.stats
-        assert (stats.hits, stats.misses_from_host, stats.misses_from_disk) == (1, 2, 1)
-        assert (stats.evictions_to_host, stats.evictions_to_disk) == (5, 2)  # 2 + 1 of them during the uploads
-        assert registry.cache.bytes_by_tier() == {"device": one_prefix, "host": one_prefix}
+        assert (stats.hits, stats.misses_from_host, stats.misses_from_disk) == (1, 0, 3)
+        assert (stats.evictions_to_host, stats.evictions_to_disk) == (0, 5)  # 2 of them during the uploads
+        # a: once in the bank (device), once in host memory; nothing else held.
+        assert registry.bytes_by_tier() == {"device": one_prefix, "host": one_prefix}
         metrics = client.get("/metrics").text
-        assert 'prefix_serve_prefix_cache_misses_total{source="disk"}' in metrics
-        assert 'prefix_serve_prefix_cache_evictions_total{to="host"}' in metrics
+        assert 'prefix_serve_prefix_cache_misses_total{source="disk"} 3.0' in metrics
+        assert 'prefix_serve_prefix_cache_evictions_total{to="disk"} 5.0' in metrics
         assert 'prefix_serve_prefixes{tier="device"} 1.0' in metrics
-        assert 'prefix_serve_prefixes{tier="disk"} 1.0' in metrics
+        assert 'prefix_serve_prefixes{tier="disk"} 2.0' in metrics
+        assert f'prefix_serve_prefix_bytes{{tier="device"}} {float(one_prefix)}' in metrics
+        assert f'prefix_serve_prefix_bytes{{tier="host"}} {float(one_prefix)}' in metrics
+
+
+def test_weights_damaged_on_disk_answer_a_clear_error_naming_the_task(tmp_path: Path, loaded: LoadedModel) -> None:
+    store = tmp_path / "store"
+    with TestClient(create_app(Settings(prefix_dir=store), loaded)) as client:
+        upload(client, "t", adapter(loaded, tmp_path, "t", v=4, seed=3)[0])
+    # Restarted: the index is read, the weights are not; then the file is damaged under the server.
+    with TestClient(create_app(Settings(prefix_dir=store), loaded)) as client:
+        weights = store / "t" / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0x01
+        weights.write_bytes(bytes(data))
+        body = {"task_id": "t", "inputs": "t7 t8", "parameters": {"max_new_tokens": 2}}
+        out = client.post("/generate", json=body)
+        assert out.status_code == 503
+        assert out.json()["type"] == "stored_task_unreadable" and "'t'" in out.json()["error"]
+        assert client.post("/generate", json=body).status_code == 404  # taken out: no error loop on the same file
+        assert weights.is_file()
 
 
 def test_metrics_cover_requests_batches_and_uploads(client_with_task) -> None:

@@ -70,6 +70,24 @@ def test_the_least_recently_used_idle_prefix_is_evicted_first() -> None:
     assert ("newer", prefix("newer", 4).sha256) in bank.entries
 
 
+def test_idle_prefixes_beyond_the_idle_budget_are_forgotten_referenced_ones_never() -> None:
+    per_prefix = 4 * GEOMETRY.bytes_per_token
+    bank = PrefixBank(GEOMETRY, initial_capacity=64, idle_budget_bytes=per_prefix)
+    tasks = [prefix(f"t{i}", 4, seed=i) for i in range(4)]
+    entries = [bank.acquire(task) for task in tasks]
+    assert bank.held_bytes == 4 * per_prefix, "referenced prefixes stay whatever the budget"
+    for entry in entries[:3]:
+        bank.release(entry)
+    # Three idle, room for one: the two least recently used go, though the bank has room for all.
+    assert [bank.holds(t.task_id, t.sha256) for t in tasks] == [False, False, True, True]
+    assert bank.held_bytes == 2 * per_prefix and bank.capacity == 64
+    torch.testing.assert_close(stored(bank, tasks[2]), tasks[2].kv)
+    assert not bank.holds("t2", "another version")
+    bank.set_idle_budget(0)  # 0: idle prefixes are kept until their room is needed
+    bank.release(entries[3])
+    assert bank.held_bytes == 2 * per_prefix
+
+
 def test_a_bank_of_referenced_prefixes_grows_and_keeps_their_values() -> None:
     bank = PrefixBank(GEOMETRY, initial_capacity=8)
     tasks = [prefix(f"t{i}", 5, seed=i) for i in range(3)]

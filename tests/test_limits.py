@@ -12,7 +12,8 @@ import pytest
 
 from service.engine import EngineLimits
 from service.settings import Settings
-from service.slots import SlotLimits
+from service.scheduling.padded import PaddedLimits
+from service.scheduling.slot_schedule import SlotLimits
 
 # EngineLimits field -> the Settings field it comes from, and how (a test value, the value EngineLimits then holds).
 SOURCES = {
@@ -44,6 +45,13 @@ def test_slot_limits_are_derived_from_engine_limits() -> None:
     assert limits.slot_limits() == SlotLimits(num_slots=5, max_kv_tokens=999, step_token_budget=11, idle_token_budget=44)
     assert limits.slot_limits().idle_budget == 44
     assert EngineLimits(step_token_budget=16).slot_limits().idle_budget == 8 * 16
+
+
+def test_padded_limits_are_derived_from_engine_limits() -> None:
+    limits = EngineLimits(max_running_rows=5, max_kv_tokens=999, max_prefill_rows=3, per_task_window_s=0.25)
+    assert limits.padded_limits() == PaddedLimits(
+        max_running_rows=5, max_kv_tokens=999, max_prefill_rows=3, per_task_window_s=0.25
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))

@@ -17,6 +17,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from service import slots
+from service.scheduling.slots import generate as slots_generate
 from service.batch import generate as padded_generate, verify_prefix_support
 from service.geometry import geometry_from_config
 from service.registry import PrefixRegistry
@@ -69,7 +70,7 @@ def generate(runner: ModelRunner, requests: list[GenerationRequest], layout: str
             pytest.skip(f"{arch} is served by the padded layout (checked above)")
         assert slots.slot_layout_supported(runner), f"{arch} should run in the slot layout"
         # A small step budget makes longer prompts prefill in several chunks.
-        return slots.generate(runner, requests, step_token_budget=5)
+        return slots_generate(runner, requests, step_token_budget=5)
     return padded_generate(runner, requests)
 
 

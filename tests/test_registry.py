@@ -13,10 +13,18 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 
 import service.registry as registry_module
-from service.errors import InvalidPrefixError, InvalidTaskIdError, TaskExistsError, TaskNotFoundError
+from service.errors import (
+    InvalidPrefixError,
+    InvalidTaskIdError,
+    StoredTaskUnreadableError,
+    TaskExistsError,
+    TaskNotFoundError,
+)
 from service.geometry import PrefixGeometry
+from service.kv_store import KVGeometry, PrefixBank
 from service.prefix import TaskPrefix
 from service.registry import TASK_ID_PATTERN, PrefixRecord, PrefixRegistry, validate_task_id
 from tests.helpers import (
@@ -278,13 +286,120 @@ def test_load_all_skips_corrupt_prefixes(
     fresh = make_registry(tmp_path, tiny_geometry)
     with caplog.at_level(logging.WARNING, logger="service.registry"):
         fresh.load_all()
+        # Start-up reads no weights: a flipped bit (same size) is only found when the prefix is first read.
+        assert [r.task_id for r in fresh.list()] == ["bitrot", "good"]
+        with pytest.raises(StoredTaskUnreadableError, match="'bitrot'.*sha256"):
+            fresh.get("bitrot")
     assert [r.task_id for r in fresh.list()] == ["good"]
-    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    with pytest.raises(TaskNotFoundError):  # taken out of the store: no second read, no error loop
+        fresh.get("bitrot")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     for name in ("bitrot", "no-metadata", "bad-config", "truncated", "bad-json", "bad name"):
         assert name in logged
     assert "num_layers" in logged
     # Skipped tasks stay on disk for inspection.
     assert (tmp_path / "bitrot").is_dir() and (tmp_path / "bad-config").is_dir()
+
+
+def test_start_up_reads_no_weights(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = make_registry(tmp_path, tiny_geometry)
+    for i in range(20):
+        reg.put(f"task-{i}", *adapters["a5" if i % 2 else "c9"], info=registry_module.TaskInfo(description=f"n{i}"))
+    weights_opened: list[str] = []
+    real_open = open
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file).endswith("adapter_model.safetensors"):
+            weights_opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    fresh = make_registry(tmp_path, tiny_geometry)
+    fresh.load_all()
+    assert weights_opened == []
+    assert fresh.list() == reg.list()  # ids, V, sizes, sha256, templates: all from the small files
+    assert {fresh.tier(f"task-{i}") for i in range(20)} == {"disk"}
+    assert torch.equal(fresh.get("task-3").kv, reg.get("task-3").kv)  # read on first use only
+    assert len(weights_opened) == 1 and fresh.tier("task-3") == "device"
+
+
+def test_weights_damaged_after_start_up_give_a_clear_error(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
+) -> None:
+    make_registry(tmp_path, tiny_geometry).put("t", *adapters["a5"])
+    make_registry(tmp_path, tiny_geometry).put("other", *adapters["b5"])
+    fresh = make_registry(tmp_path, tiny_geometry)
+    fresh.load_all()
+    weights = tmp_path / "t" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StoredTaskUnreadableError) as caught:
+        fresh.lookup("t")
+    assert caught.value.status_code == 503 and caught.value.details["task_id"] == "t"
+    assert "sha256" in caught.value.message
+    assert "t" not in fresh and fresh.get("other").sha256 == hashlib.sha256(adapters["b5"][1]).hexdigest()
+    # The damaged folder stays for inspection; a new upload takes its place.
+    assert weights.is_file()
+    _, created, _ = fresh.put("t", *adapters["a5"])
+    assert created and torch.equal(fresh.get("t").kv, make_registry(tmp_path, tiny_geometry)._load_task("t", tmp_path / "t")[0].kv)
+
+
+def test_a_cold_reload_of_unchanged_weights_is_not_hashed_again(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_registry(tmp_path, tiny_geometry).put("t", *adapters["a5"])
+    one_prefix = make_registry(tmp_path, tiny_geometry)._load_task("t", tmp_path / "t")[0].nbytes
+    # Host budget of one prefix, no device tier: a second task pushes the first back to disk.
+    reg = make_registry(tmp_path, tiny_geometry, host_budget_bytes=one_prefix, device_tier=False)
+    reg.load_all()
+    reg.put("u", *adapters["b5"])
+    hashed: list[int] = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(registry_module.hashlib, "sha256", lambda data=b"": hashed.append(len(data)) or real_sha256(data))
+    reg.get("t")  # first read in this process: checked
+    assert hashed == [len(adapters["a5"][1])] and reg.tier("u") == "disk"
+    reg.get("u")  # written by this process: known good
+    reg.get("t")  # read back from disk: same file, already checked
+    assert hashed == [len(adapters["a5"][1])] and reg.tier("t") == "host"
+    # Without a device tier the prefix is a view of the file's values (the bank converts it as it copies it in).
+    assert torch.equal(reg.get("t").kv, make_registry(tmp_path, tiny_geometry)._load_task("t", tmp_path / "t")[0].kv)
+
+
+def test_a_stored_prefix_that_overflows_a_narrower_serving_dtype_is_refused_on_use(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
+) -> None:
+    config, weights = adapters["a5"]
+    tensor = load_safetensors(weights)["prompt_embeddings"].clone()
+    tensor[0, 0] = 1e5  # finite in float32, inf in float16
+    make_registry(tmp_path, tiny_geometry).put("big", config, safetensors_bytes({"prompt_embeddings": tensor}))
+    for device_tier in (True, False):
+        half = make_registry(tmp_path, tiny_geometry, dtype=torch.float16, device_tier=device_tier)
+        half.load_all()
+        with pytest.raises(StoredTaskUnreadableError, match="overflow"):
+            half.get("big")
+
+
+def test_with_the_bank_as_device_tier_a_hot_prefix_is_held_and_counted_once(
+    tmp_path: Path, tiny_geometry: PrefixGeometry, adapters: dict[str, Adapter]
+) -> None:
+    reg = make_registry(tmp_path, tiny_geometry, device_tier=False)
+    reg.put("t", *adapters["a5"])
+    reg.put("u", *adapters["b5"])
+    g = tiny_geometry
+    bank = PrefixBank(KVGeometry(g.num_layers, g.num_kv_heads, g.head_dim, torch.float32, torch.device("cpu")))
+    reg.attach_device_tier(bank)
+    prefix = reg.get("t")
+    assert reg.tier("t") == "host" and reg.bytes_by_tier() == {"device": 0, "host": 2 * prefix.nbytes}
+    entry = bank.acquire(prefix)  # a row of the task is admitted: its prefix's one device copy
+    assert reg.tier("t") == "device" and reg.tier("u") == "host"
+    assert reg.count_by_tier() == {"device": 1, "host": 1, "disk": 0}
+    assert reg.bytes_by_tier() == {"device": prefix.nbytes, "host": 2 * prefix.nbytes}
+    bank.release(entry)
+    reg.put("t", *adapters["b5"], replace=True)  # the bank's copy is of the old version: not this task's now
+    assert reg.tier("t") == "host"
 
 
 def test_load_all_applies_current_limits(

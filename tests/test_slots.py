@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from service import slots
+from service.scheduling.slot_schedule import SlotLimits
+from service.scheduling.slots import SlotScheduler, generate as slots_generate
 from service.batch import DecodeBatch, generate as padded_generate
 from service.engine import EngineLimits
 from service.errors import DeadlineExceededError
@@ -40,18 +42,19 @@ def solo(runner: ModelRunner, request: GenerationRequest) -> list[int]:
 
 
 def test_a_row_admitted_into_a_freed_slot_produces_its_solo_tokens(runner, prefixes) -> None:
-    batch = slots.SlotBatch(runner, slots.SlotLimits(num_slots=2, max_kv_tokens=4096, step_token_budget=16))
+    scheduler = SlotScheduler(runner, SlotLimits(num_slots=2, max_kv_tokens=4096, step_token_budget=16))
+    batch = scheduler.batch
     short, long = req(prefixes["a"], [5, 6, 7], 2), req(prefixes["b"], [9, 10, 11, 12, 13, 14], 12)
     first, second = batch.add(short), batch.add(long)
     while not first.finished:
-        batch.step()
+        scheduler.step()
     freed = first.slot
     batch.remove([first])
     late = req(prefixes["c"], [20, 21, 22, 23, 24], 7)
     third = batch.add(late)
     assert third.slot == freed, "the new row took the freed slot"
     while batch.rows:
-        batch.step()
+        scheduler.step()
         batch.remove([r for r in batch.rows if r.finished])
     for row, request in ((first, short), (second, long), (third, late)):
         assert row.generated == solo(runner, request)
@@ -81,13 +84,14 @@ def test_two_hundred_requests_through_a_small_slot_pool_match_their_solo_results
 def test_a_tasks_prefix_is_stored_once_for_all_its_rows(runner, prefixes) -> None:
     """Measured on the tensors the engine allocates: more rows of one task add store rows, never prefix columns."""
     prefix = prefixes["b"]
-    batch = slots.SlotBatch(runner, slots.SlotLimits(num_slots=8, max_kv_tokens=1 << 16, step_token_budget=64))
+    scheduler = SlotScheduler(runner, SlotLimits(num_slots=8, max_kv_tokens=1 << 16, step_token_budget=64))
+    batch = scheduler.batch
     batch.add(req(prefix, [5, 6, 7], 4))
-    batch.step()
+    scheduler.step()
     bank_bytes = batch.bank.keys.untyped_storage().nbytes() + batch.bank.values.untyped_storage().nbytes()
     for i in range(7):
         batch.add(req(prefix, [8 + i, 9, 10], 4))
-    batch.step()
+    scheduler.step()
     assert len(batch.bank.entries) == 1 and batch.bank.referenced_tokens == prefix.num_virtual_tokens
     assert batch.bank.keys.untyped_storage().nbytes() + batch.bank.values.untyped_storage().nbytes() == bank_bytes
     assert max(batch.store.reserved) == 3 + 4, "slots hold only each row's own tokens (prompt + new), no prefix"
@@ -98,10 +102,11 @@ def test_a_tasks_prefix_is_stored_once_for_all_its_rows(runner, prefixes) -> Non
 
 
 def test_released_prefixes_are_reused_and_evicted_only_when_idle(runner, prefixes) -> None:
-    batch = slots.SlotBatch(runner, slots.SlotLimits(num_slots=4, max_kv_tokens=1 << 16))
+    scheduler = SlotScheduler(runner, SlotLimits(num_slots=4, max_kv_tokens=1 << 16))
+    batch = scheduler.batch
     row = batch.add(req(prefixes["a"], [5], 1))
     entry = row.bank_entry
-    batch.step()
+    scheduler.step()
     batch.remove([row])
     assert entry.refs == 0 and ("a", prefixes["a"].sha256) in batch.bank.entries, "kept cached while idle"
     again = batch.add(req(prefixes["a"], [6], 1))
@@ -161,4 +166,4 @@ def test_a_bfloat16_model_takes_the_slot_layout() -> None:
     assert slots.slot_layout_supported(runner)
     prefix = random_task_prefix(model, "t", 4, seed=0)
     requests = [req(prefix, [5, 6, 7, 8], 6), req(None, [9, 10], 6)]
-    assert [r.token_ids for r in slots.generate(runner, requests)] == [solo(runner, r) for r in requests]
+    assert [r.token_ids for r in slots_generate(runner, requests)] == [solo(runner, r) for r in requests]

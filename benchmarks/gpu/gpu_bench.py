@@ -122,24 +122,26 @@ def profile_steps(runner: ModelRunner, prefixes: dict[str, TaskPrefix], args: ar
     from torch.profiler import ProfilerActivity, profile
 
     from service.requests import GenerationRequest, SamplingParams
-    from service.slots import SlotBatch, SlotLimits
+    from service.scheduling.slot_schedule import SlotLimits
+    from service.scheduling.slots import SlotScheduler
 
     workload = make_workload(runner.tokenizer, num_requests=PROFILED_ROWS, num_tasks=min(8, len(prefixes)),
                              prompt_tokens=token_range(args.prompt_tokens), new_tokens=(64, 64), seed=args.seed + 7)
-    batch = SlotBatch(runner, SlotLimits(num_slots=PROFILED_ROWS, max_kv_tokens=1 << 30, step_token_budget=4096))
+    scheduler = SlotScheduler(runner, SlotLimits(num_slots=PROFILED_ROWS, max_kv_tokens=1 << 30, step_token_budget=4096))
+    batch = scheduler.batch
     for item in workload:
         batch.add(GenerationRequest(item.prompt_ids, prefixes[item.task_id],
                                     SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True)))
     while any(row.prefilling for row in batch.rows):
-        batch.step()
+        scheduler.step()
     for _ in range(3):  # warm
-        batch.step()
+        scheduler.step()
     steps = 5
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         started = time.perf_counter()
         for _ in range(steps):
-            batch.step()
+            scheduler.step()
         wall = (time.perf_counter() - started) / steps
     sort_key = "self_device_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key, 0), reverse=True)

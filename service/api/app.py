@@ -22,10 +22,11 @@ from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import generate, health, metrics as metrics_route, openai, prefixes, tasks
 from service.api.state import ServiceState
 from service.compute_thread import run_in_fresh_thread
-from service.batch import probe_prefix
+from service.batch import PrefixProber
 from service.engine import ContinuousBatchingEngine, EngineLimits
 from service.errors import ServiceError, UnauthorizedError
 from service.inputs import InputProcessor
+from service.kv_store import PrefixBank
 from service.metrics import Metrics
 from service.model_loader import LoadedModel, load_base_model
 from service.prefix import TaskPrefix
@@ -46,10 +47,12 @@ def make_registry(
     shared: bool,
     device: torch.device | None = None,
     probe: Callable[[TaskPrefix], None] | None = None,
+    device_tier: bool = True,
 ) -> PrefixRegistry:
     """The prefix store with the settings' limits, for the single-process server, the Ray ingress (`device` cpu) and
     each Ray replica: one place, so every process accepts the same tasks (a task made from text may be longer than
-    max_virtual_tokens). Not loaded yet (`load_all`)."""
+    max_virtual_tokens). Not loaded yet (`load_all`). `device_tier=False`: the engine's prefix bank will be the
+    device tier (the slot layout)."""
     return PrefixRegistry(
         settings.prefix_dir,
         loaded.geometry,
@@ -68,20 +71,31 @@ def make_registry(
         metrics=metrics,
         shared=shared,
         probe=probe,
+        device_tier=device_tier,
     )
 
 
 def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> ServiceState:
-    """Wire registry and engine around a loaded model. Blocking: loads every stored prefix."""
+    """Wire registry and engine around a loaded model. Blocking: indexes the prefix store (no weights are read)."""
     runner = ModelRunner(loaded.model, loaded.tokenizer)
     layout = check_model(runner, loaded.geometry, settings.batching)  # every start-up check; forwards run here
+    # Probes of uploads that arrive together (a bulk import's threads) share forwards. The slot layout's prefix bank
+    # is the device tier: the registry keeps prefixes in host memory, the bank holds the one device copy of each hot
+    # prefix (idle ones within the device budget).
     registry = make_registry(
-        settings, loaded, metrics, shared=settings.shared_prefix_store, probe=lambda p: probe_prefix(runner, p)
+        settings, loaded, metrics, shared=settings.shared_prefix_store, probe=PrefixProber(runner),
+        device_tier=layout != "slots",
     )
     registry.load_all()
     engine = ContinuousBatchingEngine(
         runner, policy=settings.batching, limits=EngineLimits.from_settings(settings), layout=layout
     )
+
+    def attach_bank(bank: PrefixBank) -> None:
+        bank.set_idle_budget(settings.prefix_device_budget_bytes)
+        registry.attach_device_tier(bank)
+
+    engine.on_prefix_bank = attach_bank
     engine.on_pass = metrics.observe_pass
     engine.on_row_error = lambda error: metrics.observe_generation_error(error.code)
     metrics.bind_gauges(lambda: engine.queue_size, lambda: engine.stats.running_rows)
@@ -149,7 +163,8 @@ def create_app(
     # Added innermost first: request context (ids, metrics, access log) wraps auth, which runs from the headers
     # before the body cap and before anything reads the body.
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_json_body_bytes=settings.max_json_body_bytes
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_json_body_bytes=settings.max_json_body_bytes,
+        max_bulk_body_bytes=settings.max_bulk_body_bytes,
     )
     app.add_middleware(AuthMiddleware, routers=routers)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

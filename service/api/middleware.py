@@ -78,18 +78,27 @@ class RequestContextMiddleware:
         )
 
 
+BULK_PATH = "/prefixes/bulk"
+
+
 class BodyLimitMiddleware:
-    """Caps request bodies: uploads (`/prefixes`) at `max_body_bytes`, every other route (JSON) at the much smaller
+    """Caps request bodies: bulk imports (`/prefixes/bulk`) at `max_bulk_body_bytes`, uploads (`/prefixes`) at
+    `max_body_bytes`, every other route (JSON) at the much smaller
     `max_json_body_bytes`. A declared Content-Length over the cap is refused before a byte is read; a chunked body
     is refused as soon as the running count passes it. Runs after AuthMiddleware, so an unauthenticated client gets
     its 401 whatever it sends."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_json_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, max_json_body_bytes: int, max_bulk_body_bytes: int | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_json_body_bytes = max_json_body_bytes
+        self.max_bulk_body_bytes = max_bulk_body_bytes if max_bulk_body_bytes is not None else max_body_bytes
 
     def limit_for(self, path: str) -> int:
+        if path == BULK_PATH:  # a tar of many adapters, spooled to disk as it arrives
+            return self.max_bulk_body_bytes
         return self.max_body_bytes if path == "/prefixes" or path.startswith("/prefixes/") else self.max_json_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

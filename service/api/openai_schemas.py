@@ -179,4 +179,7 @@ class ModelCard(BaseModel):
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelCard] = Field(description="One page: the base model first (on the first page), then tasks by id.")
+    first_id: str | None = Field(default=None, description="The page's first id (null when the page is empty).")
+    last_id: str | None = Field(default=None, description="The page's last id: pass it as `after` for the next page.")
+    has_more: bool = Field(default=False, description="Whether ids follow last_id.")

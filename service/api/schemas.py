@@ -229,7 +229,27 @@ class PrefixUploadResponse(PrefixInfo):
 
 
 class PrefixList(BaseModel):
-    prefixes: list[PrefixState]
+    prefixes: list[PrefixState] = Field(description="One page, in task-id order.")
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class BulkTaskResult(BaseModel):
+    task_id: str
+    status: Literal["created", "replaced", "error"]
+    error: str | None = Field(default=None, description="Why the task was not stored (status error).")
+    type: str | None = Field(default=None, description="The error's code, as a single upload's error `type`.")
+    status_code: int | None = Field(default=None, description="The status a single upload would have answered.")
+    sha256: str | None = None
+    num_virtual_tokens: int | None = None
+
+
+class BulkImportResponse(BaseModel):
+    created: int
+    replaced: int
+    errors: int
+    results: list[BulkTaskResult] = Field(description="One per task folder of the archive, in task-id order.")
 
 
 class HealthResponse(BaseModel):

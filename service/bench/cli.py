@@ -26,6 +26,9 @@ second and later dtypes are named e.g. `mixed-bfloat16`. peft runs in the first 
 
 --few-shot runs a separate pair instead (service/bench/fewshot.py): a ~1,000-token few-shot block in every prompt
 vs the same block stored once as a task made from text, at --clients, in the first --dtype.
+
+--scale N runs the ten-thousand-task bench instead (service/bench/scale.py): bulk import of N tasks, listing pages,
+and Zipf / cold-task traffic over the N stored tasks vs 8, at --clients, in the first --dtype.
 """
 
 from __future__ import annotations
@@ -82,6 +85,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "--clients "
                             "(service/bench/fewshot.py); uses the first value of --new-tokens.")
     bench.add_argument("--few-shot-tokens", type=int, default=1000, help="With --few-shot: the block's size in tokens.")
+    bench.add_argument("--scale", type=int, metavar="N",
+                       help="Instead: N stored tasks (service/bench/scale.py): bulk import time, listing time per "
+                            "page, and throughput of Zipf and cold-task traffic over them vs 8 tasks, at --clients.")
+    bench.add_argument("--scale-batch", type=int, default=1000, help="With --scale: tasks per bulk-import tar.")
+    bench.add_argument("--scale-single-uploads", type=int, default=200,
+                       help="With --scale: tasks also uploaded one by one (POST /prefixes) to compare the import with.")
+    bench.add_argument("--zipf", type=float, default=1.1, help="With --scale: the Zipf exponent of task popularity.")
+    bench.add_argument("--scale-device-prefixes", type=int, default=256,
+                       help="With --scale: prefixes the device tier keeps (its byte budget in prefixes of V tokens).")
+    bench.add_argument("--scale-host-prefixes", type=int, default=1024,
+                       help="With --scale: prefixes the host tier keeps; the rest are read back from disk.")
     bench.set_defaults(func=_run)
 
 

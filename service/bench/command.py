@@ -104,6 +104,10 @@ def main(args: argparse.Namespace) -> int:
         if threading.current_thread() is threading.main_thread():  # a SIGTERM unwinds, so the server is stopped
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     concurrencies = sorted({int(c) for c in args.concurrency.split(",") if c} | {args.clients})
+    if args.scale is not None:  # its own runs, in service/bench/scale.py
+        from service.bench.scale import run_scale
+
+        return run_scale(args, run_in_fresh_thread(_load, args, dtypes[0]))
     if args.few_shot:  # its own pair of systems, in service/bench/fewshot.py
         from service.bench.fewshot import run_few_shot
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from service import slots
+from service.scheduling import slots
 from service.model_loader import load_base_model
 from service.requests import GenerationRequest, SamplingParams
 from service.runner import ModelRunner

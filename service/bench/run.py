@@ -103,9 +103,12 @@ def run_engine_system(
     warmup: list[WorkItem] | None = None,
     step_token_budget: int = EngineLimits.step_token_budget,
     layout: Layout | None = None,
+    fetch: Callable[[str], TaskPrefix] | None = None,
 ) -> RunResult:
     """`layout` None: the one the start-up check chooses for `policy` (run once per model; callers run
-    `service.startup.check_model` first)."""
+    `service.startup.check_model` first). `fetch`: look each request's prefix up there (e.g. `registry.get`, which
+    may bring it back from host memory or disk), in a thread as the server's input stage does, instead of in
+    `prefixes`; its time counts in the request's latency."""
     limits = EngineLimits(
         max_running_rows=max(concurrency, 1), max_kv_tokens=1 << 30, max_waiting=len(workload) + 64,
         max_prefill_rows=max(concurrency, 1), step_token_budget=step_token_budget,
@@ -116,9 +119,11 @@ def run_engine_system(
     engine.on_pass = lambda rows, seconds: step_times.append(seconds)
 
     async def submit(item: WorkItem) -> RequestTiming:
-        prefix = prefixes[item.task_id] if use_prefix and item.task_id is not None else None
-        params = SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True)
         started = time.perf_counter()
+        prefix = None
+        if use_prefix and item.task_id is not None:
+            prefix = await asyncio.to_thread(fetch, item.task_id) if fetch is not None else prefixes[item.task_id]
+        params = SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True)
         token_times: list[float] = []
         tokens = 0
         async for event in engine.stream(GenerationRequest(item.prompt_ids, prefix, params), with_text=False):

@@ -19,9 +19,9 @@ router = APIRouter(
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 def metrics(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
     registry = state.registry
-    tiers = {"device": 0, "host": 0, "disk": 0}
-    for record in registry.list():
-        tiers[registry.tier(record.task_id)] += 1
-    for tier, count in tiers.items():
+    for tier, count in registry.count_by_tier().items():
         state.metrics.prefixes.labels(tier).set(count)
+    # Each prefix byte once, where it is: the device tier (the engine's prefix bank in the slot layout) and host memory.
+    for tier, nbytes in registry.bytes_by_tier().items():
+        state.metrics.prefix_bytes.labels(tier).set(nbytes)
     return Response(state.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)

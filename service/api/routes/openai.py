@@ -24,7 +24,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -46,6 +46,7 @@ from service.api.openai_schemas import (
 )
 from service.api.auth import require
 from service.api.body_route import CheckedBodyRoute
+from service.api.paging import check_prefix, page_limit
 from service.api.sse import event_stream, sse
 from service.api.state import ServiceState, get_state
 from service.engine import TokenEvent
@@ -90,12 +91,31 @@ _ERRORS: dict[int | str, dict] = {
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(state: State) -> ModelList:
-    """The base model (parent null) and every stored task (parent = the base model)."""
+def list_models(
+    state: State,
+    limit: Annotated[
+        int | None, Query(description="Models per page (default list_default_limit, 100; at most list_max_limit).")
+    ] = None,
+    after: Annotated[
+        str | None, Query(description="The previous page's last_id: this page starts after it (OpenAI's cursor).")
+    ] = None,
+    prefix: Annotated[str, Query(description="Extension: only ids that begin with this.")] = "",
+) -> ModelList:
+    """The base model (parent null) first, then the stored tasks (parent = the base model) in id order, a page at a
+    time: while `has_more`, ask again with `after=<last_id>`."""
+    size = page_limit(limit, state.settings)
+    check_prefix(prefix)
     base = state.model.name
-    tasks = [_task_card(record, base) for record in state.registry.list()]
-    cards = [] if base in state.registry else [_base_card(base)]
-    return ModelList(data=cards + tasks)
+    with_base = after is None and base.startswith(prefix) and base not in state.registry
+    # `after` the base model's own id: the tasks from their start (the base model sorts before every task).
+    task_after = None if after is None or (after == base and base not in state.registry) else after
+    cards = [_base_card(base)] if with_base else []
+    records, has_more = state.registry.page(after=task_after, limit=size - len(cards), prefix=prefix)
+    cards += [_task_card(record, base) for record in records]
+    return ModelList(
+        data=cards, has_more=has_more,
+        first_id=cards[0].id if cards else None, last_id=cards[-1].id if cards else None,
+    )  # fmt: skip
 
 
 @router.get("/models/{model:path}", response_model=ModelCard, responses={404: _ERRORS[404]})

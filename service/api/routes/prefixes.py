@@ -5,16 +5,40 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import tempfile
+import threading
 import zipfile
 from collections import Counter
-from typing import Annotated, BinaryIO
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, BinaryIO, Callable, Iterator
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile, status
+from fastapi.responses import StreamingResponse
 
 from service.api.auth import require
 from service.api.body_route import CheckedBodyRoute
-from service.api.schemas import ErrorResponse, PrefixInfo, PrefixList, PrefixState, PrefixUploadResponse
+from service.api.paging import check_prefix, decode_cursor, encode_cursor, page_limit
+from service.api.forms import UploadFormLimits
+from service.api.schemas import (
+    BulkImportResponse,
+    BulkTaskResult,
+    ErrorResponse,
+    PrefixInfo,
+    PrefixList,
+    PrefixState,
+    PrefixUploadResponse,
+)
 from service.api.state import ServiceState, get_state
+from service.bulk_archive import (
+    ArchiveLimits,
+    TaskMembers,
+    open_archive,
+    read_task,
+    scan_archive,
+    tar_stream,
+    task_json_cap,
+)
 from service.compute_thread import run_in_fresh_thread
 from service.errors import (
     InvalidPrefixError,
@@ -23,10 +47,14 @@ from service.errors import (
     PayloadTooLargeError,
     ServiceError,
     TaskExistsError,
+    TaskNotFoundError,
+    UnsupportedMediaTypeError,
 )
 from service.registry import PrefixRecord, TaskInfo, validate_task_id
 from service.templates import validate_description, validate_template
 from service.text_prefix import check_text, make_text_adapter
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=CheckedBodyRoute)
 
@@ -145,14 +173,49 @@ def _store(
     replace: bool,
 ) -> tuple[PrefixRecord, bool, list[str]]:
     """Validate the fields, make the adapter (read the files, or compute it from the text) and store it."""
+    has_files = adapter_config is not None or adapter_model is not None
+
+    def read_files() -> tuple[bytes, bytes]:
+        for name, part in (("adapter_config", adapter_config), ("adapter_model", adapter_model)):
+            if part is None:
+                raise _missing(name)
+        assert adapter_config is not None and adapter_model is not None
+        return (
+            _read_capped(adapter_config.file, "adapter_config", state.settings.max_config_bytes),
+            _read_capped(adapter_model.file, "adapter_model", state.settings.max_prefix_bytes),
+        )
+
+    return store_task(
+        state, task_id, read_files if has_files else None, text, prompt_template, description, replace
+    )  # fmt: skip
+
+
+def _missing(name: str) -> InvalidPrefixError:
+    return InvalidPrefixError(
+        name, "a file", "nothing",
+        message=f"{name}: missing; send adapter_config and adapter_model (a PEFT adapter), or a text field instead",
+    )  # fmt: skip
+
+
+def store_task(
+    state: ServiceState,
+    task_id: str,
+    files: Callable[[], tuple[bytes, bytes]] | None,
+    text: str | None,
+    prompt_template: str | None,
+    description: str | None,
+    replace: bool,
+) -> tuple[PrefixRecord, bool, list[str]]:
+    """Store one task, from its adapter files (config, weights) or from a text: the one path of POST /prefixes and
+    of each task of POST /prefixes/bulk. `files` reads (config, weights) once the fields are checked. Blocks (a
+    text's forward, the probe, fsyncs): call it off the event loop."""
     settings = state.settings
     validate_task_id(task_id)
     info = TaskInfo(
         prompt_template=validate_template(prompt_template, max_chars=settings.max_template_chars),
         description=validate_description(description, max_chars=settings.max_description_chars),
     )
-    has_files = adapter_config is not None or adapter_model is not None
-    if text is not None and has_files:
+    if text is not None and files is not None:
         raise InvalidPrefixError(
             "text", "either adapter files or a text", "both",
             message="send either the adapter files (adapter_config + adapter_model) or a text, not both",
@@ -185,16 +248,9 @@ def _store(
         config_bytes, weights_bytes = made.config_bytes, made.weights_bytes
         info = TaskInfo(prompt_template=info.prompt_template, description=info.description, source="text", text=text)
     else:
-        for name, part in (("adapter_config", adapter_config), ("adapter_model", adapter_model)):
-            if part is None:
-                raise InvalidPrefixError(
-                    name, "a file", "nothing",
-                    message=f"{name}: missing; send adapter_config and adapter_model (a PEFT adapter), "
-                    "or a text field instead",
-                )  # fmt: skip
-        assert adapter_config is not None and adapter_model is not None
-        config_bytes = _read_capped(adapter_config.file, "adapter_config", settings.max_config_bytes)
-        weights_bytes = _read_capped(adapter_model.file, "adapter_model", settings.max_prefix_bytes)
+        if files is None:
+            raise _missing("adapter_config")
+        config_bytes, weights_bytes = files()
     return state.registry.put(task_id, config_bytes, weights_bytes, replace=replace, info=info)
 
 
@@ -208,9 +264,163 @@ def _state(state: ServiceState, record: PrefixRecord) -> PrefixState:
     return PrefixState(**_info(record).model_dump(), tier=state.registry.tier(record.task_id))
 
 
-@router.get("", response_model=PrefixList, dependencies=READ)
-def list_prefixes(state: State) -> PrefixList:
-    return PrefixList(prefixes=[_state(state, r) for r in state.registry.list()])
+@router.get("", response_model=PrefixList, responses={422: {"model": ErrorResponse}}, dependencies=READ)
+def list_prefixes(
+    state: State,
+    limit: Annotated[
+        int | None, Query(description="Tasks per page (default list_default_limit, 100; at most list_max_limit, 1000).")
+    ] = None,
+    cursor: Annotated[str | None, Query(description="The previous page's next_cursor; omit for the first page.")] = None,
+    prefix: Annotated[str, Query(description="Only task ids that begin with this.")] = "",
+) -> PrefixList:
+    """One page of the stored tasks in task-id order; follow `next_cursor` until it is null."""
+    size = page_limit(limit, state.settings)
+    check_prefix(prefix)
+    after = decode_cursor(cursor, prefix) if cursor is not None else None
+    records, has_more = state.registry.page(after=after, limit=size, prefix=prefix)
+    next_cursor = encode_cursor(records[-1].task_id, prefix) if has_more and records else None
+    return PrefixList(prefixes=[_state(state, r) for r in records], next_cursor=next_cursor)
+
+
+# ------------------------------------------------------------------------------------------- bulk import and export
+
+_TAR_MEDIA_TYPES = ("application/x-tar", "application/tar", "application/octet-stream")
+_SPOOL_WRITE_BYTES = 1 << 20  # body chunks are gathered to this size, then written off the event loop
+
+
+@router.post(
+    "/bulk",
+    response_model=BulkImportResponse,
+    responses={
+        413: {"model": ErrorResponse, "description": "Body over max_bulk_body_bytes, or more than max_bulk_tasks"},
+        415: {"model": ErrorResponse, "description": "The body is not a tar"},
+        422: {"model": ErrorResponse, "description": "Not a tar, or a member that could escape its task folder"},
+    },
+    dependencies=ADMIN,
+)
+async def bulk_import(
+    state: State,
+    request: Request,
+    replace: Annotated[bool, Query(description="Overwrite tasks that exist (else each is a 409 error).")] = False,
+) -> BulkImportResponse:
+    """Store many tasks from one uncompressed tar of task folders (`<task_id>/adapter_config.json`,
+    `<task_id>/adapter_model.safetensors`, optional `<task_id>/task.json`), each exactly as POST /prefixes would,
+    by `bulk_workers` threads. One task's error is reported in its result and does not stop the others."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in _TAR_MEDIA_TYPES:
+        shown = media[:100] or "none"
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be application/x-tar for this route, got {shown}; send an uncompressed tar of task "
+            "folders (curl --data-binary @tasks.tar -H 'Content-Type: application/x-tar', or prefix-serve upload)",
+            field="content-type", got=shown,
+        )  # fmt: skip
+    with tempfile.TemporaryFile(prefix="prefix-serve-bulk-") as spool:  # the body on disk, never whole in memory
+        pending: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= _SPOOL_WRITE_BYTES:
+                await asyncio.to_thread(spool.write, b"".join(pending))
+                pending, size = [], 0
+        if pending:
+            await asyncio.to_thread(spool.write, b"".join(pending))
+        results = await asyncio.to_thread(_import_archive, state, spool, replace)
+    counts = Counter(result.status for result in results)
+    for result in results:
+        state.metrics.uploads.labels(result.status if result.status != "error" else (result.type or "error")).inc()
+    return BulkImportResponse(
+        created=counts["created"], replaced=counts["replaced"], errors=counts["error"], results=results
+    )
+
+
+def _archive_limits(state: ServiceState) -> ArchiveLimits:
+    settings = state.settings
+    text_bytes = UploadFormLimits.of(state).field_bytes("text")
+    return ArchiveLimits(
+        max_tasks=settings.max_bulk_tasks,
+        max_config_bytes=settings.max_config_bytes,
+        max_prefix_bytes=settings.max_prefix_bytes,
+        max_task_json_bytes=task_json_cap(text_bytes, settings.max_template_chars, settings.max_description_chars),
+    )
+
+
+def _import_archive(state: ServiceState, spool: BinaryIO, replace: bool) -> list[BulkTaskResult]:
+    """Check every header, then store the tasks side by side (each worker thread exits when the import ends, so
+    no OpenMP team outlives it: service.compute_thread)."""
+    with open_archive(spool) as archive:
+        tasks = scan_archive(archive, _archive_limits(state))
+        lock = threading.Lock()
+
+        def one(task: TaskMembers) -> BulkTaskResult:
+            shown = task.task_id if len(task.task_id) <= 100 else task.task_id[:100] + "..."
+            try:
+                if task.problem is not None:
+                    raise task.problem
+                validate_task_id(task.task_id)
+                files = read_task(archive, lock, task)
+                adapter = files.adapter
+                record, created, _ = store_task(
+                    state, task.task_id, (lambda: adapter) if adapter is not None else None, files.text,
+                    files.prompt_template, files.description, replace,
+                )  # fmt: skip
+            except ServiceError as exc:
+                return BulkTaskResult(
+                    task_id=shown, status="error", error=exc.message, type=exc.code, status_code=exc.status_code
+                )
+            except Exception:  # noqa: BLE001 - one task's fault must not lose the others' results
+                logger.exception("bulk import: storing task %r failed", shown)
+                return BulkTaskResult(
+                    task_id=shown, status="error", error="internal error while storing this task (see the server log)",
+                    type="internal_error", status_code=500,
+                )  # fmt: skip
+            return BulkTaskResult(
+                task_id=record.task_id, status="created" if created else "replaced", sha256=record.sha256,
+                num_virtual_tokens=record.num_virtual_tokens,
+            )  # fmt: skip
+
+        with ThreadPoolExecutor(max_workers=state.settings.bulk_workers, thread_name_prefix="prefix-serve-bulk") as pool:
+            return list(pool.map(one, tasks))
+
+
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/x-tar": {}}, "description": "A tar of the stored task folders"},
+        403: {"model": ErrorResponse, "description": "The key lacks the admin scope"},
+    },
+    dependencies=ADMIN,
+)
+def export_prefixes(
+    state: State, prefix: Annotated[str, Query(description="Only task ids that begin with this.")] = ""
+) -> StreamingResponse:
+    """Every stored task (or those whose id begins with `prefix`) as an uncompressed tar of the folders
+    POST /prefixes/bulk takes back, streamed a task at a time. A task deleted while the export runs is left out.
+    This route shadows GET /prefixes/{task_id} for a task named `export` (its record is still in the listing)."""
+    check_prefix(prefix)
+
+    def tasks() -> Iterator[tuple[str, dict[str, bytes]]]:
+        after: str | None = None
+        while True:
+            records, has_more = state.registry.page(after=after, limit=EXPORT_PAGE, prefix=prefix)
+            for record in records:
+                try:
+                    yield record.task_id, state.registry.adapter_files(record.task_id)
+                except TaskNotFoundError:
+                    continue
+            if not has_more or not records:
+                return
+            after = records[-1].task_id
+
+    filename = f"prefixes-{prefix}.tar" if prefix else "prefixes.tar"
+    return StreamingResponse(
+        tar_stream(tasks()), media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )  # fmt: skip
+
+
+EXPORT_PAGE = 1000
 
 
 @router.get("/{task_id}", response_model=PrefixState, responses={404: {"model": ErrorResponse}}, dependencies=READ)
