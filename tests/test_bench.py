@@ -79,12 +79,18 @@ def test_workload_is_seeded_and_in_range() -> None:
     assert all(5 <= len(w.prompt_ids) <= 9 and 2 <= w.max_new_tokens <= 4 for w in first)
 
 
-def test_bench_command_writes_table_json_and_plot(tmp_path: Path, capsys) -> None:
+def _tiny_llama_config(tmp_path: Path) -> Path:
+    """A `--random-init` config of a 2-layer GQA llama, small enough for the bench to run in seconds."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({
         "model_type": "llama", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
     }))
+    return config
+
+
+def test_bench_command_writes_table_json_and_plot(tmp_path: Path, capsys) -> None:
+    config = _tiny_llama_config(tmp_path)
     out = tmp_path / "out"
     code = cli.main([
         "bench", "--random-init", str(config), "--device", "cpu", "--clients", "4", "--concurrency", "1,4",
@@ -130,11 +136,7 @@ def test_bench_rejects_unknown_systems(tmp_path: Path) -> None:
 def test_scale_bench_imports_lists_and_serves_many_tasks(tmp_path: Path, capsys) -> None:
     """`bench --scale N`: every task is imported through POST /prefixes/bulk and listed page by page, and the three
     traffic shapes run over the stored tasks (with tiny tiers, so most prefixes come back from disk)."""
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
-    }))
+    config = _tiny_llama_config(tmp_path)
     out = tmp_path / "out"
     code = cli.main([
         "bench", "--random-init", str(config), "--device", "cpu", "--clients", "4", "--scale", "250",
