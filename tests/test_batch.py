@@ -120,3 +120,41 @@ def test_probes_that_arrive_together_share_forwards_and_refuse_exactly_what_one_
     assert max(rows_per_forward) > 1 and max(rows_per_forward) <= 8
     # 12 probes: far fewer forwards than one each, even counting the bad prefixes' confirmations alone
     assert len(rows_per_forward) < len(good) + len(bad)
+
+
+def test_uploads_probing_one_task_after_another_keep_sharing_forwards(runner: ModelRunner) -> None:
+    """A bulk import's workers each probe task after task: a worker whose row is done goes on to its next task at
+    once, so every forward takes the rows queued behind the previous one (a prober that made each worker wait for
+    the next forward before returning ran one row a forward: 20 tasks/s on SmolLM2)."""
+    import threading
+
+    from service.batch import PrefixProber
+    from tests.helpers import slowed_forward
+
+    workers, tasks_each = 8, 4
+    prefixes = [[random_task_prefix(runner.model, f"w{w}t{t}", 3, seed=10 * w + t) for t in range(tasks_each)]
+                for w in range(workers)]  # fmt: skip
+    rows_per_forward: list[int] = []
+    hook = runner.model.register_forward_pre_hook(
+        lambda _module, args, kwargs: rows_per_forward.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
+    )
+    prober = PrefixProber(runner, max_rows=workers)
+    start = threading.Barrier(workers)
+
+    def work(mine: list[TaskPrefix]) -> None:
+        start.wait()
+        for prefix in mine:
+            prober(prefix)
+
+    try:
+        with slowed_forward(runner.model, 0.05):
+            threads = [threading.Thread(target=work, args=(mine,)) for mine in prefixes]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        hook.remove()
+    assert sum(rows_per_forward) == workers * tasks_each
+    # one forward per wave of tasks, give or take a straggler's: not one forward per task
+    assert len(rows_per_forward) <= 2 * tasks_each, rows_per_forward
