@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from service import cli
@@ -141,7 +142,7 @@ def test_scale_bench_imports_lists_and_serves_many_tasks(tmp_path: Path, capsys)
     code = cli.main([
         "bench", "--random-init", str(config), "--device", "cpu", "--clients", "4", "--scale", "250",
         "--scale-batch", "100", "--scale-single-uploads", "5", "--scale-device-prefixes", "4", "--scale-host-prefixes", "8", "--prompt-tokens", "4-6",
-        "--new-tokens", "3-3", "--virtual-tokens", "3", "--out", str(out),
+        "--new-tokens", "3-3", "--virtual-tokens", "3", "--rounds", "2", "--out", str(out),
     ])
     assert code == 0
     payload = json.loads((out / "scale.json").read_text())
@@ -151,9 +152,27 @@ def test_scale_bench_imports_lists_and_serves_many_tasks(tmp_path: Path, capsys)
     ]
     assert [r["system"] for r in payload["rows"]] == ["hot-8", "zipf-250", "cold-250"]
     assert all(r["generated_tokens"] == 3 * r["requests"] for r in payload["rows"])
-    assert set(payload["ratios"]) == {"zipf-250 / hot-8", "cold-250 / hot-8"}
+    assert set(payload["ratios"]) == set(payload["ratio_ranges"]) == {"zipf-250 / hot-8", "cold-250 / hot-8"}
+    runs = payload["runs"]  # two rounds, the loads in turns
+    assert [(r["round"], r["system"]) for r in runs] == [
+        (0, "hot-8"), (0, "zipf-250"), (0, "cold-250"), (1, "zipf-250"), (1, "cold-250"), (1, "hot-8")
+    ]
+    assert all(r["rounds"] == 2 for r in payload["rows"])
     assert "| POST /prefixes/bulk, 3 tars | 250 |" in (out / "scale.md").read_text()
     assert "cold-250" in capsys.readouterr().out
+
+
+def test_cold_requests_go_to_tasks_never_requested_before() -> None:
+    from service.bench.scale import HOT_TASKS, cold_workload
+    from service.bench.workload import WorkItem, task_ids  # noqa: I001
+
+    ids = task_ids(HOT_TASKS + 12)
+    items = [WorkItem(None, [1, 2], 3) for _ in range(6)]
+    first = {item.task_id for item in cold_workload(items, ids, seed=0)}
+    second = {item.task_id for item in cold_workload(items, ids, seed=0, exclude=first)}
+    assert len(first) == len(second) == 6 and not first & second and not (first | second) & set(ids[:HOT_TASKS])
+    with pytest.raises(ValueError, match="too few tasks"):
+        cold_workload(items, ids, seed=0, exclude=first | second)
 
 
 def test_scale_tables_in_the_docs_are_the_recorded_run() -> None:

@@ -24,7 +24,7 @@ from service.bench import SYSTEMS
 from service.bench import llama_cpp
 from service.bench.machine import CpuWatch, wait_until_quiet
 from service.bench.peft_baseline import load_peft_model
-from service.bench.report import markdown_table, plot, ratios_table, write_json
+from service.bench.report import markdown_table, median_rows, plot, ratios_table, write_json
 from service.bench.ray_system import ray_replicas, run_ray_system
 from service.bench.run import run_engine_system, run_peft_system
 from service.bench.static_baseline import run_static_system
@@ -184,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
 
     assert first is not None
     ratios, ratio_ranges = _ratios_over_rounds(rows, args.clients, dtypes, args.rounds)
-    table_rows = _median_rows(rows)
+    table_rows = median_rows(rows)
     rounds_note = f", median of {args.rounds} alternating rounds" if args.rounds > 1 else ""
     title = (f"{first.name} on {first.device} ({', '.join(dtypes)}), {args.tasks} tasks, V={args.virtual_tokens}, "
              f"prompts {args.prompt_tokens}, new tokens {args.new_tokens}, {torch.get_num_threads()} torch threads"
@@ -331,24 +331,6 @@ def _record(
     logger.info("%s", summary)
     rows.append(summary)
     results.append({**result.to_json(), "round": round_index, **(machine or {})})
-
-
-def _median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (system, clients): the run with the median tokens/s (the lower middle for an even count of
-    rounds), with the range over rounds when there was more than one."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["system"], row["concurrency"]), []).append(row)
-    table = []
-    for runs in groups.values():
-        speeds = sorted(r["tokens_per_s"] for r in runs)
-        middle = statistics.median_low(speeds)
-        row = {k: v for k, v in next(r for r in runs if r["tokens_per_s"] == middle).items() if k != "round"}
-        row["rounds"] = len(runs)
-        if len(runs) > 1:
-            row["tokens_per_s_range"] = [speeds[0], speeds[-1]]
-        table.append(row)
-    return table
 
 
 def _ratios_over_rounds(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             row["tokens_per_s_range"] = f"{low}-{high} ({row['rounds']})"
         lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]) for k, _ in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (system, clients): the run with the median tokens/s (the lower middle for an even count of
+    rounds), with the range over rounds when there was more than one."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["system"], row["concurrency"]), []).append(row)
+    table = []
+    for runs in groups.values():
+        speeds = sorted(r["tokens_per_s"] for r in runs)
+        middle = statistics.median_low(speeds)
+        row = {k: v for k, v in next(r for r in runs if r["tokens_per_s"] == middle).items() if k != "round"}
+        row["rounds"] = len(runs)
+        if len(runs) > 1:
+            row["tokens_per_s_range"] = [speeds[0], speeds[-1]]
+        table.append(row)
+    return table
 
 
 def ratios_table(ratios: dict[str, float | None], ranges: dict[str, list[float]] | None = None) -> str:

@@ -11,6 +11,8 @@ loopback port, the store in a temp folder):
        hot-8       round-robin over 8 tasks (the usual bench's load)
        zipf-N      each request's task drawn from Zipf(--zipf) over all N tasks
        cold-N      every request a different task, none requested before
+     with --rounds R, the three loads R times in turns (a new Zipf draw and new cold tasks each round): the table
+     shows each load's median round and the range, each ratio the median of the rounds' ratios.
 Writes scale.json and scale.md (the table) to --out."""
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from service.api.app import create_app
-from service.bench.report import markdown_table, write_json
+from service.bench.report import markdown_table, median_rows, ratios_table, write_json
 from service.bench.run import run_engine_system
 from service.bench.workload import WorkItem, make_workload, task_ids, token_range
 from service.bulk_archive import tar_stream
@@ -194,9 +196,11 @@ def zipf_workload(items: list[WorkItem], ids: list[str], exponent: float, seed: 
     return [WorkItem(task, item.prompt_ids, item.max_new_tokens) for task, item in zip(chosen, items)]
 
 
-def cold_workload(items: list[WorkItem], ids: list[str], seed: int) -> list[WorkItem]:
-    """Every request a different task, none of the hot eight."""
-    cold = ids[HOT_TASKS:]
+def cold_workload(
+    items: list[WorkItem], ids: list[str], seed: int, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[WorkItem]:
+    """Every request a different task, none of the hot eight nor of `exclude`."""
+    cold = [task for task in ids[HOT_TASKS:] if task not in exclude]
     if len(cold) < len(items):
         raise ValueError(f"--scale {len(ids)} holds too few tasks for {len(items)} requests on distinct tasks")
     chosen = random.Random(seed).sample(cold, len(items))
@@ -253,26 +257,30 @@ def _run_scale(args: argparse.Namespace, loaded: LoadedModel, scale: int) -> int
         )  # fmt: skip
         warmup = make_workload(loaded.tokenizer, num_requests=min(args.clients, 8), num_tasks=HOT_TASKS,
                                prompt_tokens=(8, 8), new_tokens=(2, 2), seed=args.seed + 1)  # fmt: skip
-        workloads = {
-            "hot-8": prompts,
-            f"zipf-{scale}": zipf_workload(prompts, ids, args.zipf, args.seed),
-            f"cold-{scale}": cold_workload(prompts, ids, args.seed),
-        }
-        rows = []
-        for name, workload in workloads.items():
-            result = run_engine_system(
-                name, runner, {}, workload, concurrency=args.clients, policy="mixed", warmup=warmup,
-                step_token_budget=args.step_token_budget, fetch=registry.get,
-            )  # fmt: skip
-            rows.append(result.summary())
-            logger.info("%s", rows[-1])
-        results["rows"] = rows
-    hot = rows[0]["tokens_per_s"] or 1.0
-    results["ratios"] = {f"{row['system']} / hot-8": round(row["tokens_per_s"] / hot, 3) for row in rows[1:]}
+        rows: list[dict[str, Any]] = []
+        requested: set[str] = set()  # cold means never requested before: by no load of any round
+        for round_index in range(args.rounds):
+            zipf = zipf_workload(prompts, ids, args.zipf, args.seed + round_index)
+            requested.update(item.task_id for item in zipf if item.task_id)
+            cold = cold_workload(prompts, ids, args.seed + round_index, exclude=requested)
+            requested.update(item.task_id for item in cold if item.task_id)
+            workloads = [("hot-8", prompts), (f"zipf-{scale}", zipf), (f"cold-{scale}", cold)]
+            shift = round_index % len(workloads)  # alternate the order: no load always runs first or last
+            for name, workload in workloads[shift:] + workloads[:shift]:
+                result = run_engine_system(
+                    name, runner, {}, workload, concurrency=args.clients, policy="mixed", warmup=warmup,
+                    step_token_budget=args.step_token_budget, fetch=registry.get,
+                )  # fmt: skip
+                rows.append({**result.summary(), "round": round_index})
+                logger.info("%s", rows[-1])
+    results["rows"] = median_rows(rows)
+    results["runs"] = rows
+    results["ratios"], results["ratio_ranges"] = _ratios_to_hot(rows, args.rounds)
     title = (
         f"{loaded.name} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}), {scale} tasks, "
         f"V={args.virtual_tokens}, {args.clients} clients, prefixes kept: {args.scale_device_prefixes} device, "
         f"{args.scale_host_prefixes} host, the rest on disk, {torch.get_num_threads()} torch threads"
+        + (f", median of {args.rounds} alternating rounds" if args.rounds > 1 else "")
     )
     payload = {
         "title": title,
@@ -287,6 +295,19 @@ def _run_scale(args: argparse.Namespace, loaded: LoadedModel, scale: int) -> int
     return 0
 
 
+def _ratios_to_hot(rows: list[dict[str, Any]], rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each load's tokens/s over hot-8's in the same round; the median over rounds and the range."""
+    per_round: dict[str, list[float]] = {}
+    for round_index in range(rounds):
+        runs = {r["system"]: r["tokens_per_s"] for r in rows if r["round"] == round_index}
+        hot = runs.pop("hot-8") or 1.0
+        for name, speed in runs.items():
+            per_round.setdefault(f"{name} / hot-8", []).append(round(speed / hot, 3))
+    medians = {name: round(statistics.median(values), 3) for name, values in per_round.items()}
+    ranges = {name: [min(values), max(values)] for name, values in per_round.items() if len(values) > 1}
+    return medians, ranges
+
+
 def _tables(results: dict[str, Any]) -> str:
     single, bulk = results["single_upload"], results["bulk_import"]
     lines = [
@@ -299,7 +320,6 @@ def _tables(results: dict[str, Any]) -> str:
     for page in results["listing"]:
         lines.append(f"| GET {page['path']} | {page['limit']} | {page['pages']} | {page['mean_ms']} | {page['p50_ms']} "
                      f"| {page['p95_ms']} | {page['bytes_per_page_max']} |")  # fmt: skip
-    lines += ["", markdown_table(results["rows"]), "", "| ratio (tokens/s) | value |", "|---|---|"]
-    lines += [f"| {name} | {value:.2f}x |" for name, value in results["ratios"].items()]
+    lines += ["", markdown_table(results["rows"]), "", ratios_table(results["ratios"], results["ratio_ranges"])]
     return "\n".join(lines)
 
