@@ -57,6 +57,7 @@ class StepPlan:
     own_width: int  # ... and own columns [0, own_width)
     prefix_start: int  # ... and bank columns [prefix_start, prefix_end)
     prefix_end: int
+    prefix_index: torch.Tensor | None  # ... or just these bank columns of that range (the step's prefixes), gathered
     # (span, 1, 1, prefix cols + own_width) bool: True where a row may not look (another task's prefix, unused
     # columns). Applied with masked_fill, not as an additive -inf: a score another row's huge prefix overflowed to
     # inf (or NaN) must become -inf for this row, where inf + -inf would be NaN and spread to it.
@@ -177,15 +178,16 @@ def _decode_attention(
     span, width = plan.span, plan.own_width
     num_kv_heads, head_dim = key.shape[1], key.shape[3]
     out_dtype = query.dtype
+    prefix_slice = slice(plan.prefix_start, plan.prefix_end)
+    if plan.prefix_index is not None:
+        bank_keys, bank_values = bank_keys[:, plan.prefix_index], bank_values[:, plan.prefix_index]
+        prefix_slice = slice(None)
     if query.dtype in (torch.bfloat16, torch.float16):
         # Scores rounded to 8 bits of mantissa move softmax weights by several percent; compute this small
         # attention in float32 (as sdpa's kernels accumulate), reading half-precision KV.
         query, key, value = query.float(), key[:span, :, :width].float(), value[:span, :, :width].float()
-        bank_keys = bank_keys[:, plan.prefix_start : plan.prefix_end].float()
-        bank_values = bank_values[:, plan.prefix_start : plan.prefix_end].float()
+        bank_keys, bank_values = bank_keys[:, prefix_slice].float(), bank_values[:, prefix_slice].float()
         prefix_slice = slice(None)
-    else:
-        prefix_slice = slice(plan.prefix_start, plan.prefix_end)
     # The scale is applied to the few queries rather than to every score.
     q = (query.transpose(0, 1) * scale).reshape(plan.num_decode, num_kv_heads, groups, head_dim)
     if not plan.decode_dense:  # slots in [0, span) that are not decoding this step get a zero query
@@ -194,7 +196,7 @@ def _decode_attention(
         q = dense
     own_keys, own_values = key[:span, :, :width], value[:span, :, :width]  # views: (span, H_kv, width, D)
     own_scores = torch.matmul(q, own_keys.transpose(-1, -2))  # (span, H_kv, G, width)
-    prefix_columns = plan.prefix_end - plan.prefix_start
+    prefix_columns = bank_keys[:, prefix_slice].shape[1]
     if prefix_columns:
         q_by_head = q.permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, head_dim)
         pk = bank_keys[:, prefix_slice]

@@ -134,9 +134,22 @@ class SlotBatch:
         device = self.runner.device
         span = decoding[-1].slot + 1 if decoding else 0
         own_width = max((r.cached + 1 for r in decoding), default=0)
-        entries = [r.bank_entry for r in decoding if r.bank_entry is not None]
-        prefix_start = min((e.offset for e in entries), default=0)
-        prefix_end = max((e.offset + e.length for e in entries), default=0)
+        # The bank columns the decode rows read: the step's distinct prefixes. When they are not one run of the bank
+        # (many tasks, entries spread over it), gather just them: attending to the whole run would cost every row
+        # the bank's idle entries in between (256 idle prefixes: 0.75x throughput with 10,000 tasks).
+        entries = sorted({r.bank_entry.offset: r.bank_entry for r in decoding if r.bank_entry is not None}.items())
+        prefix_start = entries[0][1].offset if entries else 0
+        prefix_end = max((e.offset + e.length for _, e in entries), default=0)
+        compact_at: dict[int, int] = {}  # bank offset -> first column in the step's prefix columns
+        width = 0
+        for offset, entry in entries:
+            compact_at[offset] = width
+            width += entry.length
+        prefix_index = None
+        if width != prefix_end - prefix_start:
+            prefix_index = torch.cat([torch.arange(e.offset, e.offset + e.length) for _, e in entries]).to(device)
+        else:
+            compact_at = {offset: offset - prefix_start for offset, _ in entries}
         decode_hidden = None
         if decoding:
             prefix_lo = torch.zeros(span, dtype=torch.long)
@@ -144,10 +157,10 @@ class SlotBatch:
             own_len = torch.ones(span, dtype=torch.long)  # idle slots see one column: no all-masked softmax row
             for row in decoding:
                 if row.bank_entry is not None:
-                    prefix_lo[row.slot] = row.bank_entry.offset - prefix_start
+                    prefix_lo[row.slot] = compact_at[row.bank_entry.offset]
                     prefix_hi[row.slot] = prefix_lo[row.slot] + row.bank_entry.length
                 own_len[row.slot] = row.cached + 1
-            prefix_cols = torch.arange(prefix_end - prefix_start)
+            prefix_cols = torch.arange(width)
             own_cols = torch.arange(own_width)
             visible = torch.cat(
                 [
@@ -167,6 +180,7 @@ class SlotBatch:
             own_width=own_width,
             prefix_start=prefix_start,
             prefix_end=prefix_end,
+            prefix_index=prefix_index,
             decode_hidden=decode_hidden,
             chunk_batch=chunk_batch,
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),

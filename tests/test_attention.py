@@ -35,7 +35,7 @@ def test_without_a_plan_the_model_computes_what_sdpa_computes(monkeypatch: pytes
 def _plan(store: SlotStore, bank: PrefixBank, **fields: object) -> StepPlan:
     defaults: dict[str, object] = dict(
         num_decode=1, decode_slots=torch.tensor([0]), decode_dense=True, span=1, own_width=0, prefix_start=0,
-        prefix_end=0, decode_hidden=None, chunk_batch=None, write_slots=torch.tensor([0]),
+        prefix_end=0, prefix_index=None, decode_hidden=None, chunk_batch=None, write_slots=torch.tensor([0]),
         write_columns=torch.tensor([0]), store=store, bank=bank,
     )  # fmt: skip
     return StepPlan(**{**defaults, **fields})  # type: ignore[arg-type]

@@ -167,3 +167,31 @@ def test_a_bfloat16_model_takes_the_slot_layout() -> None:
     prefix = random_task_prefix(model, "t", 4, seed=0)
     requests = [req(prefix, [5, 6, 7, 8], 6), req(None, [9, 10], 6)]
     assert [r.token_ids for r in slots_generate(runner, requests)] == [solo(runner, r) for r in requests]
+
+
+def test_decoding_rows_attend_only_to_their_steps_prefixes_not_to_idle_ones_between(runner, prefixes) -> None:
+    """With many tasks the bank holds idle prefixes between the ones a step uses: the step gathers just its own
+    prefixes' columns (its cost does not grow with the bank) and every row still gets its solo tokens."""
+    scheduler = SlotScheduler(runner, SlotLimits(num_slots=4, max_kv_tokens=4096, step_token_budget=64))
+    batch = scheduler.batch
+    first = req(prefixes["a"], [5, 6, 7], 6)
+    rows = [batch.add(first)]
+    idle_row = batch.add(req(prefixes["b"], [3], 1))  # bank: a, b, c; b's only row ends at once, b idles there
+    scheduler.step()
+    batch.remove([idle_row])
+    rows.append(batch.add(req(prefixes["c"], [9, 10], 6)))
+    scheduler.step()
+    scheduler.step()  # a decode step over a and c
+    plan = batch.last_plan
+    entries = {e.offset: e for e in (r.bank_entry for r in rows) if e is not None}
+    idle = batch.bank.entries[("b", prefixes["b"].sha256)]
+    assert plan.prefix_start <= idle.offset < plan.prefix_end, "b lies between the step's prefixes"
+    assert plan.prefix_index is not None
+    assert plan.prefix_index.tolist() == sorted(
+        column for e in entries.values() for column in range(e.offset, e.offset + e.length)
+    )
+    while batch.rows:
+        scheduler.step()
+        batch.remove([r for r in batch.rows if r.finished])
+    assert rows[0].generated == solo(runner, first)
+    assert rows[1].generated == solo(runner, req(prefixes["c"], [9, 10], 6))
