@@ -85,16 +85,11 @@ def test_probes_that_arrive_together_share_forwards_and_refuse_exactly_what_one_
 
     from service.batch import PrefixProber, probe_prefix
     from service.errors import InvalidPrefixError
-    from tests.helpers import slowed_forward
 
     good = [random_task_prefix(runner.model, f"g{i}", 2 + i % 5, seed=i) for i in range(10)]
     bad = [TaskPrefix(f"b{i}", torch.full_like(good[i].kv, 1e30), f"b{i}") for i in range(2)]
     with pytest.raises(InvalidPrefixError) as alone:
         probe_prefix(runner, bad[0])
-    rows_per_forward: list[int] = []
-    hook = runner.model.register_forward_pre_hook(
-        lambda _module, args, kwargs: rows_per_forward.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
-    )
     prober = PrefixProber(runner, max_rows=8)
     outcomes: dict[str, str] = {}
     start = threading.Barrier(len(good) + len(bad))
@@ -107,15 +102,7 @@ def test_probes_that_arrive_together_share_forwards_and_refuse_exactly_what_one_
         except InvalidPrefixError as exc:
             outcomes[prefix.task_id] = exc.message
 
-    try:
-        with slowed_forward(runner.model, 0.2):  # the first forward runs while the others queue up
-            threads = [threading.Thread(target=probe, args=(p,)) for p in good + bad]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-    finally:
-        hook.remove()
+    rows_per_forward = _run_threads_counting_rows(runner, 0.2, probe, good + bad)
     assert outcomes == {**{p.task_id: "ok" for p in good}, **{p.task_id: alone.value.message for p in bad}}
     assert max(rows_per_forward) > 1 and max(rows_per_forward) <= 8
     # 12 probes: far fewer forwards than one each, even counting the bad prefixes' confirmations alone
@@ -129,15 +116,10 @@ def test_uploads_probing_one_task_after_another_keep_sharing_forwards(runner: Mo
     import threading
 
     from service.batch import PrefixProber
-    from tests.helpers import slowed_forward
 
     workers, tasks_each = 8, 4
     prefixes = [[random_task_prefix(runner.model, f"w{w}t{t}", 3, seed=10 * w + t) for t in range(tasks_each)]
                 for w in range(workers)]  # fmt: skip
-    rows_per_forward: list[int] = []
-    hook = runner.model.register_forward_pre_hook(
-        lambda _module, args, kwargs: rows_per_forward.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
-    )
     prober = PrefixProber(runner, max_rows=workers)
     start = threading.Barrier(workers)
 
@@ -146,15 +128,30 @@ def test_uploads_probing_one_task_after_another_keep_sharing_forwards(runner: Mo
         for prefix in mine:
             prober(prefix)
 
+    rows_per_forward = _run_threads_counting_rows(runner, 0.05, work, prefixes)
+    assert sum(rows_per_forward) == workers * tasks_each
+    # one forward per wave of tasks, give or take a straggler's: not one forward per task
+    assert len(rows_per_forward) <= 2 * tasks_each, rows_per_forward
+
+
+def _run_threads_counting_rows(runner: ModelRunner, delay_s: float, target, args_each: list) -> list[int]:
+    """Run `target(*args)` in a thread per entry of `args_each`, each forward slowed by `delay_s` (the first runs
+    while the others queue up); returns the rows of every forward the model ran."""
+    import threading
+
+    from tests.helpers import slowed_forward
+
+    rows_per_forward: list[int] = []
+    hook = runner.model.register_forward_pre_hook(
+        lambda _module, args, kwargs: rows_per_forward.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
+    )
     try:
-        with slowed_forward(runner.model, 0.05):
-            threads = [threading.Thread(target=work, args=(mine,)) for mine in prefixes]
+        with slowed_forward(runner.model, delay_s):
+            threads = [threading.Thread(target=target, args=(args,)) for args in args_each]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
     finally:
         hook.remove()
-    assert sum(rows_per_forward) == workers * tasks_each
-    # one forward per wave of tasks, give or take a straggler's: not one forward per task
-    assert len(rows_per_forward) <= 2 * tasks_each, rows_per_forward
+    return rows_per_forward
