@@ -178,16 +178,16 @@ def _decode_attention(
     span, width = plan.span, plan.own_width
     num_kv_heads, head_dim = key.shape[1], key.shape[3]
     out_dtype = query.dtype
-    prefix_slice = slice(plan.prefix_start, plan.prefix_end)
-    if plan.prefix_index is not None:
+    if plan.prefix_index is not None:  # the step's prefixes, gathered
         bank_keys, bank_values = bank_keys[:, plan.prefix_index], bank_values[:, plan.prefix_index]
-        prefix_slice = slice(None)
+    else:  # one run of the bank: views
+        bank_keys = bank_keys[:, plan.prefix_start : plan.prefix_end]
+        bank_values = bank_values[:, plan.prefix_start : plan.prefix_end]
     if query.dtype in (torch.bfloat16, torch.float16):
         # Scores rounded to 8 bits of mantissa move softmax weights by several percent; compute this small
         # attention in float32 (as sdpa's kernels accumulate), reading half-precision KV.
         query, key, value = query.float(), key[:span, :, :width].float(), value[:span, :, :width].float()
-        bank_keys, bank_values = bank_keys[:, prefix_slice].float(), bank_values[:, prefix_slice].float()
-        prefix_slice = slice(None)
+        bank_keys, bank_values = bank_keys.float(), bank_values.float()
     # The scale is applied to the few queries rather than to every score.
     q = (query.transpose(0, 1) * scale).reshape(plan.num_decode, num_kv_heads, groups, head_dim)
     if not plan.decode_dense:  # slots in [0, span) that are not decoding this step get a zero query
@@ -196,11 +196,10 @@ def _decode_attention(
         q = dense
     own_keys, own_values = key[:span, :, :width], value[:span, :, :width]  # views: (span, H_kv, width, D)
     own_scores = torch.matmul(q, own_keys.transpose(-1, -2))  # (span, H_kv, G, width)
-    prefix_columns = bank_keys[:, prefix_slice].shape[1]
+    prefix_columns = bank_keys.shape[1]
     if prefix_columns:
         q_by_head = q.permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, head_dim)
-        pk = bank_keys[:, prefix_slice]
-        prefix_scores = torch.matmul(q_by_head, pk.transpose(-1, -2))  # (H_kv, span*G, P)
+        prefix_scores = torch.matmul(q_by_head, bank_keys.transpose(-1, -2))  # (H_kv, span*G, P)
         prefix_scores = prefix_scores.view(num_kv_heads, span, groups, prefix_columns).permute(1, 0, 2, 3)
         scores = torch.cat([prefix_scores, own_scores], dim=-1)
     else:
@@ -209,7 +208,7 @@ def _decode_attention(
     out = torch.matmul(probs[..., prefix_columns:], own_values)  # (span, H_kv, G, D)
     if prefix_columns:
         p = probs[..., :prefix_columns].permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, prefix_columns)
-        pv = torch.matmul(p, bank_values[:, prefix_slice])  # (H_kv, span*G, D)
+        pv = torch.matmul(p, bank_values)  # (H_kv, span*G, D)
         out = out + pv.view(num_kv_heads, span, groups, head_dim).permute(1, 0, 2, 3)
     if not plan.decode_dense:
         out = out[plan.decode_slots]

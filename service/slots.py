@@ -145,11 +145,9 @@ class SlotBatch:
         for offset, entry in entries:
             compact_at[offset] = width
             width += entry.length
-        prefix_index = None
+        prefix_index = None  # one run (no gaps): compact_at[offset] == offset - prefix_start, the bank's own columns
         if width != prefix_end - prefix_start:
             prefix_index = torch.cat([torch.arange(e.offset, e.offset + e.length) for _, e in entries]).to(device)
-        else:
-            compact_at = {offset: offset - prefix_start for offset, _ in entries}
         decode_hidden = None
         if decoding:
             prefix_lo = torch.zeros(span, dtype=torch.long)

@@ -4,6 +4,9 @@ test_parity.py.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import pytest
 
 from service.batch import DecodeBatch, generate
@@ -134,7 +137,9 @@ def test_uploads_probing_one_task_after_another_keep_sharing_forwards(runner: Mo
     assert len(rows_per_forward) <= 2 * tasks_each, rows_per_forward
 
 
-def _run_threads_counting_rows(runner: ModelRunner, delay_s: float, target, args_each: list) -> list[int]:
+def _run_threads_counting_rows(
+    runner: ModelRunner, delay_s: float, target: Callable[[Any], None], args_each: Sequence[Any]
+) -> list[int]:
     """Run `target(*args)` in a thread per entry of `args_each`, each forward slowed by `delay_s` (the first runs
     while the others queue up); returns the rows of every forward the model ran."""
     import threading
