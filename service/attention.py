@@ -52,15 +52,15 @@ class StepPlan:
 
     num_decode: int
     decode_slots: torch.Tensor  # (num_decode,) long: the slot of each decode token
-    decode_dense: bool  # decode_slots == arange(span): no scatter/gather needed
-    span: int  # decode attention runs over slots [0, span)
-    own_width: int  # ... and own columns [0, own_width)
-    prefix_start: int  # ... and bank columns [prefix_start, prefix_end)
-    prefix_end: int
-    prefix_index: torch.Tensor | None  # ... or just these bank columns of that range (the step's prefixes), gathered
-    # (span, 1, 1, prefix cols + own_width) bool: True where a row may not look (another task's prefix, unused
-    # columns). Applied with masked_fill, not as an additive -inf: a score another row's huge prefix overflowed to
-    # inf (or NaN) must become -inf for this row, where inf + -inf would be NaN and spread to it.
+    decode_dense: bool  # decode_slots == arange(num_decode): the rows' own KV is one slice of the store
+    own_width: int  # decode rows read own columns [0, own_width) of their slots
+    # (num_decode, P) long: each decode row's prefix columns in the bank (P: the step's longest prefix; a shorter
+    # or absent prefix repeats a column of a prefix in use, hidden). Gathered per row, so a row's attention costs
+    # its own prefix, not every prefix of the step (32 tasks at once would make each row score 32 prefixes).
+    decode_prefix_columns: torch.Tensor | None
+    # (num_decode, 1, 1, P + own_width) bool: True where a row may not look (prefix padding, columns not written
+    # yet). Applied with masked_fill, not as an additive -inf: a score a huge prefix overflowed to inf (or NaN)
+    # must become -inf, where inf + -inf would be NaN.
     decode_hidden: torch.Tensor | None
     chunk_batch: "ChunkBatch | None"  # the step's prompt chunks, attended in one padded call per layer
     write_slots: torch.Tensor  # (N,) long: where each token's K/V is written
@@ -172,47 +172,37 @@ def _decode_attention(
     groups: int,
     scale: float,
 ) -> torch.Tensor:
-    """One query per decoding row against [bank columns of the step's tasks ; the row's own columns], batched over
-    slots [0, span) as views of the store (no gather of anyone's KV). Rows only see their own task's prefix columns
-    and their own valid columns through `decode_hidden`."""
-    span, width = plan.span, plan.own_width
+    """One query per decoding row against [its task's prefix columns of the bank ; its own columns], all rows in
+    one batched matmul over a (rows, H_kv, P + own_width, D) copy of just those keys and values. Half-precision KV is
+    widened to float32 in that copy: scores rounded to 8 bits of mantissa move softmax weights by several percent
+    (sdpa's kernels accumulate in float32 too)."""
+    rows, width = plan.num_decode, plan.own_width
     num_kv_heads, head_dim = key.shape[1], key.shape[3]
     out_dtype = query.dtype
-    if plan.prefix_index is not None:  # the step's prefixes, gathered
-        bank_keys, bank_values = bank_keys[:, plan.prefix_index], bank_values[:, plan.prefix_index]
-    else:  # one run of the bank: views
-        bank_keys = bank_keys[:, plan.prefix_start : plan.prefix_end]
-        bank_values = bank_values[:, plan.prefix_start : plan.prefix_end]
-    if query.dtype in (torch.bfloat16, torch.float16):
-        # Scores rounded to 8 bits of mantissa move softmax weights by several percent; compute this small
-        # attention in float32 (as sdpa's kernels accumulate), reading half-precision KV.
-        query, key, value = query.float(), key[:span, :, :width].float(), value[:span, :, :width].float()
-        bank_keys, bank_values = bank_keys.float(), bank_values.float()
-    # The scale is applied to the few queries rather than to every score.
-    q = (query.transpose(0, 1) * scale).reshape(plan.num_decode, num_kv_heads, groups, head_dim)
-    if not plan.decode_dense:  # slots in [0, span) that are not decoding this step get a zero query
-        dense = q.new_zeros((span, num_kv_heads, groups, head_dim))
-        dense[plan.decode_slots] = q
-        q = dense
-    own_keys, own_values = key[:span, :, :width], value[:span, :, :width]  # views: (span, H_kv, width, D)
-    own_scores = torch.matmul(q, own_keys.transpose(-1, -2))  # (span, H_kv, G, width)
-    prefix_columns = bank_keys.shape[1]
-    if prefix_columns:
-        q_by_head = q.permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, head_dim)
-        prefix_scores = torch.matmul(q_by_head, bank_keys.transpose(-1, -2))  # (H_kv, span*G, P)
-        prefix_scores = prefix_scores.view(num_kv_heads, span, groups, prefix_columns).permute(1, 0, 2, 3)
-        scores = torch.cat([prefix_scores, own_scores], dim=-1)
+    compute = torch.float32 if query.dtype in (torch.bfloat16, torch.float16) else query.dtype
+    columns = plan.decode_prefix_columns
+    prefix_width = 0 if columns is None else columns.shape[1]
+    shape = (rows, num_kv_heads, prefix_width + width, head_dim)
+    keys, values = key.new_empty(shape, dtype=compute), value.new_empty(shape, dtype=compute)
+    if columns is not None:
+        flat = columns.reshape(-1)
+        gathered = (rows, prefix_width, num_kv_heads, head_dim)
+        keys[:, :, :prefix_width] = bank_keys.index_select(1, flat).transpose(0, 1).reshape(gathered).transpose(1, 2)
+        values[:, :, :prefix_width] = (
+            bank_values.index_select(1, flat).transpose(0, 1).reshape(gathered).transpose(1, 2)
+        )
+    if plan.decode_dense:  # rows are slots [0, rows): a slice of the store
+        keys[:, :, prefix_width:] = key[:rows, :, :width]
+        values[:, :, prefix_width:] = value[:rows, :, :width]
     else:
-        scores = own_scores
-    probs = torch.softmax(scores.float().masked_fill_(plan.decode_hidden, float("-inf")), dim=-1).to(q.dtype)
-    out = torch.matmul(probs[..., prefix_columns:], own_values)  # (span, H_kv, G, D)
-    if prefix_columns:
-        p = probs[..., :prefix_columns].permute(1, 0, 2, 3).reshape(num_kv_heads, span * groups, prefix_columns)
-        pv = torch.matmul(p, bank_values)  # (H_kv, span*G, D)
-        out = out + pv.view(num_kv_heads, span, groups, head_dim).permute(1, 0, 2, 3)
-    if not plan.decode_dense:
-        out = out[plan.decode_slots]
-    return out.reshape(plan.num_decode, num_kv_heads * groups, head_dim).to(out_dtype)
+        keys[:, :, prefix_width:] = key[plan.decode_slots, :, :width]
+        values[:, :, prefix_width:] = value[plan.decode_slots, :, :width]
+    # The scale is applied to the few queries rather than to every score.
+    q = (query.transpose(0, 1).to(compute) * scale).reshape(rows, num_kv_heads, groups, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2))  # (rows, H_kv, G, P + width)
+    probs = torch.softmax(scores.masked_fill_(plan.decode_hidden, float("-inf")), dim=-1)
+    out = torch.matmul(probs, values)  # (rows, H_kv, G, D)
+    return out.reshape(rows, num_kv_heads * groups, head_dim).to(out_dtype)
 
 
 def register() -> str:

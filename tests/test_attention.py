@@ -34,9 +34,9 @@ def test_without_a_plan_the_model_computes_what_sdpa_computes(monkeypatch: pytes
 
 def _plan(store: SlotStore, bank: PrefixBank, **fields: object) -> StepPlan:
     defaults: dict[str, object] = dict(
-        num_decode=1, decode_slots=torch.tensor([0]), decode_dense=True, span=1, own_width=0, prefix_start=0,
-        prefix_end=0, prefix_index=None, decode_hidden=None, chunk_batch=None, write_slots=torch.tensor([0]),
-        write_columns=torch.tensor([0]), store=store, bank=bank,
+        num_decode=1, decode_slots=torch.tensor([0]), decode_dense=True, own_width=0, decode_prefix_columns=None,
+        decode_hidden=None, chunk_batch=None, write_slots=torch.tensor([0]), write_columns=torch.tensor([0]),
+        store=store, bank=bank,
     )  # fmt: skip
     return StepPlan(**{**defaults, **fields})  # type: ignore[arg-type]
 
@@ -56,37 +56,43 @@ def test_the_cache_writes_each_tokens_kv_into_its_slot_and_column() -> None:
     assert SlotCache(plan).get_seq_length() == 0
 
 
-def test_a_decode_token_attends_to_its_prefix_and_its_own_visible_columns_only() -> None:
+def test_each_decode_token_attends_to_its_own_prefix_and_its_own_visible_columns_only() -> None:
+    """Two decoding rows of two tasks (prefixes of 2 and 3 tokens, so one row's prefix is padded), in slots 2 and 0
+    (not the store's first rows in order): each gets exactly sdpa over [its prefix ; its written own columns]."""
     generator = torch.Generator().manual_seed(0)
-    store, bank = SlotStore(GEOMETRY, num_slots=2, max_width=8), PrefixBank(GEOMETRY, initial_capacity=8)
-    store.allocate(8), store.allocate(8)
+    store, bank = SlotStore(GEOMETRY, num_slots=3, max_width=8), PrefixBank(GEOMETRY, initial_capacity=8)
+    store.allocate(8), store.allocate(8), store.allocate(8)
     store.keys.copy_(torch.randn(store.keys.shape, generator=generator))
     store.values.copy_(torch.randn(store.values.shape, generator=generator))
-    other = TaskPrefix("other", torch.randn((LAYERS, 2, KV_HEADS, 2, HEAD_DIM), generator=generator), "o")
-    mine = TaskPrefix("mine", torch.randn((LAYERS, 2, KV_HEADS, 3, HEAD_DIM), generator=generator), "m")
-    bank.acquire(other)
-    entry = bank.acquire(mine)
-    own_width, visible = 4, 3  # the row's 4th own column is not written yet: hidden
-    hidden = torch.zeros((2, 1, 1, 5 + own_width), dtype=torch.bool)
-    hidden[:, :, :, :2] = True  # another task's prefix
-    hidden[:, :, :, 5 + visible :] = True
-    hidden[0] = True  # slot 0 is not decoding this step
-    hidden[0, ..., 0] = False  # (an idle slot sees one column: no all-masked softmax row)
+    short = bank.acquire(TaskPrefix("short", torch.randn((LAYERS, 2, KV_HEADS, 2, HEAD_DIM), generator=generator), "s"))
+    bank.acquire(TaskPrefix("idle", torch.randn((LAYERS, 2, KV_HEADS, 2, HEAD_DIM), generator=generator), "i"))
+    long = bank.acquire(TaskPrefix("long", torch.randn((LAYERS, 2, KV_HEADS, 3, HEAD_DIM), generator=generator), "l"))
+    own_width, visible = 4, [4, 2]  # the second row's columns 2 and 3 are not written yet: hidden
+    columns = torch.tensor([
+        [short.offset, short.offset + 1, short.offset],  # padded with a column of its own, hidden
+        [long.offset, long.offset + 1, long.offset + 2],
+    ])  # fmt: skip
+    hidden = torch.zeros((2, 1, 1, 3 + own_width), dtype=torch.bool)
+    hidden[0, ..., 2] = True
+    hidden[1, ..., 3 + visible[1] :] = True
     plan = _plan(
-        store, bank, decode_slots=torch.tensor([1]), decode_dense=False, span=2, own_width=own_width,
-        prefix_start=0, prefix_end=5, decode_hidden=hidden,
+        store, bank, num_decode=2, decode_slots=torch.tensor([2, 0]), decode_dense=False, own_width=own_width,
+        decode_prefix_columns=columns, decode_hidden=hidden,
     )  # fmt: skip
-    query = torch.randn((1, QUERY_HEADS, 1, HEAD_DIM), generator=generator)
+    query = torch.randn((1, QUERY_HEADS, 2, HEAD_DIM), generator=generator)
     layer = 1
     with active_plan(plan):
         out, _ = slot_attention(
             types.SimpleNamespace(layer_idx=layer), query, store.keys[layer], store.values[layer], None
         )
-    columns = slice(entry.offset, entry.offset + entry.length)
-    keys = torch.cat([bank.keys[layer][:, columns], store.keys[layer, 1, :, :visible]], dim=1)  # (H_kv, 3 + 3, D)
-    values = torch.cat([bank.values[layer][:, columns], store.values[layer, 1, :, :visible]], dim=1)
-    expected = F.scaled_dot_product_attention(query, keys[None], values[None], enable_gqa=True)  # (1, Hq, 1, D)
-    torch.testing.assert_close(out[0, 0], expected[0, :, 0])
+    for token, (slot, entry, seen) in enumerate([(2, short, visible[0]), (0, long, visible[1])]):
+        prefix = slice(entry.offset, entry.offset + entry.length)
+        keys = torch.cat([bank.keys[layer][:, prefix], store.keys[layer, slot, :, :seen]], dim=1)  # (H_kv, cols, D)
+        values = torch.cat([bank.values[layer][:, prefix], store.values[layer, slot, :, :seen]], dim=1)
+        expected = F.scaled_dot_product_attention(
+            query[:, :, token : token + 1], keys[None], values[None], enable_gqa=True
+        )  # (1, Hq, 1, D)
+        torch.testing.assert_close(out[0, token], expected[0, :, 0])
     assert plan.calls == 1
 
 
