@@ -159,6 +159,9 @@ def test_scale_bench_imports_lists_and_serves_many_tasks(tmp_path: Path, capsys)
     ]
     assert all(r["rounds"] == 2 for r in payload["rows"])
     assert "| POST /prefixes/bulk, 3 tars | 250 |" in (out / "scale.md").read_text()
+    new_task = payload["new_task"]  # uploaded, served at once (a 404 or 5xx would have failed the run), deleted
+    assert new_task["samples"] == 20 and new_task["new_first_token_ms"] > 0 and new_task["warm_first_token_ms"] > 0
+    assert "| a task uploaded now" in (out / "scale.md").read_text()
     assert "cold-250" in capsys.readouterr().out
 
 

@@ -4,7 +4,8 @@ loopback port, the store in a temp folder):
   1. import: N random V-token PEFT prefixes through POST /prefixes/bulk (tars of --scale-batch tasks, two requests at
      a time), against --scale-single-uploads single uploads (POST /prefixes, 4 clients, deleted again), per task;
   2. listing: every page of GET /prefixes at the default limit (100) and at 1,000, and GET /v1/models pages: ms per
-     page and bytes per page;
+     page and bytes per page; then a new task: POST /prefixes and at once a one-token POST /generate on it, against
+     the same request on a warm task;
   3. traffic over the stored tasks through the registry the server used (so a request may wait for its prefix to be
      read back from host memory or disk, as on the server), on the engine, --clients closed-loop clients, every
      request generating all its tokens (EOS ignored):
@@ -51,6 +52,7 @@ HOT_TASKS = 8
 IMPORT_REQUESTS_AT_ONCE = 2
 SINGLE_UPLOAD_CLIENTS = 4
 ADAPTER_POOL = 64
+NEW_TASK_SAMPLES = 20
 
 
 def adapter_files(loaded: LoadedModel, num_virtual_tokens: int, generator: torch.Generator) -> dict[str, bytes]:
@@ -156,6 +158,38 @@ def single_uploads(url: str, loaded: LoadedModel, count: int, args: argparse.Nam
             "tasks_per_s": round(count / wall, 1)}  # fmt: skip
 
 
+def new_task_latency(url: str, loaded: LoadedModel, hot_task: str, samples: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A task uploaded now is servable at once: `samples` times, a one-token POST /generate on a warm task, then
+    POST /prefixes of a new task and, the moment it returns, the same one-token generate on the new task (its first
+    request: the prefix comes from the store the upload just wrote). Medians; the new task is deleted again."""
+    generator = torch.Generator().manual_seed(args.seed + 11)
+    body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 1}}
+    warm, new, upload = [], [], []
+    with httpx.Client(timeout=None) as client:
+
+        def first_token(task_id: str) -> float:
+            started = time.perf_counter()
+            client.post(f"{url}/generate", json={**body, "task_id": task_id}).raise_for_status()
+            return time.perf_counter() - started
+
+        first_token(hot_task)
+        for index in range(samples):
+            warm.append(first_token(hot_task))
+            files = adapter_files(loaded, args.virtual_tokens, generator)
+            started = time.perf_counter()
+            client.post(f"{url}/prefixes", data={"task_id": f"new-{index}"}, files={
+                "adapter_config": ("adapter_config.json", files["adapter_config.json"]),
+                "adapter_model": ("adapter_model.safetensors", files["adapter_model.safetensors"]),
+            }).raise_for_status()  # fmt: skip
+            upload.append(time.perf_counter() - started)
+            new.append(first_token(f"new-{index}"))
+            client.delete(f"{url}/prefixes/new-{index}").raise_for_status()
+    median_ms = lambda values: round(1000 * statistics.median(values), 2)  # noqa: E731
+    return {"samples": samples, "upload_ms": median_ms(upload), "warm_first_token_ms": median_ms(warm),
+            "new_first_token_ms": median_ms(new),
+            "extra_ms": round(median_ms(new) - median_ms(warm), 2)}  # fmt: skip
+
+
 def list_pages(url: str, path: str, limit: int, expected: int) -> dict[str, Any]:
     """Walk every page of a listing; time each."""
     times: list[float] = []
@@ -247,6 +281,8 @@ def _run_scale(args: argparse.Namespace, loaded: LoadedModel, scale: int) -> int
                 list_pages(server.url, "/v1/models", 100, scale),
             ]
             logger.info("listing: %s", results["listing"])
+            results["new_task"] = new_task_latency(server.url, loaded, ids[0], NEW_TASK_SAMPLES, args)
+            logger.info("new task: %s", results["new_task"])
         registry = app.state.service.registry
         runner = ModelRunner(loaded.model, loaded.tokenizer)
         run_in_fresh_thread(check_model, runner, loaded.geometry)
@@ -320,6 +356,11 @@ def _tables(results: dict[str, Any]) -> str:
     for page in results["listing"]:
         lines.append(f"| GET {page['path']} | {page['limit']} | {page['pages']} | {page['mean_ms']} | {page['p50_ms']} "
                      f"| {page['p95_ms']} | {page['bytes_per_page_max']} |")  # fmt: skip
+    new = results["new_task"]
+    lines += ["", "| a task uploaded now (median of its samples) | upload ms | first-token request ms | "
+              "warm task's ms | extra ms |", "|---|---|---|---|---|",
+              f"| {new['samples']} samples | {new['upload_ms']} | {new['new_first_token_ms']} | "
+              f"{new['warm_first_token_ms']} | {new['extra_ms']} |"]  # fmt: skip
     lines += ["", markdown_table(results["rows"]), "", ratios_table(results["ratios"], results["ratio_ranges"])]
     return "\n".join(lines)
 
