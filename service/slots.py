@@ -140,8 +140,9 @@ class SlotBatch:
             entries = [r.bank_entry for r in decoding]
             fill = next((e.offset for e in entries if e is not None), 0)
             offsets = torch.tensor([e.offset if e is not None else fill for e in entries])
-            lengths = torch.tensor([e.length if e is not None else 0 for e in entries])
-            prefix_width = int(lengths.max())
+            prefix_lengths = [e.length if e is not None else 0 for e in entries]
+            lengths = torch.tensor(prefix_lengths)
+            prefix_width = max(prefix_lengths)  # from the list: reading a tensor would be a host sync
             prefix_cols = torch.arange(prefix_width)
             prefix_visible = prefix_cols < lengths[:, None]
             own_visible = torch.arange(own_width) < torch.tensor([r.cached + 1 for r in decoding])[:, None]
