@@ -168,7 +168,9 @@ class Settings(BaseSettings):
     )
     ray_ingress_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP ingress (no model).")
     ray_prefixes_per_replica: int = Field(
-        default=64, ge=1, description="Task versions each replica keeps loaded (its LRU of device-resident prefixes)."
+        default=64, ge=1,
+        description="Task versions each replica keeps loaded (its LRU; host copies in the slot layout, whose prefix bank "
+        "holds the device copy).",
     )
     ray_affinity_imbalance: int = Field(
         default=2, ge=0,

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, AsyncIterator, Iterator
 
@@ -16,7 +18,7 @@ from service.api.app import create_app, make_registry
 from service.api.state import ServiceState
 from service.engine import EngineLimits, TokenEvent
 from service.metrics import Metrics
-from service.model_loader import LoadedModel
+from service.model_loader import LoadedModel, wrap_model
 from service.prefix import TaskPrefix
 from service.requests import SamplingParams
 from service.scaleout import ingress as ingress_module
@@ -25,7 +27,10 @@ from service.scaleout.protocol import RemoteRequest, StreamStart, replica_unavai
 from service.scaleout.remote_engine import RemoteEngine
 from service.scaleout.replica import ReplicaCore
 from service.settings import Settings
-from tests.helpers import make_peft_prefix_adapter, prometheus_values, read_adapter, sse_events
+from tests.helpers import (
+    TINY_MAX_POSITIONS, make_peft_prefix_adapter, prometheus_values, read_adapter, sse_events, tiny_llama,
+    tiny_tokenizer,
+)
 
 TASKS = {"alpha": (4, 1), "beta": (6, 2)}  # task -> (V, seed)
 PROMPTS = ["t5 t6 t7", "t9 t10 t11 t12 t13"]
@@ -340,3 +345,42 @@ def test_routed_series_of_replicas_that_are_gone_leave_metrics(monkeypatch: pyte
     view.update({"r0": {"replica": "r0", "age_s": 0.0}, "r1": {"replica": "r1", "age_s": 10.0}})
     assert series() == {("r0", "alpha"): 1.0, ("r2", "alpha"): 1.0}
     assert prometheus_values(metrics.render().decode(), "prefix_serve_replicas") == {frozenset(): 1.0}
+
+
+def test_a_replica_keeps_one_device_copy_of_a_prefix_in_its_bank_and_host_copies_in_its_lru(
+    adapters: dict[str, tuple[bytes, bytes]], tmp_path: Path
+) -> None:
+    """Serve's LRU must not hold a second served-dtype copy of what the engine's prefix bank already holds: in the
+    slot layout a replica loads host copies (the file's float32 values) and the bank converts as it copies in."""
+    model = tiny_llama(seed=0, initializer_range=0.5, max_position_embeddings=TINY_MAX_POSITIONS).to(torch.bfloat16)
+    served = wrap_model(model, tiny_tokenizer(128), "tiny-llama-bf16")
+    settings = Settings(prefix_dir=tmp_path)
+    store = make_registry(settings, served, None, shared=True)
+    store.load_all()
+    versions = {task: store.put(task, *files)[0].sha256 for task, files in adapters.items()}
+    core = ReplicaCore(settings, "replica-0", loaded=served)
+    replica = InProcessReplica(core)
+    try:
+        for task, sha256 in versions.items():
+            request = RemoteRequest(
+                request_id=f"r-{task}", prompt_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=3),
+                task_id=task, sha256=sha256,
+            )
+            items = asyncio.run(_collect(replica(request, f"{task}@{sha256}", stream=False)))
+            assert isinstance(items[0], StreamStart) and items[0].status == 200, items
+        assert core.layout == "slots"
+        lru = list(replica.loaded.values())
+        assert len(lru) == 2 and all(p.kv.dtype == torch.float32 for p in lru)  # host form, not the served bf16
+        held = core.snapshot()["prefix_bytes"]
+        assert held["host"] == sum(p.nbytes for p in lru)
+        assert held["device"] == held["host"] // 2  # the bank's bf16 copy of each, once
+        del lru
+        replica.loaded.clear()  # Serve's LRU evicted them: the host copies are gone, the bank keeps its own
+        gc.collect()
+        assert core.snapshot()["prefix_bytes"] == {"device": held["device"], "host": 0}
+    finally:
+        core.stop()
+
+
+async def _collect(items: AsyncIterator[object]) -> list[object]:
+    return [item async for item in items]

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Iterator
 import torch
 from fastapi import APIRouter, Depends
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from service.api.app import make_registry
@@ -164,6 +164,16 @@ class ReplicaCollector:
             for report in live:
                 family.add_metric([str(report["replica"])], float(report.get(key, 0)))
             yield family
+        prefix_bytes = GaugeMetricFamily(
+            "prefix_serve_replica_prefix_bytes",
+            "Bytes of prefixes the replica holds, by tier (slot layout: the bank is the one device copy, the loaded "
+            "task versions are host copies).",
+            labels=["replica", "tier"],
+        )
+        for report in live:
+            for tier, nbytes in (report.get("prefix_bytes") or {}).items():
+                prefix_bytes.add_metric([str(report["replica"]), str(tier)], float(nbytes))
+        yield prefix_bytes
 
 
 class RoutedRequests:
@@ -234,6 +244,9 @@ class ReplicaHealth(BaseModel):
     running_rows: int
     waiting: int
     seconds_since_report: float
+    start_seconds: float | None = Field(
+        default=None, description="Seconds the replica took to load the model and pass its start-up checks."
+    )
 
 
 class DeploymentHealthResponse(BaseModel):
@@ -273,7 +286,7 @@ def health_router(view: DeploymentView) -> APIRouter:
                 ReplicaHealth(
                     replica=str(r["replica"]), node=str(r.get("node", "")), device=str(r["device"]),
                     dtype=str(r["dtype"]), running_rows=int(r.get("running_rows", 0)), waiting=int(r.get("waiting", 0)),
-                    seconds_since_report=round(view.age(r), 3),
+                    seconds_since_report=round(view.age(r), 3), start_seconds=r.get("start_seconds"),
                 )
                 for r in live
             ],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import torch
@@ -21,6 +22,7 @@ from service.engine import ContinuousBatchingEngine, EngineLimits, Event
 from service.errors import ServiceError
 from service.model_loader import LoadedModel, load_base_model
 from service.prefix import TaskPrefix
+from service.prefix_cache import DeviceTier
 from service.registry import validate_task_id
 from service.requests import GenerationRequest
 from service.runner import ModelRunner
@@ -43,10 +45,19 @@ class ReplicaCore:
         runner = ModelRunner(loaded.model, loaded.tokenizer)
         layout = check_model(runner, loaded.geometry, settings.batching)  # every start-up check; forwards run here
         # Reads one task version at a time (load_task), task.json included; the same limits as the ingress's store.
-        self.registry = make_registry(settings, loaded, None, shared=True)
+        # In the slot layout the engine's prefix bank is the only device copy of a prefix: the registry hands out
+        # host prefixes (float32 views of the file), Serve's LRU keeps those, and the bank copies a prefix into its
+        # columns when a row of the task is admitted. The padded layout computes on the prefix's own device tensors.
+        self.layout = layout
+        self.registry = make_registry(settings, loaded, None, shared=True, device_tier=layout != "slots")
         self.engine = ContinuousBatchingEngine(
             runner, policy=settings.batching, limits=EngineLimits.from_settings(settings), layout=layout
         )
+        self._bank: DeviceTier | None = None  # the slot layout's prefix bank, once the engine's thread made it
+        self.engine.on_prefix_bank = self._attach_bank
+        # The prefixes this replica loaded and something still holds (Serve's LRU, a running request): what they
+        # take is reported per tier, next to the bank's share, without asking Serve what its LRU holds.
+        self._loaded: weakref.WeakValueDictionary[str, TaskPrefix] = weakref.WeakValueDictionary()
         self.engine.start()
         self.accepted = 0
         self.rejected = 0
@@ -67,16 +78,29 @@ class ReplicaCore:
         started = time.perf_counter()
         task_id, sha256 = parse_multiplexed_id(model_id)
         prefix = self.registry.load_task(validate_task_id(task_id), sha256)
+        self._loaded[model_id] = prefix
         self.prefix_loads += 1
         self.prefix_load_s += time.perf_counter() - started
         return prefix
+
+    def _attach_bank(self, bank: DeviceTier) -> None:
+        self._bank = bank
+
+    def prefix_bytes(self) -> dict[str, int]:
+        """Bytes of prefixes this replica holds, by tier: in the slot layout the loaded prefixes are host copies and
+        the bank holds the one device copy of each; in the padded layout the loaded prefixes are the device copies."""
+        loaded = sum(prefix.nbytes for prefix in list(self._loaded.values()))
+        if self.layout != "slots":
+            return {"device": loaded, "host": 0}
+        bank = self._bank
+        return {"device": bank.held_bytes if bank is not None else 0, "host": loaded}
 
     async def _prefix(self, request: RemoteRequest, cached: PrefixLoader) -> TaskPrefix | None:
         if request.task_id is None or request.sha256 is None:
             return None
         if request.kv is not None:  # the version left the store after the ingress accepted the request
             on_host = TaskPrefix(request.task_id, request.kv, request.sha256, request.encoder_kv)
-            return on_host.to(self.loaded.device, self.loaded.dtype)
+            return on_host if self.layout == "slots" else on_host.to(self.loaded.device, self.loaded.dtype)
         return await cached(request.model_id)
 
     async def stream(
@@ -129,5 +153,7 @@ class ReplicaCore:
             "rejected": self.rejected,
             "prefix_loads": self.prefix_loads,
             "prefix_load_seconds": round(self.prefix_load_s, 6),
+            "prefix_bytes": self.prefix_bytes(),
             "torch_threads": torch.get_num_threads(),
+            "start_seconds": round(self.load_s, 3),
         }
