@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,58 @@ def test_scale_tables_in_the_docs_are_the_recorded_run() -> None:
     assert len(rows) == 5
     for line in rows:
         assert line in section.splitlines(), line
+
+
+def _ray_scale_script():  # benchmarks/ray_scale.py is a script beside store_scale.py, not a package module
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "benchmarks" / "ray_scale.py"
+    spec = importlib.util.spec_from_file_location("ray_scale", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("ray_scale", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ray_scale_affinity_counts_each_repeated_tasks_requests_on_its_busiest_replica() -> None:
+    """The Ray run's affinity is computed from /metrics' routed counters before and after a load: only that load's
+    requests count, tasks asked once do not, and the share is per request, not per task."""
+    ray_scale = _ray_scale_script()
+    before = {("r0", "hot"): 5.0, ("r1", "cold"): 1.0}  # an earlier load's requests
+    after = {("r0", "hot"): 11.0, ("r1", "hot"): 2.0, ("r1", "warm"): 2.0, ("r0", "cold"): 1.0, ("r1", "cold"): 1.0}
+    asked = Counter({"hot": 8, "warm": 2, "cold": 1})
+    placement = ray_scale.placement(before, after, asked)
+    assert placement["repeated_tasks"] == 2 and placement["requests_of_repeated_tasks"] == 10
+    assert placement["affinity"] == 0.8  # hot 6 of 8 on r0, warm 2 of 2 on r1
+    assert placement["hottest"][0] == {"task": "hot", "requests": 8, "per_replica": [6, 2]}
+    assert placement["per_replica"] == [7, 4]
+    by_requests = placement["affinity_by_requests"]
+    assert (by_requests["2-3"]["tasks"], by_requests["2-3"]["affinity"]) == (1, 1.0)  # warm
+    assert (by_requests["4-9"]["tasks"], by_requests["4-9"]["affinity"]) == (1, 0.75)  # hot
+    assert by_requests["10+"] == {"tasks": 0, "requests": 0, "affinity": None, "affinity_if_random": None}
+    # A router ignoring tasks: two requests land on one replica half the time, so well under 1.0 and over 1/2.
+    assert 0.5 < ray_scale.random_affinity([2, 2, 2, 2], 2) < 0.9
+    assert ray_scale.random_affinity([3], 1) == 1.0
+
+
+def test_ray_scale_zipf_draw_is_seeded_and_skewed() -> None:
+    ray_scale = _ray_scale_script()
+    ids = [f"task-{i}" for i in range(1000)]
+    draw = ray_scale.zipf_tasks(ids, 500, 1.1, seed=3)
+    assert draw == ray_scale.zipf_tasks(ids, 500, 1.1, seed=3) and draw != ray_scale.zipf_tasks(ids, 500, 1.1, seed=4)
+    counts = Counter(draw).most_common()
+    assert counts[0][1] >= 40 and len(counts) < 400  # the head is hot, the tail mostly unasked
+
+
+def test_ray_scale_tables_in_the_docs_are_the_recorded_run() -> None:
+    """docs/scale-out-ray.md's ten-thousand-task tables are the recorded ray-scale.md, line for line."""
+    root = Path(__file__).parents[1]
+    recorded = (root / "benchmarks" / "results" / "ray-scale-cpu" / "ray-scale.md").read_text().splitlines()
+    page = (root / "docs" / "scale-out-ray.md").read_text()
+    section = page[page.index("### Ten thousand tasks"):].splitlines()
+    rows = [line for line in recorded if line.startswith("|")]
+    assert len(rows) >= 10
+    for line in rows:
+        assert line in section, line
