@@ -11,12 +11,17 @@ row per step with a `DynamicCache` cropped back after each step (every timed ste
 arms are timed in turns, `--rounds` rounds of `--steps` steps, so a busy moment of the machine hits every arm alike;
 the table is each arm's median step and range. Each int8 arm's first-step greedy tokens are compared with float32's
 (rows agreeing). This is the lever's ceiling on the bare model, before any wiring into the engine.
+
+Weight-only int8 (bfloat16 activations, int8 weights with a scale per output channel) is measured per linear shape
+of the model: `torch._weight_int8pack_mm`, aten's CPU kernel for it (what gpt-fast's and torchao's int8 weight-only
+paths reach on a CPU), against the bfloat16 `F.linear` on the same `--rows` activations.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import platform
@@ -52,6 +57,34 @@ def decode_step(model: torch.nn.Module, rows: int, prompt: int, engine: str | No
         cache.crop(-1)  # back to the prefill's length: every step the same work
 
     return step, token[:, 0].tolist()
+
+
+def weight_only_int8(model: torch.nn.Module, rows: int, rounds: int, calls: int = 50) -> list[dict[str, Any]]:
+    """Per distinct linear shape: microseconds of bfloat16 F.linear vs the int8 weight-only kernel, in turns."""
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for out_features, in_features in shapes:
+        weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+        x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+        scales = (weight.abs().amax(1) / 127).clamp(min=1e-8)
+        quantized = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
+        arms = {
+            "bfloat16": functools.partial(torch.nn.functional.linear, x, weight.to(torch.bfloat16)),
+            "int8_weight_only": functools.partial(torch._weight_int8pack_mm, x, quantized, scales.to(torch.bfloat16)),
+        }
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        for _ in range(rounds):
+            for name, call in arms.items():
+                call()
+                started = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                times[name].append((time.perf_counter() - started) / calls * 1e6)
+        bf16, int8 = (statistics.median(times[name]) for name in arms)
+        results.append({"shape": [out_features, in_features], "bfloat16_us": round(bf16, 1),
+                        "int8_weight_only_us": round(int8, 1), "speed_vs_bfloat16": round(bf16 / int8, 3)})
+    return results
 
 
 def main() -> int:
@@ -108,6 +141,7 @@ def main() -> int:
             for name, values in times.items()
         },
     }
+    result["weight_only_int8_linear"] = weight_only_int8(base, args.rows, args.rounds)
     bf16 = result["arms"]["bfloat16"]["ms_per_step_median"]
     for arm in result["arms"].values():
         arm["speed_vs_bfloat16"] = round(bf16 / arm["ms_per_step_median"], 3)
