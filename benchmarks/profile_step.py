@@ -4,8 +4,8 @@ rows, and over the bare HF model's decode step at the same batch as a reference.
     PYTHONPATH=. .venv/bin/python benchmarks/profile_step.py --dtype bfloat16 --rows 32 \
         --out benchmarks/results/profile-step-cpu.json
 
-The slot step is the engine's own (`service.slots.SlotBatch.step`: plan, one forward through the slot attention,
-token selection), with 32 rows admitted at once, each behind one of 8 random V=20 task prefixes, prompts of 20-34
+The slot step is the engine's own (`schedule_step`, then `service.slots.SlotBatch.execute`: plan, one forward
+through the slot attention, token selection), with 32 rows admitted at once, each behind one of 8 random V=20 task prefixes, prompts of 20-34
 tokens, prefilled before the profile starts. The reference is `model(...)` on one new token per row with a
 `DynamicCache` holding the same number of columns (prefix + prompt), HF's sdpa attention, then argmax.
 
@@ -48,7 +48,8 @@ from service.registry import PrefixRegistry
 from service.requests import GenerationRequest, SamplingParams
 from service.runner import ModelRunner
 from service.settings import Settings
-from service.slots import SlotBatch, SlotLimits
+from service.scheduling.slot_schedule import SlotLimits, schedule_step
+from service.slots import SlotBatch
 from service.startup import check_model
 
 logger = logging.getLogger("profile_step")
@@ -158,13 +159,14 @@ def _timed_and_profiled(step: Callable[[], None], steps: int, warmup: int) -> di
 
 def profile_slot_step(runner: ModelRunner, requests: list[GenerationRequest], steps: int, warmup: int) -> dict[str, Any]:
     budget = sum(r.reserved_kv_tokens for r in requests) * 2 + 4096
-    batch = SlotBatch(runner, SlotLimits(num_slots=len(requests), max_kv_tokens=budget, step_token_budget=128))
+    limits = SlotLimits(num_slots=len(requests), max_kv_tokens=budget, step_token_budget=128)
+    batch = SlotBatch(runner, limits.num_slots)
     rows = [batch.add(r) for r in requests]
     while any(r.prefilling for r in rows):  # prefill (idle budget: one or two big steps)
-        batch.step()
+        batch.execute(schedule_step(batch.rows, limits))
 
-    def step() -> None:
-        batch.step()
+    def step() -> None:  # what the engine's SlotScheduler.step runs: schedule, then execute
+        batch.execute(schedule_step(batch.rows, limits))
 
     result = _timed_and_profiled(step, steps, warmup)
     assert all(not r.finished and not r.prefilling for r in rows), "rows finished during the profile: raise new tokens"
