@@ -179,9 +179,10 @@ def profile_slot_step(runner: ModelRunner, requests: list[GenerationRequest], st
 def profile_hf_step(runner: ModelRunner, rows: int, columns: int, steps: int, warmup: int) -> dict[str, Any]:
     model = runner.model
     cache = DynamicCache()
-    ids = torch.randint(10, 1000, (rows, columns))
+    top = min(1000, model.config.vocab_size)  # ordinary ids of any vocabulary
+    ids = torch.randint(10, top, (rows, columns))
     model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    state = {"position": columns, "next": torch.randint(10, 1000, (rows, 1))}
+    state = {"position": columns, "next": torch.randint(10, top, (rows, 1))}
 
     def step() -> None:
         position = state["position"]

@@ -192,17 +192,21 @@ def test_scale_tables_in_the_docs_are_the_recorded_run() -> None:
         assert line in section.splitlines(), line
 
 
-def _ray_scale_script():  # benchmarks/ray_scale.py is a script beside store_scale.py, not a package module
+def _benchmark_script(name: str):  # benchmarks/*.py are scripts, not package modules
     import importlib.util
     import sys
 
-    path = Path(__file__).parents[1] / "benchmarks" / "ray_scale.py"
-    spec = importlib.util.spec_from_file_location("ray_scale", path)
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ray_scale", module)
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def _ray_scale_script():
+    return _benchmark_script("ray_scale")
 
 
 def test_ray_scale_affinity_counts_each_repeated_tasks_requests_on_its_busiest_replica() -> None:
@@ -245,3 +249,22 @@ def test_ray_scale_tables_in_the_docs_are_the_recorded_run() -> None:
     assert len(rows) >= 10
     for line in rows:
         assert line in section, line
+
+
+def test_profile_step_script_profiles_the_engines_own_step_and_the_reference(loaded) -> None:
+    """benchmarks/profile_step.py drives the slot layout through the engine's schedule/execute API (it once broke
+    silently when that API changed): on the tiny model, both profiles run and split the step into their parts."""
+    from service.startup import check_model
+    from tests.helpers import random_task_prefix
+
+    profile_step = _benchmark_script("profile_step")
+    runner = ModelRunner(loaded.model, loaded.tokenizer)
+    check_model(runner, loaded.geometry)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prefixes = [random_task_prefix(loaded.model, f"task-{i}", 4, seed=i) for i in range(2)]
+    requests = [GenerationRequest([5 + i, 6, 7, 8], prefixes[i % 2], params) for i in range(4)]
+    slot = profile_step.profile_slot_step(runner, requests, steps=2, warmup=1)
+    assert slot["rows"] == 4 and slot["kv_columns_at_end"][0] > 4
+    assert set(slot["ms_per_step"]) == set(profile_step.CATEGORIES) and slot["profiled_step_ms"] > 0
+    reference = profile_step.profile_hf_step(runner, rows=4, columns=8, steps=2, warmup=1)
+    assert reference["rows"] == 4 and reference["profiled_step_ms"] > 0
