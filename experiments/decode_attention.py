@@ -20,15 +20,15 @@ and not others (glibc moves the threshold as memory is freed), and its time swin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from experiments.timing import time_in_turns, write_result
 
 
 def main() -> int:
@@ -81,7 +81,6 @@ def main() -> int:
     arms: dict[str, Callable[[], object]] = {
         "float32_matmul": float32_matmul, "bfloat16_sdpa": bfloat16_sdpa, "gather_only": lambda: gather(dtype),
     }
-    times: dict[str, list[float]] = {name: [] for name in arms}
     with torch.inference_mode():
         reference = float32_matmul().float()
         difference = float((bfloat16_sdpa().float() - reference).abs().max())
@@ -90,13 +89,7 @@ def main() -> int:
         nan_under_mask = bool(F.scaled_dot_product_attention(
             one, overflowing, overflowing, attn_mask=torch.tensor([True, True, False]).view(1, 1, 1, 3)
         ).isnan().any())
-        for _ in range(args.rounds):
-            for name, call in arms.items():
-                call()
-                started = time.perf_counter()
-                for _ in range(args.calls):
-                    call()
-                times[name].append((time.perf_counter() - started) / args.calls * 1e6)
+        times = {name: [t * 1e6 for t in values] for name, values in time_in_turns(arms, args.rounds, args.calls).items()}
     result = {
         "rows": rows, "prefix": prefix, "own": own, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "us_per_layer_median": {name: round(statistics.median(values), 1) for name, values in times.items()},
@@ -105,10 +98,7 @@ def main() -> int:
         "sdpa_nan_for_an_inf_score_under_its_mask": nan_under_mask,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -14,9 +14,7 @@ is set against a measured bfloat16 decode step of the bare model at the same row
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,20 +23,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from experiments.timing import time_in_turns, write_result
 from service.model_loader import load_base_model
 from service.settings import Settings
 
 
 def median_us(arms: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(rounds):
-        for name, call in arms.items():
-            call()
-            started = time.perf_counter()
-            for _ in range(calls):
-                call()
-            times[name].append((time.perf_counter() - started) / calls * 1e6)
-    return {name: round(statistics.median(values), 1) for name, values in times.items()}
+    times = time_in_turns(arms, rounds, calls)
+    return {name: round(statistics.median(values) * 1e6, 1) for name, values in times.items()}
 
 
 @torch.inference_mode()
@@ -91,10 +83,7 @@ def main() -> int:
         "fused_rmsnorm_saves_per_step_ms": round(norm_save_ms, 2),
         "fused_rmsnorm_saves_share_of_step": round(norm_save_ms / step_ms, 4),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

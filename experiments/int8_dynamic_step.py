@@ -22,17 +22,16 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import logging
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers import DynamicCache
 
+from experiments.timing import time_in_turns, write_result
 from service.model_loader import load_base_model
 from service.settings import Settings
 
@@ -73,15 +72,8 @@ def weight_only_int8(model: torch.nn.Module, rows: int, rounds: int, calls: int 
             "bfloat16": functools.partial(torch.nn.functional.linear, x, weight.to(torch.bfloat16)),
             "int8_weight_only": functools.partial(torch._weight_int8pack_mm, x, quantized, scales.to(torch.bfloat16)),
         }
-        times: dict[str, list[float]] = {name: [] for name in arms}
-        for _ in range(rounds):
-            for name, call in arms.items():
-                call()
-                started = time.perf_counter()
-                for _ in range(calls):
-                    call()
-                times[name].append((time.perf_counter() - started) / calls * 1e6)
-        bf16, int8 = (statistics.median(times[name]) for name in arms)
+        times = time_in_turns(arms, rounds, calls)
+        bf16, int8 = (statistics.median(times[name]) * 1e6 for name in arms)
         results.append({"shape": [out_features, in_features], "bfloat16_us": round(bf16, 1),
                         "int8_weight_only_us": round(int8, 1), "speed_vs_bfloat16": round(bf16 / int8, 3)})
     return results
@@ -119,14 +111,7 @@ def main() -> int:
     steps, first_tokens = {}, {}
     for name, (model, engine) in models.items():
         steps[name], first_tokens[name] = decode_step(model, args.rows, args.prompt, engine)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            step()  # warm
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - started) / args.steps * 1000)
+    times = {name: [t * 1000 for t in values] for name, values in time_in_turns(steps, args.rounds, args.steps).items()}
     reference = first_tokens["float32"]
     result: dict[str, Any] = {
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -145,10 +130,7 @@ def main() -> int:
     bf16 = result["arms"]["bfloat16"]["ms_per_step_median"]
     for arm in result["arms"].values():
         arm["speed_vs_bfloat16"] = round(bf16 / arm["ms_per_step_median"], 3)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 
