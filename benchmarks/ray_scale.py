@@ -266,16 +266,15 @@ def placement(before: dict[tuple[str, str], float], after: dict[tuple[str, str],
         if delta > 0:
             per_task[key[1]][key[0]] += int(delta)
     repeated = [task for task, n in asked.items() if n >= 2]
-    on_busiest = sum(max(per_task[task].values(), default=0) for task in repeated)
-    total_repeated = sum(sum(per_task[task].values()) for task in repeated)
     replicas: Counter[str] = Counter()
     for counts in per_task.values():
         replicas.update(counts)
+    overall = _affinity(repeated, per_task, len(replicas))
     return {
-        "repeated_tasks": len(repeated),
-        "requests_of_repeated_tasks": total_repeated,
-        "affinity": round(on_busiest / total_repeated, 3) if total_repeated else None,
-        "affinity_if_random": random_affinity([sum(per_task[task].values()) for task in repeated], len(replicas)),
+        "repeated_tasks": overall["tasks"],
+        "requests_of_repeated_tasks": overall["requests"],
+        "affinity": overall["affinity"],
+        "affinity_if_random": overall["affinity_if_random"],
         "affinity_by_requests": {
             label: _affinity([task for task in repeated if low <= asked[task] <= high], per_task, len(replicas))
             for label, (low, high) in AFFINITY_BUCKETS.items()
