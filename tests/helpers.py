@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import torch
@@ -705,3 +705,8 @@ def tar_members(data: bytes) -> dict[str, bytes]:
 
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
         return {m.name: archive.extractfile(m).read() for m in archive if m.isreg()}  # type: ignore[union-attr]
+
+
+async def collect_async(items: AsyncIterator[Any]) -> list[Any]:
+    """Every item of an async iterator (an engine's or a replica's stream), in order."""
+    return [item async for item in items]

@@ -23,6 +23,7 @@ from service.scaleout.protocol import (
     parse_multiplexed_id,
 )
 from service.scaleout.remote_engine import RemoteEngine
+from tests.helpers import collect_async
 
 SHA = "ab" * 32
 
@@ -71,10 +72,6 @@ def engine(fake: FakeReplicas, **kwargs: Any) -> RemoteEngine:
     return RemoteEngine(fake, retry_delay_s=0.0, **kwargs)
 
 
-async def collect(events: AsyncIterator[Any]) -> list[Any]:
-    return [e async for e in events]
-
-
 def test_multiplexed_ids_carry_task_and_version() -> None:
     assert parse_multiplexed_id(multiplexed_id("my.task", SHA)) == ("my.task", SHA)
     with pytest.raises(ValueError):
@@ -83,7 +80,7 @@ def test_multiplexed_ids_carry_task_and_version() -> None:
 
 def test_stream_sends_task_version_not_tensor_and_yields_events() -> None:
     fake = FakeReplicas()
-    events = asyncio.run(collect(engine(fake).stream(request(prefix()))))
+    events = asyncio.run(collect_async(engine(fake).stream(request(prefix()))))
     assert [type(e) for e in events] == [TokenEvent, TokenEvent, FinalEvent]
     sent, model_id, stream = fake.calls[0]
     assert (sent.task_id, sent.sha256, sent.kv, model_id, stream) == ("t", SHA, None, f"t@{SHA}", True)
@@ -112,12 +109,12 @@ def test_checks_made_before_accepting_raise_at_once() -> None:
 def test_replica_overload_is_retried_then_reported() -> None:
     busy = [StreamStart(429, "r1", {"error": "the queue is full", "type": "overloaded", "retry_after_s": 1})]
     fake = FakeReplicas(scripts=[busy, busy])
-    assert len(asyncio.run(collect(engine(fake).stream(request(prefix()))))) == 3
+    assert len(asyncio.run(collect_async(engine(fake).stream(request(prefix()))))) == 3
     assert len(fake.calls) == 3
 
     fake = FakeReplicas(scripts=[busy] * 5)
     with pytest.raises(RemoteServiceError) as raised:
-        asyncio.run(collect(engine(fake, overload_retries=2).stream(request(prefix()))))
+        asyncio.run(collect_async(engine(fake, overload_retries=2).stream(request(prefix()))))
     assert raised.value.status_code == 429 and raised.value.to_json()["retry_after_s"] == 1
     assert len(fake.calls) == 3
 
@@ -126,7 +123,7 @@ def test_a_replaced_version_is_resent_with_the_prefix_tensor() -> None:
     changed = [StreamStart(409, "r1", {"error": "changed", "type": "prefix_version_changed"})]
     fake = FakeReplicas(scripts=[changed])
     task = prefix()
-    asyncio.run(collect(engine(fake).stream(request(task))))
+    asyncio.run(collect_async(engine(fake).stream(request(task))))
     (first, first_id, _), (second, second_id, _) = fake.calls
     assert first.kv is None and first_id is not None
     assert second_id is None and second.kv is not None and torch.equal(second.kv, task.kv)
@@ -136,7 +133,7 @@ def test_errors_keep_their_status_and_body() -> None:
     fake = FakeReplicas(scripts=[[StreamStart(200, "r1"), TokenEvent(7, "a", 0), StreamError(504, {
         "error": "the request ran past its deadline", "type": "deadline_exceeded"})]])
     with pytest.raises(RemoteServiceError) as raised:
-        asyncio.run(collect(engine(fake).stream(request(prefix()))))
+        asyncio.run(collect_async(engine(fake).stream(request(prefix()))))
     assert raised.value.status_code == 504 and raised.value.code == "deadline_exceeded"
 
 

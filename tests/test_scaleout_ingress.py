@@ -28,7 +28,7 @@ from service.scaleout.remote_engine import RemoteEngine
 from service.scaleout.replica import ReplicaCore
 from service.settings import Settings
 from tests.helpers import (
-    TINY_MAX_POSITIONS, make_peft_prefix_adapter, prometheus_values, read_adapter, sse_events, tiny_llama,
+    TINY_MAX_POSITIONS, collect_async, make_peft_prefix_adapter, prometheus_values, read_adapter, sse_events, tiny_llama,
     tiny_tokenizer,
 )
 
@@ -366,7 +366,7 @@ def test_a_replica_keeps_one_device_copy_of_a_prefix_in_its_bank_and_host_copies
                 request_id=f"r-{task}", prompt_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=3),
                 task_id=task, sha256=sha256,
             )
-            items = asyncio.run(_collect(replica(request, f"{task}@{sha256}", stream=False)))
+            items = asyncio.run(collect_async(replica(request, f"{task}@{sha256}", stream=False)))
             assert isinstance(items[0], StreamStart) and items[0].status == 200, items
         assert core.layout == "slots"
         lru = list(replica.loaded.values())
@@ -380,7 +380,3 @@ def test_a_replica_keeps_one_device_copy_of_a_prefix_in_its_bank_and_host_copies
         assert core.snapshot()["prefix_bytes"] == {"device": held["device"], "host": 0}
     finally:
         core.stop()
-
-
-async def _collect(items: AsyncIterator[object]) -> list[object]:
-    return [item async for item in items]
