@@ -1,13 +1,18 @@
-"""One layer of the slot layout's decode attention, three ways, at the shapes of a 32-row SmolLM2 step in bfloat16.
+"""One layer of the slot layout's decode attention, five ways, at the shapes of a 32-row SmolLM2 step in bfloat16.
 
     PYTHONPATH=. .venv/bin/python experiments/decode_attention.py --out benchmarks/results/decode-attention-cpu.json
 
-- `float32_matmul`: what `service.attention._decode_attention` does: gather each row's prefix columns from the bank
-  and its own columns from the store into one float32 copy, two batched matmuls, `masked_fill` + softmax between;
+- `float32_matmul`: what `service.attention._decode_attention` did until 2026-12-06, with each task's prefix in the
+  bank only: gather each row's prefix columns from the bank and its own columns from the store into one float32 copy,
+  two batched matmuls, `masked_fill` + softmax between;
 - `bfloat16_sdpa`: the same gather in bfloat16, then `F.scaled_dot_product_attention` with the hidden columns as a
   boolean mask (its CPU kernel accumulates in float32), hidden keys zeroed first: sdpa turns an inf score under the
   mask into NaN (checked here), where the engine's `masked_fill` makes it -inf;
-- `gather_only`: just the bfloat16 gather, the floor both share.
+- `gather_only`: just the bfloat16 gather, the floor both share;
+- `in_place_sdpa`: what it does now, with each row's prefix copied into its slot's first columns at admission: one
+  sdpa call on a slice of the store, no copy, a kv head's query heads passed as that head's queries;
+- `in_place_sdpa_enable_gqa`: the same with the query heads as heads and `enable_gqa=True` (which copies each kv
+  head per query head).
 
 Random values (the cost does not depend on them); each arm timed in turns over `--rounds` rounds; the largest
 difference of each arm's output from the float32 one is reported.
@@ -54,6 +59,13 @@ def main() -> int:
     hidden[..., prefix + own - 5:] = True  # columns not written yet
     query = randn(kv_heads * groups, rows, head_dim)
     scale = head_dim**-0.5
+    # The in-place layout: each row's prefix in its slot's columns [0, prefix), its own tokens after it.
+    in_place_keys, in_place_values = store_keys.clone(), store_values.clone()
+    in_place_keys[:rows, :, :prefix] = bank_keys[:, columns].transpose(0, 1)
+    in_place_values[:rows, :, :prefix] = bank_values[:, columns].transpose(0, 1)
+    in_place_keys[:rows, :, prefix : prefix + own] = store_keys[:rows, :, :own]
+    in_place_values[:rows, :, prefix : prefix + own] = store_values[:rows, :, :own]
+    visible = ~hidden
 
     def gather(compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (rows, kv_heads, prefix + own, head_dim)
@@ -78,12 +90,27 @@ def main() -> int:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=~hidden, scale=scale, enable_gqa=True)
         return out.reshape(rows, kv_heads * groups, head_dim)
 
+    def in_place_sdpa() -> torch.Tensor:
+        keys, values = in_place_keys[:rows, :, : prefix + own], in_place_values[:rows, :, : prefix + own]
+        q = query.transpose(0, 1).reshape(rows, kv_heads, groups, head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale)
+        return out.reshape(rows, kv_heads * groups, head_dim)
+
+    def in_place_sdpa_enable_gqa() -> torch.Tensor:
+        keys, values = in_place_keys[:rows, :, : prefix + own], in_place_values[:rows, :, : prefix + own]
+        q = query.transpose(0, 1).reshape(rows, kv_heads * groups, 1, head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
+        return out.reshape(rows, kv_heads * groups, head_dim)
+
     arms: dict[str, Callable[[], object]] = {
         "float32_matmul": float32_matmul, "bfloat16_sdpa": bfloat16_sdpa, "gather_only": lambda: gather(dtype),
+        "in_place_sdpa": in_place_sdpa, "in_place_sdpa_enable_gqa": in_place_sdpa_enable_gqa,
     }
     with torch.inference_mode():
         reference = float32_matmul().float()
         difference = float((bfloat16_sdpa().float() - reference).abs().max())
+        in_place_difference = float((in_place_sdpa().float() - reference).abs().max())
+        reference_scale = float(reference.abs().max())
         one = torch.ones(1, 1, 1, 4, dtype=dtype)
         overflowing = torch.cat([one.expand(1, 1, 2, 4), torch.full((1, 1, 1, 4), 3e38, dtype=dtype)], dim=2)
         nan_under_mask = bool(F.scaled_dot_product_attention(
@@ -95,6 +122,8 @@ def main() -> int:
         "us_per_layer_median": {name: round(statistics.median(values), 1) for name, values in times.items()},
         "us_per_layer_range": {name: [round(min(v), 1), round(max(v), 1)] for name, v in times.items()},
         "bfloat16_sdpa_max_abs_difference": difference,
+        "in_place_sdpa_max_abs_difference": in_place_difference,  # one bfloat16 rounding of the output
+        "float32_output_max_abs": reference_scale,
         "sdpa_nan_for_an_inf_score_under_its_mask": nan_under_mask,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }

@@ -3,17 +3,21 @@
 Two pools, both allocated by the engine and never handed to transformers' own cache classes:
 
 - `SlotStore`: keys/values of shape (layers, slots, kv_heads, width, head_dim). A running request owns one slot
-  (a batch row) for its whole life; its own tokens (prompt, then generated) are written at columns 0, 1, ... of that
-  slot. A new request takes the lowest free slot without moving anyone else's KV; a finished one frees its slot
-  without a copy. `width` grows (and shrinks when idle) with the longest reservation, so memory held is
+  (a batch row) for its whole life: its task's prefix is copied into columns [0, V) when it is admitted, and its own
+  tokens (prompt, then generated) are written at columns V, V + 1, ... (a token's column is its position). A new
+  request takes the lowest free slot without moving anyone else's KV; a finished one frees its slot by zeroing the
+  columns it wrote. `width` grows (and shrinks when idle) with the longest reservation, so memory held is
   slots x width, which is what the budget counts.
 - `PrefixBank`: keys/values of shape (layers, kv_heads, capacity, head_dim). A task's prefix occupies one range of
-  columns, written once when its first row is admitted and shared by every row of that task (refcounted).
+  columns, written once when its first row is admitted and copied from there into each of its rows' slots
+  (refcounted while they run).
   Unreferenced prefixes stay cached until their columns are needed, or until they exceed the idle budget (the
   prefix device budget, `idle_budget_bytes`). In the slot layout the bank is the registry's device tier
   (`service.prefix_cache.DeviceTier`): a hot prefix is on the device once, here.
 
-Attention reads both (see `service.attention`); nothing is concatenated per step.
+Attention reads a row's slot alone (see `service.attention`); nothing is gathered or concatenated per decode step.
+A row's prefix copy costs V columns of its slot (a 20-token prefix next to a row's prompt and generated tokens),
+and saves every step a per-row gather of prefix columns from the bank.
 """
 
 from __future__ import annotations
@@ -89,7 +93,18 @@ class SlotStore:
             self._resize(rows, width)
         return slot
 
-    def free(self, slot: int) -> None:
+    def write_prefix(self, slot: int, bank: PrefixBank, entry: BankEntry) -> None:
+        """Copy a task's prefix from the bank into columns [0, entry.length) of `slot`, every layer."""
+        source = slice(entry.offset, entry.offset + entry.length)
+        self.keys[:, slot, :, : entry.length] = bank.keys[:, :, source]
+        self.values[:, slot, :, : entry.length] = bank.values[:, :, source]
+
+    def free(self, slot: int, written: int) -> None:
+        """Give `slot` back, zeroing the `written` columns its request filled. A free slot is therefore all zeros, so
+        a later row never sees another request's values under its attention mask: a huge stale key would score inf,
+        and sdpa turns inf under a -inf mask into NaN."""
+        self.keys[:, slot, :, :written] = 0
+        self.values[:, slot, :, :written] = 0
         self.reserved[slot] = 0
         self._free.append(slot)
         self._free.sort()

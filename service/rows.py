@@ -24,7 +24,7 @@ class Row:
     finish_reason: FinishReason | None = None
     emitted: int = 0  # generated tokens already handed to the caller
     # Slot layout only (service.slots): the row's slot, how many of its own tokens are in the KV store, and its
-    # prefix's bank entry.
+    # prefix's bank entry (its prefix is copied from there into the slot's first columns).
     slot: int = -1
     cached: int = 0
     bank_entry: BankEntry | None = None
@@ -43,9 +43,14 @@ class Row:
         return self.cached < len(self.request.prompt_ids)
 
     @property
+    def prefix_columns(self) -> int:
+        """Columns of its slot its prefix fills, before its own tokens (its virtual tokens; 0 without a prefix)."""
+        return self.request.prefix.num_virtual_tokens if self.request.prefix is not None else 0
+
+    @property
     def reserved_columns(self) -> int:
-        """Own KV columns this row may reach: its prompt plus every token it may generate."""
-        return len(self.request.prompt_ids) + self.request.params.max_new_tokens
+        """Slot columns this row may reach: its prefix, its prompt and every token it may generate."""
+        return self.request.reserved_kv_tokens
 
     def history(self, device: torch.device) -> torch.Tensor:
         if self.decoder_start_token_id is not None:

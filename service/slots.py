@@ -3,9 +3,10 @@
 `SlotBatch.execute(schedule)` runs a step that `service.scheduling.slot_schedule.schedule_step` decided (the next token
 of every decoding row, then prompt chunks under the step's token budget): it builds one flat sequence, runs one forward
 (the model reads its weights once for all of it) and selects each row's next token. Tokens sit at their PEFT
-positions: a row with a V-token prefix has its own token at column c at position V + c, and attends to its task's
-prefix (stored once in the bank) plus its own columns 0..c (see `service.attention`). Admission (by real memory:
-slots x width of the store plus the bank's columns) is the scheduler's (`service.scheduling.slots`).
+positions: a row with a V-token prefix has its prefix copied into columns [0, V) of its slot when it is admitted (from
+the bank, where each task's prefix is held once), and its own token c at column and position V + c; it attends to its
+slot's columns up to itself (see `service.attention`). Admission (by real memory: slots x width of the store plus the
+bank's columns) is the scheduler's (`service.scheduling.slots`).
 """
 
 from __future__ import annotations
@@ -63,13 +64,14 @@ class SlotBatch:
         row.slot = self.store.allocate(row.reserved_columns)
         if request.prefix is not None:
             row.bank_entry = self.bank.acquire(request.prefix)
+            self.store.write_prefix(row.slot, self.bank, row.bank_entry)
         self.rows.append(row)
         return row
 
     def remove(self, rows: Sequence[Row]) -> None:
         gone = set(map(id, rows))
         for row in rows:
-            self.store.free(row.slot)
+            self.store.free(row.slot, written=row.prefix_columns + row.cached)
             self._next_tokens.pop(row.slot, None)
             if row.bank_entry is not None:
                 self.bank.release(row.bank_entry)
@@ -85,29 +87,26 @@ class SlotBatch:
         decoding, chunks = schedule.decoding, schedule.chunks
         token_ids: list[int] = []
         positions: list[int] = []
-        write_slots: list[int] = []
-        write_columns: list[int] = []
+        write_slots: list[int] = []  # each token's K/V goes to (its row's slot, its position)
         logit_rows: list[tuple[Row, int]] = []  # (row, flat index whose logits pick its next token)
+        # A token's slot column is its position: its prefix fills the columns before its own tokens.
         for row in decoding:
             logit_rows.append((row, len(token_ids)))
             token_ids.append(self._next_tokens[row.slot])
-            positions.append(self._prefix_length(row) + row.cached)
+            positions.append(row.prefix_columns + row.cached)
             write_slots.append(row.slot)
-            write_columns.append(row.cached)
         plan_chunks: list[PrefillChunk] = []
         for row, n in chunks:
             start = len(token_ids)
             token_ids.extend(row.request.prompt_ids[row.cached : row.cached + n])
-            v = self._prefix_length(row)
-            positions.extend(range(v + row.cached, v + row.cached + n))
+            first = row.prefix_columns + row.cached
+            positions.extend(range(first, first + n))
             write_slots.extend([row.slot] * n)
-            write_columns.extend(range(row.cached, row.cached + n))
-            offset = row.bank_entry.offset if row.bank_entry is not None else 0
-            plan_chunks.append(PrefillChunk(row.slot, start, n, row.cached, offset, v))
+            plan_chunks.append(PrefillChunk(row.slot, start, n, first))
             if row.cached + n == len(row.request.prompt_ids):
                 logit_rows.append((row, start + n - 1))
 
-        plan = self._plan(decoding, plan_chunks, write_slots, write_columns)
+        plan = self._plan(decoding, plan_chunks, write_slots, write_columns=positions)
         logits = self._forward(token_ids, positions, [i for _, i in logit_rows], plan)
         self.last_plan, self.last_logits = plan, logits
 
@@ -124,45 +123,27 @@ class SlotBatch:
             self._next_tokens[row.slot] = token
         return stepped
 
-    @staticmethod
-    def _prefix_length(row: Row) -> int:
-        return row.request.prefix.num_virtual_tokens if row.request.prefix is not None else 0
-
     def _plan(
         self, decoding: list[Row], chunks: list[PrefillChunk], write_slots: list[int], write_columns: list[int]
     ) -> StepPlan:
         device = self.runner.device
-        own_width = max((r.cached + 1 for r in decoding), default=0)
-        decode_prefix_columns = decode_hidden = None
+        decode_ends = [r.prefix_columns + r.cached + 1 for r in decoding]  # columns each row sees, itself included
+        decode_width = max(decode_ends, default=0)
+        decode_visible = None
         if decoding:
-            # Each row's bank offset and prefix length; a row without a prefix reads (hidden) the first column of
-            # one in use, so every gathered column holds a checked, finite prefix value.
-            entries = [r.bank_entry for r in decoding]
-            fill = next((e.offset for e in entries if e is not None), 0)
-            offsets = torch.tensor([e.offset if e is not None else fill for e in entries])
-            prefix_lengths = [e.length if e is not None else 0 for e in entries]
-            lengths = torch.tensor(prefix_lengths)
-            prefix_width = max(prefix_lengths)  # from the list: reading a tensor would be a host sync
-            prefix_cols = torch.arange(prefix_width)
-            prefix_visible = prefix_cols < lengths[:, None]
-            own_visible = torch.arange(own_width) < torch.tensor([r.cached + 1 for r in decoding])[:, None]
-            decode_hidden = (~torch.cat([prefix_visible, own_visible], dim=1))[:, None, None, :].to(device)
-            if prefix_width:
-                decode_prefix_columns = (offsets[:, None] + prefix_cols * prefix_visible).to(device)
-        chunk_batch = _chunk_batch(chunks, device) if chunks else None
+            visible = torch.arange(decode_width) < torch.tensor(decode_ends)[:, None]
+            decode_visible = visible[:, None, None, :].to(device)
         decode_slots = [r.slot for r in decoding]
         return StepPlan(
             num_decode=len(decoding),
             decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=device),
             decode_dense=decode_slots == list(range(len(decode_slots))),
-            own_width=own_width,
-            decode_prefix_columns=decode_prefix_columns,
-            decode_hidden=decode_hidden,
-            chunk_batch=chunk_batch,
+            decode_width=decode_width,
+            decode_visible=decode_visible,
+            chunk_batch=_chunk_batch(chunks, device) if chunks else None,
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
             write_columns=torch.tensor(write_columns, dtype=torch.long, device=device),
             store=self.store,
-            bank=self.bank,
         )
 
     @torch.inference_mode()
@@ -188,30 +169,21 @@ class SlotBatch:
 
 
 def _chunk_batch(chunks: list[PrefillChunk], device: torch.device) -> ChunkBatch:
-    """Pad the step's prompt chunks into one attention call: chunk c's query i sees its prefix and its own columns
-    0..first_column+i; padding queries see one key (their output is dropped), padding keys nobody."""
-    count = len(chunks)
+    """Pad the step's prompt chunks into one attention call: chunk c's query i sees columns 0..first_column+i of its
+    slot (its prefix, its earlier prompt tokens, this chunk up to itself); padding queries' output is dropped, padding
+    keys are seen by nobody."""
     n = max(c.length for c in chunks)
-    p = max(c.prefix_length for c in chunks)
-    o = max(c.first_column + c.length for c in chunks)
+    width = max(c.first_column + c.length for c in chunks)
     steps = torch.arange(n)
     query_valid = steps[None, :] < torch.tensor([c.length for c in chunks])[:, None]
     query_index = torch.where(query_valid, torch.tensor([c.start for c in chunks])[:, None] + steps[None, :], 0)
-    prefix_valid = torch.arange(p)[None, :] < torch.tensor([c.prefix_length for c in chunks])[:, None]
-    prefix_columns = torch.where(
-        prefix_valid, torch.tensor([c.prefix_offset for c in chunks])[:, None] + torch.arange(p)[None, :], 0
-    )
     last_visible = torch.tensor([c.first_column for c in chunks])[:, None] + steps[None, :]  # (C, n)
-    own_visible = torch.arange(o)[None, None, :] <= last_visible[:, :, None]  # (C, n, O)
-    mask = torch.cat([prefix_valid[:, None, :].expand(count, n, p), own_visible], dim=2)
-    mask[:, :, p] |= ~query_valid  # padding queries: one visible key, no NaN
+    mask = torch.arange(width)[None, None, :] <= last_visible[:, :, None]  # (C, n, O); column 0 is always seen
     return ChunkBatch(
         query_index=query_index.to(device),
         query_valid=query_valid.to(device),
-        prefix_columns=prefix_columns.to(device),
-        prefix_padding=(~prefix_valid)[:, None, :, None].to(device),
-        own_slots=torch.tensor([[c.slot] for c in chunks], device=device),
-        own_columns=torch.arange(o).expand(count, o).contiguous().to(device),
+        slots=torch.tensor([c.slot for c in chunks], device=device),
+        width=width,
         mask=mask[:, None].to(device),
     )
 
@@ -251,7 +223,7 @@ def _check_slot_layout(runner: ModelRunner) -> bool:
     original = config._attn_implementation
     if original != "sdpa" or not runner.accepts_position_ids:
         logger.warning(
-            "%s: attention %r / positions %s: using the padded layout (prefix copied per row)",
+            "%s: attention %r / positions %s: using the padded layout (left-padded rows, prefill apart)",
             config.model_type, original, "accepted" if runner.accepts_position_ids else "not accepted",
         )
         return False
@@ -292,11 +264,11 @@ def _check_slot_layout(runner: ModelRunner) -> bool:
         logger.exception("%s: slot attention failed its start-up check", config.model_type)
         calls_ok = same = False
     if calls_ok and same:
-        logger.info("%s: slot layout (in-place KV, one prefix per task, fused prefill)", config.model_type)
+        logger.info("%s: slot layout (in-place KV, a row reads its own slot, fused prefill)", config.model_type)
         return True
     config._attn_implementation = original
     logger.warning(
-        "%s: slot attention %s; using the padded layout (prefix copied per row)",
+        "%s: slot attention %s; using the padded layout (left-padded rows, prefill apart)",
         config.model_type, "was bypassed by the model" if not calls_ok else "gave different logits",
     )
     return False

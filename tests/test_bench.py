@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -268,3 +269,32 @@ def test_profile_step_script_profiles_the_engines_own_step_and_the_reference(loa
     assert set(slot["ms_per_step"]) == set(profile_step.CATEGORIES) and slot["profiled_step_ms"] > 0
     reference = profile_step.profile_hf_step(runner, rows=4, columns=8, steps=2, warmup=1)
     assert reference["rows"] == 4 and reference["profiled_step_ms"] > 0
+
+
+def test_before_after_runs_each_trees_own_code_in_alternating_turns(tmp_path: Path, monkeypatch) -> None:
+    """benchmarks/before_after.py: each round benches both trees (each importing its own `service`), the order
+    alternates, and the summary is the median after/before ratio per system and concurrency."""
+    before_after = _benchmark_script("before_after")
+    trees = {}
+    for name, speed in (("before", 100.0), ("after", 150.0)):
+        package = tmp_path / name / "service"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "__main__.py").write_text(
+            "import json, sys, pathlib\n"
+            "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+            "assert sys.argv[1:3] == ['bench', '--systems'], sys.argv\n"
+            f"rows = [{{'system': 'mixed', 'concurrency': 32, 'tokens_per_s': {speed}}}]\n"
+            "(out / 'bench.json').write_text(json.dumps({'rows': rows}))\n"
+        )
+        trees[name] = tmp_path / name
+    out = tmp_path / "result.json"
+    monkeypatch.setattr(sys, "argv", [
+        "before_after.py", "--before", str(trees["before"]), "--after", str(trees["after"]), "--rounds", "3",
+        "--out", str(out), "--", "--systems", "mixed",
+    ])  # fmt: skip
+    assert before_after.main() == 0
+    result = json.loads(out.read_text())
+    assert [r["order"][0] for r in result["rounds"]] == ["before", "after", "before"]
+    summary = result["summary"]["mixed"]["32"]
+    assert summary["ratio_median"] == 1.5 and summary["before_tok_s"] == [100.0] * 3

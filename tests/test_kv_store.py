@@ -115,7 +115,7 @@ def test_slots_are_taken_lowest_first_and_the_store_grows_to_fit() -> None:
     assert (store.rows, store.width) == (0, 0)
     assert store.allocate(10) == 0 and store.allocate(3) == 1
     assert store.rows == 2 and store.width == 16, "rows double, width rounds up to 8 columns"
-    store.free(0)
+    store.free(0, written=0)
     assert store.allocate(4) == 0, "a freed low slot is taken before a new one"
     assert store.keys.shape == (GEOMETRY.num_layers, store.rows, GEOMETRY.num_kv_heads, store.width, GEOMETRY.head_dim)
 
@@ -136,9 +136,9 @@ def test_growing_and_shrinking_keeps_the_kv_of_slots_in_use() -> None:
     store.values[:, small, :, :8] = -2.5
     for _ in range(6):
         store.allocate(8)  # more rows: the store reallocates and copies
-    store.free(large)
+    store.free(large, written=0)
     for slot in range(2, 8):
-        store.free(slot)
+        store.free(slot, written=0)
     width_before = store.width
     store.shrink_if_oversized()
     assert store.width < width_before, "the long request left: its columns are given back"

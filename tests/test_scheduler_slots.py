@@ -87,13 +87,14 @@ def runner() -> ModelRunner:
 
 
 def test_admission_stops_at_the_kv_budget_in_arrival_order(runner: ModelRunner) -> None:
-    """Each request reserves 3 + 5 = 8 own columns: the store holds rows x width, slots grow by doubling (1, 2, 4)."""
+    """Each request reserves 4 + 3 + 5 = 12 columns of its slot (prefix, prompt, new tokens; the width rounds up to
+    16): the store holds rows x width, slots grow by doubling (1, 2, 4)."""
     prefix = random_task_prefix(runner.model, "t", 4, seed=0)
     make = lambda prompt, new: WaitingRequest(GenerationRequest(prompt, prefix, SamplingParams(max_new_tokens=new)))
     items = [make([5, 6, 7], 5), make([8, 9, 10], 5), make([11, 12, 13], 5), make([14], 1)]
     waiting = deque(items)
-    # 2 rows x 8 columns + the prefix's 4 bank columns = 20; a third row makes 4 x 8 + 4 = 36.
-    scheduler: SlotScheduler[WaitingRequest] = SlotScheduler(runner, SlotLimits(num_slots=8, max_kv_tokens=30))
+    # 2 rows x 16 columns + the prefix's 4 bank columns = 36; a third row makes 4 x 16 + 4 = 68.
+    scheduler: SlotScheduler[WaitingRequest] = SlotScheduler(runner, SlotLimits(num_slots=8, max_kv_tokens=50))
     assert scheduler.admit(waiting, never_arrives) == items[:2]
     assert [scheduler.owners[r] for r in scheduler.rows] == items[:2]
     assert list(waiting) == items[2:], "the third does not fit and the small fourth does not overtake it"

@@ -1,4 +1,5 @@
-"""The slot layout: rows reuse freed slots exactly, a task's prefix is stored once, prefill is chunked and bounded."""
+"""The slot layout: rows reuse freed slots exactly, a task's prefix is held once in the bank and copied into each of
+its running rows' slots, prefill is chunked and bounded."""
 
 from __future__ import annotations
 
@@ -81,24 +82,48 @@ def test_two_hundred_requests_through_a_small_slot_pool_match_their_solo_results
     assert [r.token_ids for r in results] == [solo(runner, r) for r in requests]
 
 
-def test_a_tasks_prefix_is_stored_once_for_all_its_rows(runner, prefixes) -> None:
-    """Measured on the tensors the engine allocates: more rows of one task add store rows, never prefix columns."""
+def test_a_tasks_prefix_is_held_once_in_the_bank_and_copied_into_each_running_rows_slot(runner, prefixes) -> None:
+    """Measured on the tensors the engine allocates: more rows of one task add no bank columns; each row's slot
+    starts with the prefix's columns, then its own tokens (prompt + new)."""
     prefix = prefixes["b"]
+    v = prefix.num_virtual_tokens
     scheduler = SlotScheduler(runner, SlotLimits(num_slots=8, max_kv_tokens=1 << 16, step_token_budget=64))
     batch = scheduler.batch
-    batch.add(req(prefix, [5, 6, 7], 4))
+    rows = [batch.add(req(prefix, [5, 6, 7], 4))]
     scheduler.step()
     bank_bytes = batch.bank.keys.untyped_storage().nbytes() + batch.bank.values.untyped_storage().nbytes()
-    for i in range(7):
-        batch.add(req(prefix, [8 + i, 9, 10], 4))
+    rows += [batch.add(req(prefix, [8 + i, 9, 10], 4)) for i in range(7)]
     scheduler.step()
-    assert len(batch.bank.entries) == 1 and batch.bank.referenced_tokens == prefix.num_virtual_tokens
+    assert len(batch.bank.entries) == 1 and batch.bank.referenced_tokens == v
     assert batch.bank.keys.untyped_storage().nbytes() + batch.bank.values.untyped_storage().nbytes() == bank_bytes
-    assert max(batch.store.reserved) == 3 + 4, "slots hold only each row's own tokens (prompt + new), no prefix"
-    # The padded layout (the fallback) holds a copy of the prefix in every row.
-    padded = DecodeBatch.prefill(runner, [req(prefix, [8 + i, 9, 10], 4) for i in range(8)])
-    per_token = batch.store.geometry.bytes_per_token
-    assert padded.kv_bytes == 8 * (prefix.num_virtual_tokens + 3) * per_token
+    assert batch.store.reserved[:8] == [v + 3 + 4] * 8, "a slot reserves its prefix's columns and its own tokens"
+    entry = rows[0].bank_entry
+    for row in rows:
+        torch.testing.assert_close(batch.store.keys[:, row.slot, :, :v], batch.bank.keys[:, :, entry.offset : entry.offset + v])
+        torch.testing.assert_close(
+            batch.store.values[:, row.slot, :, :v], batch.bank.values[:, :, entry.offset : entry.offset + v]
+        )
+
+
+def test_a_freed_slot_is_zeroed_so_no_later_row_sees_a_stale_value_under_its_mask(runner, prefixes) -> None:
+    """A huge key left by one request would score inf for the next row of that slot even where its mask hides the
+    column, and sdpa turns inf under the mask into NaN: freeing a slot zeroes the columns its request wrote."""
+    scheduler = SlotScheduler(runner, SlotLimits(num_slots=2, max_kv_tokens=1 << 16, step_token_budget=64))
+    batch = scheduler.batch
+    long = batch.add(req(prefixes["b"], [5, 6, 7, 8, 9], 6))
+    while not long.finished:
+        scheduler.step()
+    written = long.prefix_columns + long.cached
+    assert batch.store.keys[:, long.slot, :, :written].abs().sum() > 0
+    batch.store.keys[:, long.slot, :, written - 1] = 3e38  # as if that request's last key had been huge
+    batch.remove([long])
+    assert batch.store.keys[:, 0].abs().sum() == 0 and batch.store.values[:, 0].abs().sum() == 0
+    short_request = req(prefixes["c"], [3], 4)
+    short = batch.add(short_request)
+    assert short.slot == 0, "the freed slot is reused"
+    while not short.finished:
+        scheduler.step()
+    assert short.error is None and short.generated == solo(runner, short_request)
 
 
 def test_released_prefixes_are_reused_and_evicted_only_when_idle(runner, prefixes) -> None:
@@ -169,10 +194,10 @@ def test_a_bfloat16_model_takes_the_slot_layout() -> None:
     assert [r.token_ids for r in slots_generate(runner, requests)] == [solo(runner, r) for r in requests]
 
 
-def test_each_decoding_row_reads_just_its_own_prefixes_columns_of_the_bank(runner, prefixes) -> None:
-    """With many tasks the bank holds idle prefixes, and a step's rows use many different ones: each row gathers
-    just its own prefix's columns (a row's cost does not grow with the bank nor with the step's other tasks) and
-    every row still gets its solo tokens."""
+def test_each_decoding_row_reads_just_its_own_slot_whatever_the_bank_holds(runner, prefixes) -> None:
+    """With many tasks the bank holds idle prefixes, and a step's rows use many different ones: a decode step reads
+    each row's slot up to the longest row's prefix + tokens (a row's cost does not grow with the bank nor with the
+    step's other tasks), and every row still gets its solo tokens."""
     scheduler = SlotScheduler(runner, SlotLimits(num_slots=4, max_kv_tokens=4096, step_token_budget=64))
     batch = scheduler.batch
     first = req(prefixes["a"], [5, 6, 7], 6)
@@ -184,13 +209,10 @@ def test_each_decoding_row_reads_just_its_own_prefixes_columns_of_the_bank(runne
     scheduler.step()
     scheduler.step()  # a decode step over a and c
     plan = batch.last_plan
-    assert plan.decode_prefix_columns is not None
-    for row, columns in zip(rows, plan.decode_prefix_columns.tolist()):
-        entry = row.bank_entry
-        assert columns[: entry.length] == list(range(entry.offset, entry.offset + entry.length))
-    idle = batch.bank.entries[("b", prefixes["b"].sha256)]
-    read = set(plan.decode_prefix_columns.flatten().tolist())
-    assert read.isdisjoint(range(idle.offset, idle.offset + idle.length)), "no row reads the idle prefix"
+    assert plan.num_decode == 2 and batch.bank.holds("b", prefixes["b"].sha256)
+    ends = [r.prefix_columns + r.cached for r in rows]  # cached already counts this step's token
+    assert plan.decode_width == max(ends)
+    assert plan.decode_visible[:, 0, 0].sum(dim=1).tolist() == ends, "each row sees its prefix and tokens so far"
     while batch.rows:
         scheduler.step()
         batch.remove([r for r in batch.rows if r.finished])

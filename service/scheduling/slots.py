@@ -46,7 +46,7 @@ class SlotScheduler(Scheduler[W]):
         store, bank = self.batch.store, self.batch.bank
         if not store.free_slots:
             return False
-        rows_after, width_after = store.shape_after(len(request.prompt_ids) + request.params.max_new_tokens)
+        rows_after, width_after = store.shape_after(request.reserved_kv_tokens)
         bank_after = bank.referenced_tokens + (bank.columns_needed(request.prefix) if request.prefix is not None else 0)
         return rows_after * width_after + bank_after <= self.limits.max_kv_tokens
 
