@@ -39,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AttentionInterface, DynamicCache
 from transformers.models.llama import modeling_llama
 
+from service import llama_forward
 from service import slots as slots_module
 from service.attention import SlotCache
 from service.bench.workload import make_workload, write_random_prefixes
@@ -75,6 +76,9 @@ def instrument(model: torch.nn.Module, attn_implementation: str) -> None:
     original = AttentionInterface._global_mapping[attn_implementation]
     AttentionInterface._global_mapping[attn_implementation] = _ranged("attention", original)
     modeling_llama.apply_rotary_pos_emb = _ranged("rotary", modeling_llama.apply_rotary_pos_emb)
+    # The slot layout's own llama forward calls both by the names it imported.
+    llama_forward.slot_attention = _ranged("attention", llama_forward.slot_attention)
+    llama_forward.apply_rotary_pos_emb = _ranged("rotary", llama_forward.apply_rotary_pos_emb)
     SlotCache.update = _ranged("kv_update", SlotCache.update)
     DynamicCache.update = _ranged("kv_update", DynamicCache.update)
     slots_module.select_tokens = _ranged("sampling", slots_module.select_tokens)

@@ -1,8 +1,8 @@
 """Ragged attention over the engine's KV store, plugged in through transformers' own extension points.
 
 One forward pass carries every running row's next token *and* new rows' prompt chunks as one flat sequence
-(batch 1, N tokens). transformers still runs the model's own projections, rotary embeddings and MLPs; only two
-things are ours:
+(batch 1, N tokens). The model's own projections, rotary embeddings and MLPs run it (through transformers' forward,
+or for llama models through `service.llama_forward`, which calls the same modules); only two things are ours:
 
 - `SlotCache`, a `Cache` whose `update` writes each token's K/V into its row's slot at its column, in place;
 - `slot_attention`, registered in `AttentionInterface` (with sdpa's mask function), which computes each token's

@@ -21,6 +21,7 @@ from service.attention import register as register_slot_attention
 from service.batch import DecodeBatch
 from service.geometry import geometry_from_config
 from service.kv_store import KVGeometry, PrefixBank, SlotStore
+from service.llama_forward import llama_slot_forward
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, SamplingParams
 from service.runner import ModelRunner
@@ -47,6 +48,7 @@ class SlotBatch:
         self.last_plan: StepPlan | None = None  # kept for the start-up check and tests
         self.last_logits: torch.Tensor | None = None
         self._dummy_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=runner.device)
+        self._own_forward = llama_slot_forward(runner.model)  # None: transformers' forward runs the step
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -150,15 +152,20 @@ class SlotBatch:
     def _forward(self, token_ids: list[int], positions: list[int], logit_index: list[int], plan: StepPlan) -> torch.Tensor:
         runner = self.runner
         device = runner.device
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=device)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=device)
+        index = torch.tensor(logit_index, dtype=torch.long, device=device)
+        if self._own_forward is not None:
+            with active_plan(plan):
+                return self._own_forward(input_ids, position_ids, index, SlotCache(plan))
         kwargs: dict[str, object] = {
-            "input_ids": torch.tensor([token_ids], dtype=torch.long, device=device),
-            "position_ids": torch.tensor([positions], dtype=torch.long, device=device),
+            "input_ids": input_ids,
+            "position_ids": position_ids,
             # A ready 4-D mask makes transformers skip building one: the plan is the mask.
             "attention_mask": self._dummy_mask,
             runner.cache_arg: SlotCache(plan),
             "use_cache": True,
         }
-        index = torch.tensor(logit_index, dtype=torch.long, device=device)
         if runner.accepts_logits_to_keep:
             kwargs["logits_to_keep"] = index
         with active_plan(plan):

@@ -438,8 +438,10 @@ def run_engine(engine: Any, coro_factory: Any) -> Any:
 
 @contextlib.contextmanager
 def slowed_forward(model: torch.nn.Module, seconds: float) -> Iterator[None]:
-    """Make every forward pass of `model` take at least `seconds` longer, whichever batch layout calls it."""
-    hook = model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    """Make every forward pass of `model` take at least `seconds` longer, whichever batch layout calls it: the hook is on
+    the input embeddings, which every forward runs (the slot layout's own llama forward, `service.llama_forward`, does
+    not go through the model's `__call__`)."""
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda *_: time.sleep(seconds))
     try:
         yield
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -19,7 +18,8 @@ from service.requests import FinishReason, GenerationRequest, GenerationResult, 
 from service.runner import ModelRunner
 from service.startup import check_model
 from tests.helpers import (
-    make_engine, make_peft_prefix_model, read_adapter, run_engine, save_adapter, tiny_llama, tiny_tokenizer,
+    make_engine, make_peft_prefix_model, read_adapter, run_engine, save_adapter, slowed_forward, tiny_llama,
+    tiny_tokenizer,
 )
 
 TASKS = {"alpha": 4, "beta": 9, "gamma": 2, "delta": 6}  # task -> num_virtual_tokens
@@ -176,11 +176,8 @@ def test_deadline_fails_the_request(setup) -> None:
             await engine.generate(request(prefixes, "alpha", [5, 6], max_new_tokens=400))
 
     # Make 400 tokens take far longer than the deadline, whichever layout runs the model.
-    hook = runner.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
-    try:
+    with slowed_forward(runner.model, 0.01):
         run_engine(engine, scenario)
-    finally:
-        hook.remove()
 
 
 def test_stream_events_add_up_to_the_final_text(setup) -> None:
@@ -283,7 +280,7 @@ def test_constructing_the_engine_runs_no_forward(setup, policy: str) -> None:
     layout = check_model(runner, geometry_from_config(runner.model.config), policy)  # type: ignore[arg-type]
     assert layout == ("slots" if policy == "mixed" else "padded")
     calls = []
-    hook = runner.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    hook = runner.model.get_input_embeddings().register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         engine = ContinuousBatchingEngine(runner, policy=policy, limits=EngineLimits(), layout=layout)  # type: ignore[arg-type]
     finally:

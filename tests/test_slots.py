@@ -19,7 +19,7 @@ from service.errors import DeadlineExceededError
 from service.prefix import TaskPrefix
 from service.requests import GenerationRequest, GenerationResult, SamplingParams
 from service.runner import ModelRunner
-from tests.helpers import make_engine, random_task_prefix, run_engine, tiny_llama, tiny_tokenizer
+from tests.helpers import make_engine, random_task_prefix, run_engine, slowed_forward, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +143,9 @@ def test_deadline_is_enforced_between_prefill_chunks(runner, prefixes) -> None:
     engine = make_engine(
         runner, limits=EngineLimits(request_timeout_s=0.3, step_token_budget=8, idle_token_budget=8)
     )
-    hook = runner.model.register_forward_pre_hook(lambda *_: time.sleep(0.05))  # 300 tokens / 8 = 38 steps ~ 1.9 s
     started = time.monotonic()
-    try:
-        with pytest.raises(DeadlineExceededError):
-            run_engine(engine, lambda: engine.generate(req(prefixes["a"], [5 + i % 100 for i in range(300)], 4)))
-    finally:
-        hook.remove()
+    with slowed_forward(runner.model, 0.05), pytest.raises(DeadlineExceededError):  # 300 tokens / 8 = 38 steps ~ 1.9 s
+        run_engine(engine, lambda: engine.generate(req(prefixes["a"], [5 + i % 100 for i in range(300)], 4)))
     assert time.monotonic() - started < 1.0, "the request was ended within a few chunks of its deadline"
     assert engine.stats.steps < 20
 
@@ -175,11 +171,8 @@ def test_queue_gauge_follows_cancelled_queued_requests(runner, prefixes) -> None
         await asyncio.gather(running, return_exceptions=True)
         return before, engine.queue_size
 
-    hook = runner.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))  # the long request outlives the test
-    try:
+    with slowed_forward(runner.model, 0.005):  # the long request outlives the test
         before, after = run_engine(engine, scenario)
-    finally:
-        hook.remove()
     assert before == 3 and after == 0
 
 
