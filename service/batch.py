@@ -74,7 +74,7 @@ class DecodeBatch(PaddedRows):
             raise ValueError("prefill needs at least one request")
         device = runner.device
         batch_size = len(requests)
-        prefix_lengths = [r.prefix.num_virtual_tokens if r.prefix is not None else 0 for r in requests]
+        prefix_lengths = [r.num_virtual_tokens for r in requests]
         prompt_lengths = [len(r.prompt_ids) for r in requests]
         max_prefix, max_prompt = max(prefix_lengths), max(prompt_lengths)
 

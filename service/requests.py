@@ -43,11 +43,15 @@ class GenerationRequest:
         return self.prefix.task_id if self.prefix is not None else None
 
     @property
+    def num_virtual_tokens(self) -> int:
+        """Its task prefix's length V (0 for the bare base model)."""
+        return self.prefix.num_virtual_tokens if self.prefix is not None else 0
+
+    @property
     def reserved_kv_tokens(self) -> int:
         """KV tokens the request needs if it ran alone (prefix + prompt + max_new_tokens): what must fit the
-        engine's budget for it ever to run."""
-        prefix = self.prefix.num_virtual_tokens if self.prefix is not None else 0
-        return prefix + len(self.prompt_ids) + self.params.max_new_tokens
+        engine's budget for it ever to run, and the slot columns it may reach in the slot layout."""
+        return self.num_virtual_tokens + len(self.prompt_ids) + self.params.max_new_tokens
 
 
 @dataclass

@@ -43,14 +43,10 @@ class Row:
         return self.cached < len(self.request.prompt_ids)
 
     @property
-    def prefix_columns(self) -> int:
-        """Columns of its slot its prefix fills, before its own tokens (its virtual tokens; 0 without a prefix)."""
-        return self.request.prefix.num_virtual_tokens if self.request.prefix is not None else 0
-
-    @property
-    def reserved_columns(self) -> int:
-        """Slot columns this row may reach: its prefix, its prompt and every token it may generate."""
-        return self.request.reserved_kv_tokens
+    def next_column(self) -> int:
+        """Slot layout: the column of its slot, and the position, of its next token (its prefix fills the first
+        columns, its cached tokens the next ones); every column before it is written."""
+        return self.request.num_virtual_tokens + self.cached
 
     def history(self, device: torch.device) -> torch.Tensor:
         if self.decoder_start_token_id is not None:

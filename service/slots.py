@@ -63,7 +63,7 @@ class SlotBatch:
 
     def add(self, request: GenerationRequest) -> Row:
         row = Row(request=request, sampler=RowSampler(request.params, self.runner.device))
-        row.slot = self.store.allocate(row.reserved_columns)
+        row.slot = self.store.allocate(request.reserved_kv_tokens)
         if request.prefix is not None:
             row.bank_entry = self.bank.acquire(request.prefix)
             self.store.write_prefix(row.slot, self.bank, row.bank_entry)
@@ -73,7 +73,7 @@ class SlotBatch:
     def remove(self, rows: Sequence[Row]) -> None:
         gone = set(map(id, rows))
         for row in rows:
-            self.store.free(row.slot, written=row.prefix_columns + row.cached)
+            self.store.free(row.slot, written=row.next_column)
             self._next_tokens.pop(row.slot, None)
             if row.bank_entry is not None:
                 self.bank.release(row.bank_entry)
@@ -95,13 +95,13 @@ class SlotBatch:
         for row in decoding:
             logit_rows.append((row, len(token_ids)))
             token_ids.append(self._next_tokens[row.slot])
-            positions.append(row.prefix_columns + row.cached)
+            positions.append(row.next_column)
             write_slots.append(row.slot)
         plan_chunks: list[PrefillChunk] = []
         for row, n in chunks:
             start = len(token_ids)
             token_ids.extend(row.request.prompt_ids[row.cached : row.cached + n])
-            first = row.prefix_columns + row.cached
+            first = row.next_column
             positions.extend(range(first, first + n))
             write_slots.extend([row.slot] * n)
             plan_chunks.append(PrefillChunk(row.slot, start, n, first))
@@ -129,7 +129,7 @@ class SlotBatch:
         self, decoding: list[Row], chunks: list[PrefillChunk], write_slots: list[int], write_columns: list[int]
     ) -> StepPlan:
         device = self.runner.device
-        decode_ends = [r.prefix_columns + r.cached + 1 for r in decoding]  # columns each row sees, itself included
+        decode_ends = [r.next_column + 1 for r in decoding]  # columns each row sees, itself included
         decode_width = max(decode_ends, default=0)
         decode_visible = None
         if decoding:

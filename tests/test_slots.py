@@ -113,7 +113,7 @@ def test_a_freed_slot_is_zeroed_so_no_later_row_sees_a_stale_value_under_its_mas
     long = batch.add(req(prefixes["b"], [5, 6, 7, 8, 9], 6))
     while not long.finished:
         scheduler.step()
-    written = long.prefix_columns + long.cached
+    written = long.request.num_virtual_tokens + long.cached
     assert batch.store.keys[:, long.slot, :, :written].abs().sum() > 0
     batch.store.keys[:, long.slot, :, written - 1] = 3e38  # as if that request's last key had been huge
     batch.remove([long])
@@ -203,7 +203,7 @@ def test_each_decoding_row_reads_just_its_own_slot_whatever_the_bank_holds(runne
     scheduler.step()  # a decode step over a and c
     plan = batch.last_plan
     assert plan.num_decode == 2 and batch.bank.holds("b", prefixes["b"].sha256)
-    ends = [r.prefix_columns + r.cached for r in rows]  # cached already counts this step's token
+    ends = [r.request.num_virtual_tokens + r.cached for r in rows]  # cached already counts this step's token
     assert plan.decode_width == max(ends)
     assert plan.decode_visible[:, 0, 0].sum(dim=1).tolist() == ends, "each row sees its prefix and tokens so far"
     while batch.rows:
